@@ -1,0 +1,46 @@
+# kunlun: `make train` and `make test` set everything up on a fresh machine.
+PYTHON   ?= python3
+VENV     := .venv
+BIN      := $(VENV)/bin
+STAMP    := $(VENV)/.kunlun-setup
+NNODES   ?= 1
+NPROC    ?= 2
+CONFIG   ?= movielens
+MAX_RESTARTS ?= 0
+ARGS     ?=
+PYTEST_ARGS ?=
+
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+
+.PHONY: setup data train test test-fast clean
+
+setup: $(STAMP)
+
+# Order matters (see the README): torch, then the CPU fbgemm-gpu that matches it, then
+# torchrec without its declared CUDA fbgemm-gpu dependency, then the rest.
+$(STAMP): requirements.txt requirements-cpu.txt setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade "pip>=23"
+	$(BIN)/python -m pip install --quiet -r requirements-cpu.txt
+	$(BIN)/python -m pip install --quiet --no-deps torchrec==1.8.0
+	$(BIN)/python -m pip install --quiet -r requirements.txt
+	$(BIN)/python -m pip install --quiet --no-deps -e .
+	$(BIN)/python -c "import torch, torchrec, fbgemm_gpu, torchx, omegaconf, tensorboard; import kunlun.trainer.trainer"
+	touch $(STAMP)
+
+# MovieLens-100K into $$KUNLUN_CACHE (default ~/.cache/kunlun); never into the repo.
+data: setup
+	$(BIN)/python -c "from kunlun.data.sources.movielens import ensure_movielens; from kunlun.trainer.config import default_cache_dir; print(ensure_movielens(default_cache_dir()))"
+
+train: setup data
+	$(BIN)/torchx run -s local_cwd ./launch/components.py:train -j $(NNODES)x$(NPROC) \
+		--max_restarts $(MAX_RESTARTS) --config $(CONFIG) $(ARGS)
+
+test: setup
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+clean:
+	rm -rf runs

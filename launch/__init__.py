@@ -1,0 +1,1 @@
+"""Per-rank entry point (``kunlun.launch.main``) and TorchX components (``components.py``)."""

@@ -1,0 +1,44 @@
+"""Per-rank entry point: what ``torchrun`` (and so ``torchx run``) starts on every rank.
+
+    python -m kunlun.launch.main [--config PRESET_OR_YAML] [key=value ...]
+
+Without torchrun it runs as a single process. Exit status: 0 done, 2 bad config or data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+from kunlun.data.errors import DataError
+from kunlun.trainer.checkpoint import CheckpointError
+from kunlun.trainer.config import ConfigError, load_config
+
+
+def parse_args(argv: Optional[List[str]] = None):
+    p = argparse.ArgumentParser(prog="kunlun-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=None, help="preset name in configs/ (e.g. tiny, movielens) or a YAML path")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. trainer.max_steps=100 run_dir=runs/x")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        from kunlun.trainer.trainer import Trainer  # heavy imports only after the config is valid
+
+        trainer = Trainer(cfg)
+        try:
+            trainer.train()
+        finally:
+            trainer.close()
+    except (ConfigError, DataError, CheckpointError) as e:
+        print(f"kunlun: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

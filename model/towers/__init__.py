@@ -1,0 +1,13 @@
+"""Dense towers behind one interface (:class:`DenseTower`); ``TOWERS`` maps ``model.tower`` names."""
+
+from kunlun.model.towers.base import DenseTower, EventSequence, TowerInputs  # noqa: F401
+from kunlun.model.towers.dlrm import DLRMTower
+
+TOWERS = {"dlrm": DLRMTower}
+
+
+def build_tower(schema, model_cfg, num_labels: int) -> DenseTower:
+    if model_cfg.tower not in TOWERS:
+        raise ValueError(f"model.tower = {model_cfg.tower!r}: expected one of {sorted(TOWERS)}")
+    tower_cfg = getattr(model_cfg, model_cfg.tower)
+    return TOWERS[model_cfg.tower](schema, model_cfg.embedding_dim, num_labels, tower_cfg)

@@ -1,0 +1,85 @@
+"""The dense-tower interface every architecture implements (DLRM here, Kunlun and the
+other baselines in their own modules)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict
+
+import torch
+from torch import nn
+
+from kunlun.data.schema import FeatureSchema
+
+
+@dataclass
+class EventSequence:
+    """One event type's embedded history for a batch of B examples (jagged, never padded).
+
+    Attributes:
+        item: ``[T, D]`` item embeddings, ``T = sum(lengths)``, oldest event first per example.
+        action: ``[T, D]`` action embeddings (rating, dwell bucket, ...).
+        timestamps: ``[T]`` int64 seconds.
+        lengths: ``[B]`` int64 events per example (0 allowed).
+        offsets: ``[B + 1]`` int64 exclusive prefix sum of ``lengths``.
+    """
+
+    item: torch.Tensor
+    action: torch.Tensor
+    timestamps: torch.Tensor
+    lengths: torch.Tensor
+    offsets: torch.Tensor
+
+
+@dataclass
+class TowerInputs:
+    """What a dense tower sees.
+
+    Attributes:
+        dense: ``[B, num_dense]`` float.
+        context: feature name → pooled embedding ``[B, D]`` (ordered as ``schema.context_keys``).
+        events: event type → :class:`EventSequence`.
+        request_time: ``[B]`` int64 seconds.
+    """
+
+    dense: torch.Tensor
+    context: Dict[str, torch.Tensor]
+    events: Dict[str, EventSequence]
+    request_time: torch.Tensor
+
+
+class DenseTower(nn.Module):
+    """Base class: ``forward(TowerInputs) -> logits [B, num_labels]``.
+
+    Towers are plain modules: they never touch ``torch.distributed`` (``parallel/`` wraps them).
+    """
+
+    def __init__(self, schema: FeatureSchema, embedding_dim: int, num_labels: int):
+        super().__init__()
+        self.schema = schema
+        self.embedding_dim = embedding_dim
+        self.num_labels = num_labels
+
+    def forward(self, inputs: TowerInputs) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def flops_per_example(self, avg_seq_len: Dict[str, float]) -> float:
+        """Forward FLOPs per example (multiply-add = 2), given mean history lengths."""
+        raise NotImplementedError
+
+
+def jagged_mean(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Mean over each example's rows: ``values [T, D]``, ``lengths [B]`` → ``[B, D]`` (0 if empty)."""
+    b = lengths.shape[0]
+    seg = torch.repeat_interleave(torch.arange(b, device=values.device), lengths)
+    out = torch.zeros(b, values.shape[1], dtype=values.dtype, device=values.device).index_add_(0, seg, values)
+    return out / lengths.clamp(min=1).unsqueeze(1).to(values.dtype)
+
+
+def mlp(sizes, final_activation: bool = True) -> nn.Sequential:
+    layers = []
+    for i in range(len(sizes) - 1):
+        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
+        if final_activation or i < len(sizes) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)

@@ -1,0 +1,59 @@
+"""DLRM-style baseline tower (Naumov et al., 2019).
+
+Bottom MLP on dense features → one ``[B, D]`` vector; each context feature gives one
+``[B, D]`` vector; each event type gives the mean of its item + action embeddings
+(zeros without history). Pairwise dot products of all F vectors (``F(F-1)/2``), concatenated
+with the bottom output, feed the top MLP → ``[B, num_labels]`` logits.
+"""
+
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+from torch import nn
+
+from kunlun.data.schema import FeatureSchema
+from kunlun.model.towers.base import DenseTower, TowerInputs, jagged_mean, mlp
+
+
+class DLRMTower(DenseTower):
+    def __init__(self, schema: FeatureSchema, embedding_dim: int, num_labels: int, cfg):
+        super().__init__(schema, embedding_dim, num_labels)
+        d = embedding_dim
+        self.bottom = mlp([schema.num_dense, *cfg.bottom_mlp, d]) if schema.num_dense else None
+        num_vectors = len(schema.context_features) + len(schema.event_types) + (1 if self.bottom is not None else 0)
+        self.num_pairs = num_vectors * (num_vectors - 1) // 2
+        top_in = self.num_pairs + (d if self.bottom is not None else 0)
+        self.top = mlp([top_in, *cfg.top_mlp, num_labels], final_activation=False)
+        rows, cols = torch.triu_indices(num_vectors, num_vectors, offset=1)
+        self.register_buffer("_rows", rows, persistent=False)
+        self.register_buffer("_cols", cols, persistent=False)
+        self.bottom_sizes = [schema.num_dense, *cfg.bottom_mlp, d]
+        self.top_sizes = [top_in, *cfg.top_mlp, num_labels]
+        self.num_vectors = num_vectors
+
+    def forward(self, inputs: TowerInputs) -> torch.Tensor:
+        vectors = []
+        bottom = None
+        if self.bottom is not None:
+            bottom = self.bottom(inputs.dense)
+            vectors.append(bottom)
+        vectors += [inputs.context[k] for k in self.schema.context_keys]
+        for e in self.schema.event_types:
+            seq = inputs.events[e.name]
+            vectors.append(jagged_mean(seq.item + seq.action, seq.lengths))
+        stacked = torch.stack(vectors, dim=1)  # [B, F, D]
+        gram = torch.bmm(stacked, stacked.transpose(1, 2))  # [B, F, F]
+        pairs = gram[:, self._rows, self._cols]  # [B, F(F-1)/2]
+        top_in = torch.cat([bottom, pairs], dim=1) if bottom is not None else pairs
+        return self.top(top_in)
+
+    def flops_per_example(self, avg_seq_len: Dict[str, float]) -> float:
+        def mlp_flops(sizes):
+            return sum(2 * a * b for a, b in zip(sizes[:-1], sizes[1:]))
+
+        d = self.embedding_dim
+        pooling = sum(2 * d * avg_seq_len.get(e.name, 0.0) for e in self.schema.event_types)
+        interaction = 2 * self.num_vectors * self.num_vectors * d
+        return (mlp_flops(self.bottom_sizes) if self.bottom is not None else 0) + pooling + interaction + mlp_flops(self.top_sizes)

@@ -1,0 +1,1 @@
+"""Everything that shards or wraps a model: planner, sharders, DMP."""

@@ -1,0 +1,1 @@
+"""Config, training loop, checkpoints, metrics and monitoring."""

@@ -1,0 +1,236 @@
+"""Checkpoints with ``torch.distributed.checkpoint`` (DCP): atomic, verified, resharding.
+
+Layout under ``run_dir/checkpoints/``::
+
+    step_00000200/
+        dcp/            DCP shards + .metadata: model (sharded tables, dense), optimizers
+        rng/rank<r>.pt  each rank's RNG state (tensors only; loaded with weights_only=True)
+        manifest.json   every file with size and sha256
+        meta.json       step, data position, world size, parameter shapes; written last
+
+A checkpoint is written to ``.tmp-step_…`` and renamed to ``step_…`` by rank 0 only after
+every rank finished and the manifest and ``meta.json`` are fsynced, so a directory named
+``step_…`` is always complete: a process that dies mid-save leaves only a ``.tmp-`` folder,
+which is never loaded and is removed at the next start. Retention deletes older
+checkpoints only after the new one is committed.
+
+Non-tensor state (step, data position) lives in ``meta.json``, not in DCP: DCP treats
+non-tensor leaves as rank-local and fails to load them at another world size (notes §7),
+and JSON is not executable. DCP reshards tables and optimizer state on load, so a
+checkpoint saved at 2 ranks loads at 1 or 4.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+
+log = logging.getLogger(__name__)
+
+_STEP_DIR = re.compile(r"^step_(\d{8,})$")
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: incomplete, corrupted or from another model."""
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def global_shapes(state: Dict[str, Any], prefix: str = "") -> Dict[str, List[int]]:
+    """Flattened ``key → global shape`` of a (possibly sharded) state dict."""
+    out: Dict[str, List[int]] = {}
+    for k, v in state.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(global_shapes(v, key + "."))
+        elif isinstance(v, torch.Tensor) or type(v).__name__ == "ShardedTensor":  # global size
+            out[key] = list(v.size())
+    return out
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class Checkpointer:
+    """Saves and finds checkpoints of one run. Every method is called on all ranks."""
+
+    def __init__(self, run_dir: Path, cfg, rank: int, world_size: int):
+        self.root = Path(run_dir) / "checkpoints"
+        self.cfg = cfg
+        self.rank = rank
+        self.world_size = world_size
+        if rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for stale in self.root.glob(".tmp-step_*"):
+                log.warning("removing incomplete checkpoint %s (a save was interrupted)", stale)
+                shutil.rmtree(stale, ignore_errors=True)
+        _barrier()
+
+    # ------------------------------------------------------------------ listing
+    def complete(self) -> List[Path]:
+        """Committed checkpoints, oldest first."""
+        if not self.root.is_dir():
+            return []
+        found = []
+        for p in self.root.iterdir():
+            m = _STEP_DIR.match(p.name)
+            if m and p.is_dir() and (p / "meta.json").is_file():
+                found.append((int(m.group(1)), p))
+        return [p for _, p in sorted(found)]
+
+    # --------------------------------------------------------------------- save
+    def save(self, step: int, state: Dict[str, Any], meta: Dict[str, Any]) -> Path:
+        """Write ``state`` (DCP; tensors, ShardedTensor, DTensor) and ``meta`` (JSON) for ``step``."""
+        final = self.root / f"step_{step:08d}"
+        tmp = self.root / f".tmp-step_{step:08d}"
+        t0 = time.time()
+        if self.rank == 0:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            (tmp / "rng").mkdir(parents=True)
+        _barrier()
+        dcp.save(state, storage_writer=FileSystemWriter(str(tmp / "dcp"), sync_files=True))
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        rng_path = tmp / "rng" / f"rank{self.rank}.pt"
+        torch.save(rng, rng_path)
+        with open(rng_path, "rb+") as f:
+            os.fsync(f.fileno())
+        _barrier()
+        if self.rank == 0:
+            files = sorted(p for p in tmp.rglob("*") if p.is_file())
+            manifest = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+            write_json_atomic(tmp / "manifest.json", manifest)
+            write_json_atomic(tmp / "meta.json", {**meta, "step": step, "world_size": self.world_size, "format": FORMAT_VERSION, "saved_at": time.time()})
+            for d in [tmp / "dcp", tmp / "rng", tmp]:
+                _fsync_dir(d)
+            if final.exists():  # a re-save of the same step (resume then finish): replace it whole
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            _fsync_dir(self.root)
+            self._retain()
+        _barrier()
+        if self.rank == 0:
+            log.info("saved checkpoint %s (%.1fs)", final, time.time() - t0)
+        return final
+
+    def _retain(self) -> None:
+        ckpts = self.complete()
+        for old in ckpts[: max(0, len(ckpts) - self.cfg.keep)]:
+            log.info("deleting old checkpoint %s (checkpoint.keep=%d)", old, self.cfg.keep)
+            shutil.rmtree(old, ignore_errors=True)
+
+    # --------------------------------------------------------------------- load
+    def verify(self, path: Path) -> None:
+        """Raise :class:`CheckpointError` if a file is missing, truncated or altered."""
+        manifest_path = path / "manifest.json"
+        if not (path / "meta.json").is_file() or not manifest_path.is_file():
+            raise CheckpointError(f"{path}: incomplete checkpoint (no meta.json/manifest.json)")
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{manifest_path}: unreadable manifest: {e}") from e
+        for rel, info in manifest.items():
+            f = path / rel
+            if not f.is_file():
+                raise CheckpointError(f"{f}: listed in the manifest but missing")
+            size = f.stat().st_size
+            if size != info["bytes"]:
+                raise CheckpointError(f"{f}: {size} bytes, manifest says {info['bytes']} (truncated or overwritten)")
+            if self.cfg.verify and _sha256(f) != info["sha256"]:
+                raise CheckpointError(f"{f}: sha256 differs from the manifest (corrupted)")
+
+    def read_meta(self, path: Path) -> Dict[str, Any]:
+        try:
+            return json.loads((path / "meta.json").read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path / 'meta.json'}: unreadable: {e}") from e
+
+    def choose(self, resume: str) -> Optional[Path]:
+        """The checkpoint to resume from (same answer on every rank), or None to start fresh.
+
+        ``auto``: the newest checkpoint that verifies; a bad one is reported and the previous
+        one is tried. ``never``: None. A path: that checkpoint, which must verify.
+        """
+        if resume == "never":
+            return None
+        chosen: Optional[str] = None
+        error: Optional[str] = None
+        if self.rank == 0:
+            if resume == "auto":
+                for cand in reversed(self.complete()):
+                    try:
+                        self.verify(cand)
+                        chosen = str(cand)
+                        break
+                    except CheckpointError as e:
+                        log.error("checkpoint %s is unusable, trying an older one: %s", cand, e)
+            else:
+                try:
+                    self.verify(Path(resume))
+                    chosen = str(Path(resume))
+                except CheckpointError as e:
+                    error = str(e)
+        box = [chosen, error]
+        if dist.is_initialized():
+            dist.broadcast_object_list(box, src=0)
+        if box[1]:
+            raise CheckpointError(box[1])
+        return Path(box[0]) if box[0] else None
+
+    def load(self, path: Path, state: Dict[str, Any], expected_shapes: Dict[str, List[int]]) -> Dict[str, Any]:
+        """Load into ``state`` in place (resharding as needed); returns ``meta``."""
+        meta = self.read_meta(path)
+        saved = meta.get("shapes", {})
+        diffs = [f"{k}: checkpoint {saved.get(k)} vs model {v}" for k, v in sorted(expected_shapes.items()) if k in saved and saved[k] != v]
+        missing = sorted(set(expected_shapes) - set(saved)) if saved else []
+        if diffs or missing:
+            lines = diffs[:20] + [f"{k}: not in the checkpoint" for k in missing[:20]]
+            raise CheckpointError(f"{path} was saved from a different model; differing parameters:\n  " + "\n  ".join(lines))
+        dcp.load(state, storage_reader=FileSystemReader(str(path / "dcp")))
+        rng_path = path / "rng" / f"rank{self.rank}.pt"
+        if rng_path.is_file():
+            rng = torch.load(rng_path, weights_only=True)
+            torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state(rng["cuda"])
+        return meta

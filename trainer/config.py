@@ -1,0 +1,326 @@
+"""Job configuration: one structured dataclass per concern, composed into ``JobConfig``.
+
+A job is configured by a YAML preset (``configs/*.yaml``) merged over the dataclass
+defaults, then ``key=value`` overrides from the command line, e.g.::
+
+    python -m kunlun.launch.main --config configs/tiny.yaml trainer.max_steps=20 run_dir=/tmp/r
+
+Everything is checked before any work starts: unknown keys, wrong types and impossible
+values raise :class:`ConfigError`, whose message names where the value came from (file
+and line, or the command line), the full key, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional, Sequence
+
+import yaml
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run. The message names source, key, value and what is allowed."""
+
+
+# --------------------------------------------------------------------------- data
+@dataclass
+class SyntheticConfig:
+    """Seeded generator with a planted signal (see ``kunlun.data.sources.synthetic``)."""
+
+    num_users: int = 10_000
+    num_items: int = 50_000
+    num_categories: int = 100
+    num_actions: int = 4
+    num_dense: int = 4
+    max_seq_len: int = 32
+    train_examples: int = 1_000_000
+    eval_examples: int = 20_000
+    test_examples: int = 20_000
+    signal_strength: float = 2.0
+
+
+@dataclass
+class MovieLensConfig:
+    """MovieLens-100K (see ``kunlun.data.sources.movielens``)."""
+
+    # Folder with either the GroupLens files (u.data, u.user, u.item) or the RecBole
+    # ones (ml-100k.inter/.user/.item). None: download into ``cache_dir`` on first use.
+    path: Optional[str] = None
+    cache_dir: Optional[str] = None  # default: $KUNLUN_CACHE or ~/.cache/kunlun
+    max_history_len: int = 50  # most recent events kept per event type
+    like_threshold: float = 4.0  # rating >= threshold: label 1 and event type "like"
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"  # synthetic | movielens
+    batch_size: int = 256  # global: split evenly over ranks
+    eval_batch_size: int = 1024  # global
+    num_workers: int = 0  # DataLoader workers per rank
+    shuffle: bool = True  # reshuffle the train split every epoch (seeded)
+    bad_row_policy: str = "error"  # error | skip
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    movielens: MovieLensConfig = field(default_factory=MovieLensConfig)
+
+
+# -------------------------------------------------------------------------- model
+@dataclass
+class DLRMConfig:
+    bottom_mlp: List[int] = field(default_factory=lambda: [64])
+    top_mlp: List[int] = field(default_factory=lambda: [128, 64])
+
+
+@dataclass
+class ModelConfig:
+    tower: str = "dlrm"
+    embedding_dim: int = 32  # one dim for every table (DLRM's dot interaction needs it)
+    dlrm: DLRMConfig = field(default_factory=DLRMConfig)
+
+
+# ----------------------------------------------------------------------- parallel
+@dataclass
+class ParallelConfig:
+    backend: str = "auto"  # auto (nccl on cuda, gloo on cpu) | gloo | nccl
+    # Sharding types the planner may choose from; empty = every type the device supports.
+    sharding_types: List[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------- optimizer
+@dataclass
+class OptimizerConfig:
+    sparse_lr: float = 0.05  # fused EXACT_ROWWISE_ADAGRAD on the embedding tables
+    sparse_eps: float = 1e-8
+    dense: str = "adam"  # adam | adamw | adagrad | sgd
+    dense_lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 0  # linear warmup of both learning rates
+    schedule: str = "constant"  # constant | linear | cosine (decay to 0 at trainer.max_steps)
+
+
+# ------------------------------------------------------------------------ trainer
+@dataclass
+class TrainerConfig:
+    max_steps: int = 1000
+    eval_every_n_steps: int = 200  # 0 = only the final evaluation
+    eval_max_batches: int = 0  # 0 = the whole validation split
+    device: str = "auto"  # auto | cpu | cuda
+    # Epochs are implicit: training loops over the train split until max_steps.
+
+
+@dataclass
+class CheckpointConfig:
+    every_n_steps: int = 200  # 0 = only at the end
+    keep: int = 3  # newest complete checkpoints kept; older ones are deleted
+    resume: str = "auto"  # auto | never | <path of a checkpoint directory>
+    verify: bool = True  # check the manifest's sizes and sha256 before loading
+
+
+@dataclass
+class LoggingConfig:
+    log_every_n_steps: int = 10  # train scalars to TensorBoard / console
+    tensorboard: bool = True
+    progress_bar: bool = True  # tqdm on rank 0, and only when stderr is a TTY
+    level: str = "INFO"
+
+
+@dataclass
+class JobConfig:
+    run_dir: str = "runs/default"  # every output of the run goes under this folder
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimizerConfig = field(default_factory=OptimizerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+# ------------------------------------------------------------------------ loading
+def resolve_preset(name_or_path: str) -> Path:
+    """``tiny`` → ``configs/tiny.yaml``; an existing path is returned as is."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    candidate = CONFIGS_DIR / f"{name_or_path}.yaml"
+    if candidate.is_file():
+        return candidate
+    presets = sorted(x.stem for x in CONFIGS_DIR.glob("*.yaml"))
+    raise ConfigError(f"config preset {name_or_path!r}: no such file; presets in {CONFIGS_DIR}: {presets}")
+
+
+def _yaml_line(path: Path, dotted_key: str) -> Optional[int]:
+    """1-based line of ``dotted_key`` in a YAML file, or None (for error messages only)."""
+    try:
+        node = yaml.compose(path.read_text())
+    except Exception:
+        return None
+    for part in dotted_key.split("."):
+        if not isinstance(node, yaml.MappingNode):
+            return None
+        for k, v in node.value:
+            if k.value == part:
+                line, node = k.start_mark.line + 1, v
+                break
+        else:
+            return None
+    return line
+
+
+def _explain(err: OmegaConfBaseException, source: str, path: Optional[Path] = None) -> ConfigError:
+    key = getattr(err, "full_key", None) or ""
+    where = source
+    if path is not None and key:
+        line = _yaml_line(path, key)
+        if line is not None:
+            where = f"{path}:{line}"
+    msg = str(err).split("\n")[0]
+    if type(err).__name__ == "ConfigKeyError" or "not in" in msg:
+        parent = key.rsplit(".", 1)[0] if "." in key else ""
+        node = OmegaConf.structured(JobConfig)
+        allowed = OmegaConf.select(node, parent) if parent else node
+        names = sorted(allowed.keys()) if isinstance(allowed, DictConfig) else []
+        return ConfigError(f"{where}: unknown config key {key!r}; allowed keys here: {names}")
+    return ConfigError(f"{where}: bad value for {key!r}: {msg}")
+
+
+def load_config(preset: Optional[str] = None, overrides: Sequence[str] = ()) -> JobConfig:
+    """Defaults ← YAML preset ← ``key=value`` overrides, validated for a single process.
+
+    World-size dependent checks (batch divisibility) run in :func:`validate` with the
+    real world size; call it again once the process group exists.
+    """
+    cfg = OmegaConf.structured(JobConfig)
+    if preset:
+        path = resolve_preset(preset)
+        try:
+            loaded = OmegaConf.load(path)
+        except Exception as e:  # yaml syntax errors carry their own line numbers
+            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        if not isinstance(loaded, DictConfig):
+            raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
+        try:
+            cfg = OmegaConf.merge(cfg, loaded)
+        except OmegaConfBaseException as e:
+            raise _explain(e, str(path), path) from e
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"command line: override {item!r} is not of the form key=value")
+        key = item.split("=", 1)[0]
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as e:
+            err = _explain(e, "command line")
+            if key not in str(err):
+                err = ConfigError(f"command line: {item!r}: {err}")
+            raise err from e
+    job: JobConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    validate(job, world_size=1)
+    return job
+
+
+def _check(cond: bool, key: str, value: Any, allowed: str) -> None:
+    if not cond:
+        raise ConfigError(f"config key {key!r} = {value!r} is invalid: expected {allowed}")
+
+
+def validate(cfg: JobConfig, world_size: int) -> None:
+    """Semantic checks that types alone cannot express. Raises :class:`ConfigError`."""
+    positive = {
+        "data.batch_size": cfg.data.batch_size,
+        "data.eval_batch_size": cfg.data.eval_batch_size,
+        "model.embedding_dim": cfg.model.embedding_dim,
+        "trainer.max_steps": cfg.trainer.max_steps,
+        "checkpoint.keep": cfg.checkpoint.keep,
+        "logging.log_every_n_steps": cfg.logging.log_every_n_steps,
+        "data.synthetic.num_users": cfg.data.synthetic.num_users,
+        "data.synthetic.num_items": cfg.data.synthetic.num_items,
+        "data.synthetic.num_categories": cfg.data.synthetic.num_categories,
+        "data.synthetic.num_actions": cfg.data.synthetic.num_actions,
+        "data.synthetic.max_seq_len": cfg.data.synthetic.max_seq_len,
+        "data.synthetic.train_examples": cfg.data.synthetic.train_examples,
+        "data.synthetic.eval_examples": cfg.data.synthetic.eval_examples,
+        "data.synthetic.test_examples": cfg.data.synthetic.test_examples,
+        "data.movielens.max_history_len": cfg.data.movielens.max_history_len,
+    }
+    for key, value in positive.items():
+        _check(value > 0, key, value, "an integer > 0")
+    non_negative = {
+        "data.num_workers": cfg.data.num_workers,
+        "data.synthetic.num_dense": cfg.data.synthetic.num_dense,
+        "trainer.eval_every_n_steps": cfg.trainer.eval_every_n_steps,
+        "trainer.eval_max_batches": cfg.trainer.eval_max_batches,
+        "checkpoint.every_n_steps": cfg.checkpoint.every_n_steps,
+        "optim.warmup_steps": cfg.optim.warmup_steps,
+        "optim.weight_decay": cfg.optim.weight_decay,
+        "optim.sparse_eps": cfg.optim.sparse_eps,
+    }
+    for key, value in non_negative.items():
+        _check(value >= 0, key, value, "a value >= 0")
+    for key, value in {"optim.sparse_lr": cfg.optim.sparse_lr, "optim.dense_lr": cfg.optim.dense_lr}.items():
+        _check(value > 0, key, value, "a learning rate > 0")
+    for key, mlp in {"model.dlrm.bottom_mlp": cfg.model.dlrm.bottom_mlp, "model.dlrm.top_mlp": cfg.model.dlrm.top_mlp}.items():
+        _check(all(w > 0 for w in mlp), key, list(mlp), "a list of layer widths > 0")
+    choices = {
+        "data.source": (cfg.data.source, ("synthetic", "movielens")),
+        "data.bad_row_policy": (cfg.data.bad_row_policy, ("error", "skip")),
+        "model.tower": (cfg.model.tower, tuple(_tower_names())),
+        "parallel.backend": (cfg.parallel.backend, ("auto", "gloo", "nccl")),
+        "optim.dense": (cfg.optim.dense, ("adam", "adamw", "adagrad", "sgd")),
+        "optim.schedule": (cfg.optim.schedule, ("constant", "linear", "cosine")),
+        "trainer.device": (cfg.trainer.device, ("auto", "cpu", "cuda")),
+        "logging.level": (cfg.logging.level, ("DEBUG", "INFO", "WARNING", "ERROR")),
+    }
+    for key, (value, allowed) in choices.items():
+        _check(value in allowed, key, value, f"one of {list(allowed)}")
+    known_types = ("table_wise", "row_wise", "column_wise", "table_column_wise", "table_row_wise", "data_parallel")
+    for t in cfg.parallel.sharding_types:
+        _check(t in known_types, "parallel.sharding_types", list(cfg.parallel.sharding_types), f"a list drawn from {list(known_types)}")
+    _check(cfg.data.synthetic.signal_strength >= 0, "data.synthetic.signal_strength", cfg.data.synthetic.signal_strength, "a value >= 0")
+    _check(1.0 <= cfg.data.movielens.like_threshold <= 5.0, "data.movielens.like_threshold", cfg.data.movielens.like_threshold, "a rating in [1, 5]")
+    for key, batch in {"data.batch_size": cfg.data.batch_size, "data.eval_batch_size": cfg.data.eval_batch_size}.items():
+        _check(batch % world_size == 0, key, batch, f"a multiple of the world size ({world_size} processes)")
+    if cfg.data.source == "movielens" and cfg.data.movielens.path is not None:
+        p = Path(cfg.data.movielens.path).expanduser()
+        _check(p.is_dir(), "data.movielens.path", cfg.data.movielens.path, "an existing folder holding ml-100k files (u.data or ml-100k.inter)")
+    _check(bool(cfg.run_dir), "run_dir", cfg.run_dir, "a folder path")
+    resume = cfg.checkpoint.resume
+    if resume not in ("auto", "never"):
+        _check(Path(resume).expanduser().is_dir(), "checkpoint.resume", resume, "'auto', 'never' or an existing checkpoint directory")
+
+
+def _tower_names() -> List[str]:
+    from kunlun.model.towers import TOWERS
+
+    return sorted(TOWERS)
+
+
+def to_yaml(cfg: JobConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def flatten(cfg: JobConfig) -> dict:
+    """``{"data.batch_size": 256, ...}`` with scalar values (lists as strings), for TensorBoard hparams."""
+    out: dict = {}
+
+    def walk(prefix: str, obj: Any) -> None:
+        if dataclasses.is_dataclass(obj):
+            for f in dataclasses.fields(obj):
+                walk(f"{prefix}{f.name}.", getattr(obj, f.name))
+        else:
+            key = prefix[:-1]
+            out[key] = obj if isinstance(obj, (int, float, str, bool)) else str(obj)
+
+    walk("", cfg)
+    return out
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("KUNLUN_CACHE", Path.home() / ".cache" / "kunlun")).expanduser()

@@ -1,0 +1,327 @@
+"""``Trainer``: builds data, model, sharding, optimizers; trains, evaluates, checkpoints.
+
+Its state — model, optimizers, ``step``, ``examples_consumed`` (the data position) — is
+exactly what a checkpoint holds, so resuming continues bit-for-bit where it stopped.
+
+The loop is a plain forward/backward/step loop rather than TorchRec's
+``TrainPipelineSparseDist``: the pipeline pulls batches ahead of the step being trained,
+which would make the saved data position ambiguous, and on CPU (no CUDA streams) it
+overlaps nothing. The GPU pipeline lands with the parallelism work.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+from kunlun.data.loader import ShardedBatches, make_loader
+from kunlun.data.sources import build_source
+from kunlun.model.rec_model import RecModel
+from kunlun.parallel.planner import describe_plan
+from kunlun.parallel.sparse import shard_model
+from kunlun.trainer.checkpoint import Checkpointer, global_shapes, write_json_atomic
+from kunlun.trainer.config import ConfigError, JobConfig, flatten, to_yaml, validate
+from kunlun.trainer.metrics import EvalAccumulator
+from kunlun.trainer.monitor import Monitor, setup_logging
+
+log = logging.getLogger("kunlun")
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+
+
+def init_distributed(cfg: JobConfig) -> DistInfo:
+    """Join the process group torchrun set up, or make a 1-process one (plain ``python``)."""
+    want_cuda = cfg.trainer.device == "cuda" or (cfg.trainer.device == "auto" and torch.cuda.is_available())
+    if cfg.trainer.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("config key 'trainer.device' = 'cuda' is invalid: no CUDA device is visible; use 'cpu' or 'auto'")
+    backend = cfg.parallel.backend if cfg.parallel.backend != "auto" else ("nccl" if want_cuda else "gloo")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if want_cuda else torch.device("cpu")
+    if want_cuda:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+            dist.init_process_group(backend=backend)
+        else:
+            store = dist.FileStore(tempfile.mktemp(prefix="kunlun-store-"), 1)
+            dist.init_process_group(backend=backend, store=store, rank=0, world_size=1)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, backend)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def _prepare_run_dir(run_dir: Path, rank: int) -> None:
+    error = None
+    if rank == 0:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            probe = run_dir / ".write-probe"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as e:
+            error = f"config key 'run_dir' = {str(run_dir)!r} is invalid: cannot create or write it ({e.strerror or e})"
+    box = [error]
+    dist.broadcast_object_list(box, src=0)
+    if box[0]:
+        raise ConfigError(box[0])
+
+
+class Trainer:
+    def __init__(self, cfg: JobConfig):
+        self.cfg = cfg
+        self.info = init_distributed(cfg)
+        rank, world = self.info.rank, self.info.world_size
+        validate(cfg, world_size=world)
+        self.run_dir = Path(cfg.run_dir).expanduser().resolve()
+        _prepare_run_dir(self.run_dir, rank)
+        setup_logging(self.run_dir, rank, cfg.logging.level)
+        if rank == 0:
+            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+        log.info("run_dir %s | world %d (%s on %s)", self.run_dir, world, self.info.backend, self.info.device.type)
+
+        _seed_everything(cfg.seed)
+        self.source = build_source(cfg.data, cfg.seed)
+        self.schema = self.source.schema
+        log.info("schema:\n%s", self.schema.describe())
+        if self.source.bad_rows:
+            log.warning("data: skipped %d bad rows (data.bad_row_policy=skip)", self.source.bad_rows)
+
+        model = RecModel(self.schema, cfg.model)  # dense tower on CPU, tables on meta
+        model.tower.to(self.info.device)
+        n_dense = sum(p.numel() for p in model.tower.parameters())
+        n_sparse = sum(t.num_embeddings * t.embedding_dim for t in model.ebc.embedding_bag_configs()) + sum(
+            t.num_embeddings * t.embedding_dim for t in model.ec.embedding_configs()
+        )
+        sharded = shard_model(model, cfg.parallel, cfg.optim, self.info.device)
+        self.model = sharded.dmp
+        self.plan = sharded.plan
+        log.info("sharding plan (%d ranks):\n%s", world, describe_plan(self.plan))
+        log.info("parameters: dense %s, embedding %s", f"{n_dense:,}", f"{n_sparse:,}")
+        self.optimizer = self._build_optimizer()
+
+        self.step = 0
+        self.examples_consumed = 0
+        self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint, rank, world)
+        self.resumed_from: Optional[Path] = None
+        self._maybe_resume()
+        self.monitor = Monitor(self.run_dir, rank, cfg.logging, cfg.trainer.max_steps, self.step)
+        self.monitor.text("config", to_yaml(cfg))
+        self.monitor.text("sharding_plan", describe_plan(self.plan))
+        if self.source.bad_rows:
+            self.monitor.scalars({"data/bad_rows_skipped": float(self.source.bad_rows)}, self.step)
+
+    # ---------------------------------------------------------------- building
+    def _build_optimizer(self) -> CombinedOptimizer:
+        o = self.cfg.optim
+        dense_params = dict(in_backward_optimizer_filter(self.model.named_parameters()))
+
+        def make(params):
+            if o.dense == "adam":
+                return torch.optim.Adam(params, lr=o.dense_lr, weight_decay=o.weight_decay)
+            if o.dense == "adamw":
+                return torch.optim.AdamW(params, lr=o.dense_lr, weight_decay=o.weight_decay)
+            if o.dense == "adagrad":
+                return torch.optim.Adagrad(params, lr=o.dense_lr, weight_decay=o.weight_decay)
+            return torch.optim.SGD(params, lr=o.dense_lr, weight_decay=o.weight_decay)
+
+        return CombinedOptimizer([("sparse", self.model.fused_optimizer), ("dense", KeyedOptimizerWrapper(dense_params, make))])
+
+    def lr_factor(self, step: int) -> float:
+        """Multiplier of both base learning rates for the update made at ``step`` (0-based)."""
+        o, total = self.cfg.optim, self.cfg.trainer.max_steps
+        if o.warmup_steps and step < o.warmup_steps:
+            return (step + 1) / o.warmup_steps
+        if o.schedule == "constant":
+            return 1.0
+        frac = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
+        return 1.0 - frac if o.schedule == "linear" else 0.5 * (1 + math.cos(math.pi * frac))
+
+    def _set_lr(self, step: int) -> Dict[str, float]:
+        f = self.lr_factor(step)
+        lrs = {"sparse": self.cfg.optim.sparse_lr * f, "dense": self.cfg.optim.dense_lr * f}
+        for name, opt in self.optimizer.optimizers:
+            for g in opt.param_groups:
+                g["lr"] = lrs[name]
+        return lrs
+
+    # -------------------------------------------------------------- checkpoint
+    def _state(self) -> Dict:
+        return {"model": self.model.state_dict(), "optim": self.optimizer.state_dict()}
+
+    def _meta(self) -> Dict:
+        return {
+            "examples_consumed": self.examples_consumed,
+            "global_batch_size": self.cfg.data.batch_size,
+            "shapes": global_shapes(self.model.state_dict()),
+            "data_source": self.cfg.data.source,
+            "seed": self.cfg.seed,
+        }
+
+    def save_checkpoint(self) -> Path:
+        return self.checkpointer.save(self.step, self._state(), self._meta())
+
+    def _maybe_resume(self) -> None:
+        path = self.checkpointer.choose(self.cfg.checkpoint.resume)
+        if path is None:
+            log.info("starting from scratch (checkpoint.resume=%s)", self.cfg.checkpoint.resume)
+            return
+        # Optimizer state is lazy (Adam creates it at the first step); materialise it so
+        # DCP has tensors to load into (notes §7, trap 2). The dummy step's effects are
+        # overwritten by the load.
+        self.optimizer.init_state(set(self.model.sparse_grad_parameter_names()))
+        state = self._state()
+        meta = self.checkpointer.load(path, state, global_shapes(state["model"]))
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optim"])
+        self.step = int(meta["step"])
+        self.examples_consumed = int(meta["examples_consumed"])
+        self.resumed_from = path
+        log.info(
+            "resumed from %s: step %d, %d examples consumed (saved at %d ranks, now %d)",
+            path, self.step, self.examples_consumed, meta.get("world_size", -1), self.info.world_size,
+        )
+
+    # -------------------------------------------------------------------- loop
+    def _loader(self, split: str, examples_consumed: int = 0, max_batches: Optional[int] = None):
+        d = self.cfg.data
+        ds = ShardedBatches(
+            self.source,
+            split,
+            d.batch_size if split == "train" else d.eval_batch_size,
+            rank=self.info.rank,
+            world_size=self.info.world_size,
+            seed=self.cfg.seed,
+            shuffle=d.shuffle,
+            examples_consumed=examples_consumed,
+            max_batches=max_batches,
+        )
+        return ds, make_loader(ds, d.num_workers)
+
+    def _all_mean(self, value: float) -> float:
+        t = torch.tensor([value], dtype=torch.float64, device=self.info.device if self.info.backend == "nccl" else "cpu")
+        dist.all_reduce(t)
+        return float(t.item()) / self.info.world_size
+
+    def evaluate(self, split: str = "eval") -> Dict[str, float]:
+        """Metrics over the whole split (or ``trainer.eval_max_batches`` batches for ``eval``)."""
+        max_batches = self.cfg.trainer.eval_max_batches if split == "eval" and self.cfg.trainer.eval_max_batches else None
+        _, loader = self._loader(split, max_batches=max_batches)
+        acc = EvalAccumulator(self.schema.labels)
+        self.model.eval()
+        with torch.no_grad():
+            for batch in loader:
+                _, (_, logits, labels, weights) = self.model(batch.to(self.info.device))
+                acc.update(logits, labels, weights)
+        self.model.train()
+        return acc.compute()
+
+    def train(self) -> Dict[str, float]:
+        cfg = self.cfg
+        t_cfg, c_cfg, l_cfg = cfg.trainer, cfg.checkpoint, cfg.logging
+        g = cfg.data.batch_size
+        _, loader = self._loader("train", examples_consumed=self.examples_consumed)
+        it = iter(loader)
+        self.model.train()
+        window_loss, window_steps, window_start = 0.0, 0, time.time()
+        last_saved = self.step if self.resumed_from is not None else -1
+        eval_metrics: Dict[str, float] = {}
+        log.info("training steps %d → %d, global batch %d", self.step, t_cfg.max_steps, g)
+        while self.step < t_cfg.max_steps:
+            batch = next(it).to(self.info.device, non_blocking=True)
+            lrs = self._set_lr(self.step)
+            self.optimizer.zero_grad()
+            loss, _ = self.model(batch)
+            loss.backward()
+            self.optimizer.step()
+            self.step += 1
+            self.examples_consumed += g
+            window_loss += float(loss.detach())
+            window_steps += 1
+
+            if self.step % l_cfg.log_every_n_steps == 0 or self.step == t_cfg.max_steps:
+                mean_loss = self._all_mean(window_loss / window_steps)
+                elapsed = max(time.time() - window_start, 1e-9)
+                scalars = {
+                    "train/loss": mean_loss,
+                    "train/examples_per_sec": window_steps * g / elapsed,
+                    "train/lr": lrs["dense"],
+                    "train/sparse_lr": lrs["sparse"],
+                    "train/epoch": self.examples_consumed / self.source.num_examples("train"),
+                }
+                self.monitor.scalars(scalars, self.step)
+                self.monitor.progress(self.step, {"loss": mean_loss, "ex/s": scalars["train/examples_per_sec"]})
+                if self.monitor.bar is None:
+                    log.info("step %d | loss %.5f | %.0f examples/s | lr %.3g", self.step, mean_loss, scalars["train/examples_per_sec"], lrs["dense"])
+                window_loss, window_steps, window_start = 0.0, 0, time.time()
+
+            if t_cfg.eval_every_n_steps and self.step % t_cfg.eval_every_n_steps == 0 and self.step < t_cfg.max_steps:
+                eval_metrics = self._log_eval("eval")
+                window_start = time.time()
+            if c_cfg.every_n_steps and self.step % c_cfg.every_n_steps == 0 and self.step < t_cfg.max_steps:
+                self.save_checkpoint()
+                last_saved = self.step
+                window_start = time.time()
+
+        if last_saved != self.step:
+            self.save_checkpoint()
+        eval_metrics = self._log_eval("eval")
+        test_metrics = self._log_eval("test")
+        final = {f"eval/{k}": v for k, v in eval_metrics.items()}
+        final.update({f"test/{k}": v for k, v in test_metrics.items()})
+        final["train/step"] = float(self.step)
+        final["train/examples_consumed"] = float(self.examples_consumed)
+        self.monitor.hparams(flatten(cfg), {f"hparam/{k}": v for k, v in final.items() if not k.endswith("examples")})
+        if self.info.rank == 0:
+            write_json_atomic(self.run_dir / "final_metrics.json", final)
+            log.info(
+                "done: test auc %.4f | test ne %.4f | test logloss %.4f\n  TensorBoard: tensorboard --logdir %s\n  checkpoints: %s",
+                test_metrics["auc"], test_metrics["ne"], test_metrics["logloss"],
+                self.run_dir / "tensorboard", self.checkpointer.root,
+            )
+        return final
+
+    def _log_eval(self, split: str) -> Dict[str, float]:
+        t0 = time.time()
+        metrics = self.evaluate(split)
+        self.monitor.scalars({f"{split}/{k}": v for k, v in metrics.items() if k != "examples"}, self.step)
+        self.monitor.flush()
+        log.info(
+            "%s @ step %d: auc %.4f | ne %.4f | logloss %.4f (%d examples, %.1fs)",
+            split, self.step, metrics["auc"], metrics["ne"], metrics["logloss"], metrics["examples"], time.time() - t0,
+        )
+        return metrics
+
+    def close(self) -> None:
+        self.monitor.close()
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+def summary_json(metrics: Dict[str, float]) -> str:
+    return json.dumps(metrics, indent=2, sort_keys=True)
