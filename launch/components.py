@@ -7,11 +7,11 @@
 The component wraps ``torchx.components.dist.ddp`` (torchrun with a c10d rendezvous on
 rank 0's host, one role replica per node) and runs ``python -m kunlun.launch.main`` on
 every rank with the preset and the ``key=value`` overrides.
+
+(No ``from __future__ import annotations`` here: TorchX reads the real annotation types.)
 """
 
-from __future__ import annotations
 
-import shlex
 from typing import Dict, Optional
 
 from torchx import specs
@@ -82,5 +82,3 @@ def train(
         role.args[-1] = cmd.replace("torchrun ", f"torchrun --max_restarts {int(max_restarts)} ", 1)
     return app
 
-
-__all__ = ["train", "shlex"]
