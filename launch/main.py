@@ -8,12 +8,14 @@ Without torchrun it runs as a single process. Exit status: 0 done, 2 bad config 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import warnings
 from typing import List, Optional
 
 from kunlun.data.errors import DataError
 from kunlun.trainer.checkpoint import CheckpointError
-from kunlun.trainer.config import ConfigError, load_config
+from kunlun.trainer.config import ConfigError, load_config, validate
 
 
 def parse_args(argv: Optional[List[str]] = None):
@@ -27,6 +29,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        # World-size checks before any process group or data exists (torchrun sets WORLD_SIZE).
+        validate(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+        # Deprecation chatter from TorchRec/torch internals, not actionable by users.
+        warnings.filterwarnings("ignore", category=FutureWarning)
         from kunlun.trainer.trainer import Trainer  # heavy imports only after the config is valid
 
         trainer = Trainer(cfg)

@@ -213,12 +213,12 @@ def load_config(preset: Optional[str] = None, overrides: Sequence[str] = ()) -> 
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"command line: override {item!r} is not of the form key=value")
-        key = item.split("=", 1)[0]
+        key, value = item.split("=", 1)
         try:
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as e:
             err = _explain(e, "command line")
-            if key not in str(err):
+            if key not in str(err) or value not in str(err):
                 err = ConfigError(f"command line: {item!r}: {err}")
             raise err from e
     job: JobConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]

@@ -103,7 +103,7 @@ def _int(tracker: BadRowTracker, path, line: int, name: str, text: str, lo: int 
         v = int(float(text))
         if float(text) != v:
             raise ValueError
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: 'inf', '1e999'
         tracker.bad(path, line, name, text, "an integer")
         return None
     if v < lo or (hi is not None and v > hi):
@@ -133,8 +133,13 @@ def _parse_ratings(path: Path, sep: str, header: bool, tracker: BadRowTracker):
         if len(fields) != 4:
             tracker.bad(path, n, "row", line[:80], f"4 fields separated by {sep!r}, got {len(fields)}")
             continue
-        vals = [_int(tracker, path, n, nm, fv.strip(), lo, hi) for nm, fv, (lo, hi) in zip(names, fields, bounds)]
-        if any(v is None for v in vals):
+        vals = []
+        for nm, fv, (lo, hi) in zip(names, fields, bounds):
+            v = _int(tracker, path, n, nm, fv.strip(), lo, hi)
+            if v is None:  # one bad field makes one bad row: report and count it once
+                break
+            vals.append(v)
+        if len(vals) != len(names):
             continue
         for c, v in zip(cols, vals):
             c.append(v)
@@ -153,7 +158,7 @@ def _parse_users(path: Path, sep: str, header: bool, tracker: BadRowTracker) -> 
             tracker.bad(path, n, "row", line[:80], f"5 fields (id, age, gender, occupation, zip) separated by {sep!r}, got {len(f)}")
             continue
         uid = _int(tracker, path, n, "user_id", f[0].strip(), 1)
-        age = _int(tracker, path, n, "age", f[1].strip(), 0, 150)
+        age = _int(tracker, path, n, "age", f[1].strip(), 0, 150) if uid is not None else None
         if uid is None or age is None:
             continue
         out[uid] = (age, f[2].strip(), f[3].strip(), f[4].strip())
@@ -217,7 +222,7 @@ def load_raw(folder: Path, tracker: BadRowTracker) -> _Raw:
     for i in np.flatnonzero(~np.isin(users, list(user_attr))):
         tracker.bad(inter, -1, "user_id", str(users[i]), "a user listed in the user file")
         keep[i] = False
-    for i in np.flatnonzero(~np.isin(items, list(item_attr))):
+    for i in np.flatnonzero(keep & ~np.isin(items, list(item_attr))):
         tracker.bad(inter, -1, "item_id", str(items[i]), "an item listed in the item file")
         keep[i] = False
     return _Raw(users[keep], items[keep], ratings[keep], ts[keep], user_attr, item_attr)
