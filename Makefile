@@ -20,7 +20,6 @@ setup: $(STAMP)
 # torchrec without its declared CUDA fbgemm-gpu dependency, then the rest.
 $(STAMP): requirements.txt requirements-cpu.txt setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade "pip>=23"
 	$(BIN)/python -m pip install --quiet -r requirements-cpu.txt
 	$(BIN)/python -m pip install --quiet --no-deps torchrec==1.8.0
 	$(BIN)/python -m pip install --quiet -r requirements.txt
