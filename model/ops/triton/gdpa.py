@@ -1,0 +1,356 @@
+"""Fused Triton GDPA kernels on jagged tensors: forward, and backward as two kernels.
+
+Forward, one program per (query tile, sample, head): the ``[BLOCK_M, BLOCK_N]`` score tile
+``act(qk_scale · Q Kᵀ) · out_scale`` lives only in registers and is multiplied into V
+straight away, so no ``[T, n_kv]`` intermediate ever reaches global memory. No softmax
+means no running max and no rescaling: the KV loop is a plain accumulation, which for the
+short-KV personalised FFN (n_kv 128–256) is one or two iterations.
+
+Backward recomputes the scores (nothing but the inputs is saved):
+
+* ``dkv`` kernel, one program per (key tile, sample, head), loops over query tiles and
+  accumulates ``dV = Pᵀ dO`` and ``dK = dSᵀ Q``;
+* ``dq`` kernel, one program per (query tile, sample, head), loops over key tiles and
+  accumulates ``dQ = dS K``;
+
+with ``dS = (dO Vᵀ) ⊙ act'(S) · out_scale · qk_scale``. Two kernels instead of one with
+atomics keep the gradients deterministic.
+
+Jagged tiles: the grid covers the longest sample; tiles past a sample's length exit at
+once, and a window (``|i − j| ≤ w``) restricts each tile's loop to the keys it can see.
+Per-head activations launch the kernels once per activation, over that activation's heads.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from kunlun.model.ops.activations import ACTIVATIONS
+
+
+@triton.jit
+def _act(s, ACT: tl.constexpr):
+    if ACT == 0:
+        out = s
+    elif ACT == 1:
+        out = tl.maximum(s, 0.0)
+    elif ACT == 2:
+        out = s * tl.sigmoid(s)
+    elif ACT == 3:
+        out = 0.5 * s * (1.0 + tl.erf(s * 0.7071067811865476))
+    else:
+        inner = 0.7978845608028654 * (s + 0.044715 * s * s * s)
+        out = 0.5 * s * (2.0 * tl.sigmoid(2.0 * inner))  # 1 + tanh(x) = 2 sigmoid(2x)
+    return out
+
+
+@triton.jit
+def _act_grad(s, ACT: tl.constexpr):
+    if ACT == 0:
+        g = tl.full(s.shape, 1.0, tl.float32)
+    elif ACT == 1:
+        g = tl.where(s > 0, 1.0, 0.0)
+    elif ACT == 2:
+        sig = tl.sigmoid(s)
+        g = sig * (1.0 + s * (1.0 - sig))
+    elif ACT == 3:
+        g = 0.5 * (1.0 + tl.erf(s * 0.7071067811865476)) + s * 0.3989422804014327 * tl.exp(-0.5 * s * s)
+    else:
+        inner = 0.7978845608028654 * (s + 0.044715 * s * s * s)
+        t = 2.0 * tl.sigmoid(2.0 * inner) - 1.0
+        g = 0.5 * (1.0 + t) + 0.5 * s * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * s * s)
+    return g
+
+
+@triton.jit
+def _gdpa_fwd_kernel(
+    Q, K, V, O, q_off, kv_off, heads,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    qk_scale, out_scale, window,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACT: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1)
+    h = tl.load(heads + tl.program_id(2)).to(tl.int64)
+    q_start = tl.load(q_off + b).to(tl.int64)
+    lq = tl.load(q_off + b + 1).to(tl.int64) - q_start
+    m0 = pid_m * BLOCK_M
+    if m0 >= lq:
+        return
+    kv_start = tl.load(kv_off + b).to(tl.int64)
+    lk = tl.load(kv_off + b + 1).to(tl.int64) - kv_start
+
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    m_ok = offs_m < lq
+    q = tl.load(
+        Q + (q_start + offs_m)[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+        mask=m_ok[:, None] & (offs_d[None, :] < D), other=0.0,
+    )
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    if HAS_WINDOW:
+        lo = tl.maximum(m0 - window, 0)
+        lo = (lo // BLOCK_N) * BLOCK_N
+        hi = tl.minimum(m0 + BLOCK_M + window, lk)
+    else:
+        lo = 0
+        hi = lk
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < lk
+        k = tl.load(
+            K + (kv_start + offs_n)[:, None] * stride_kt + h * stride_kh + offs_d[None, :],
+            mask=n_ok[:, None] & (offs_d[None, :] < D), other=0.0,
+        )
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        p = _act(s, ACT) * out_scale
+        valid = n_ok[None, :]
+        if HAS_WINDOW:
+            diff = offs_m[:, None] - offs_n[None, :]
+            valid = valid & (diff <= window) & (diff >= -window)
+        p = tl.where(valid, p, 0.0)
+        v = tl.load(
+            V + (kv_start + offs_n)[:, None] * stride_vt + h * stride_vh + offs_dv[None, :],
+            mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0,
+        )
+        acc += tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    tl.store(
+        O + (q_start + offs_m)[:, None] * stride_ot + h * stride_oh + offs_dv[None, :],
+        acc.to(O.dtype.element_ty),
+        mask=m_ok[:, None] & (offs_dv[None, :] < DV),
+    )
+
+
+@triton.jit
+def _gdpa_bwd_dkv_kernel(
+    Q, K, V, DO, DK, DV_, q_off, kv_off, heads,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    qk_scale, out_scale, window,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACT: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    b = tl.program_id(1)
+    h = tl.load(heads + tl.program_id(2)).to(tl.int64)
+    kv_start = tl.load(kv_off + b).to(tl.int64)
+    lk = tl.load(kv_off + b + 1).to(tl.int64) - kv_start
+    n0 = pid_n * BLOCK_N
+    if n0 >= lk:
+        return
+    q_start = tl.load(q_off + b).to(tl.int64)
+    lq = tl.load(q_off + b + 1).to(tl.int64) - q_start
+
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    n_ok = offs_n < lk
+    k = tl.load(
+        K + (kv_start + offs_n)[:, None] * stride_kt + h * stride_kh + offs_d[None, :],
+        mask=n_ok[:, None] & (offs_d[None, :] < D), other=0.0,
+    )
+    v = tl.load(
+        V + (kv_start + offs_n)[:, None] * stride_vt + h * stride_vh + offs_dv[None, :],
+        mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0,
+    )
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    if HAS_WINDOW:
+        lo = tl.maximum(n0 - window, 0)
+        lo = (lo // BLOCK_M) * BLOCK_M
+        hi = tl.minimum(n0 + BLOCK_N + window, lq)
+    else:
+        lo = 0
+        hi = lq
+    for m0 in range(lo, hi, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < lq
+        q = tl.load(
+            Q + (q_start + offs_m)[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+            mask=m_ok[:, None] & (offs_d[None, :] < D), other=0.0,
+        )
+        do = tl.load(
+            DO + (q_start + offs_m)[:, None] * stride_ot + h * stride_oh + offs_dv[None, :],
+            mask=m_ok[:, None] & (offs_dv[None, :] < DV), other=0.0,
+        )
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BM, BN]
+        valid = m_ok[:, None] & n_ok[None, :]
+        if HAS_WINDOW:
+            diff = offs_m[:, None] - offs_n[None, :]
+            valid = valid & (diff <= window) & (diff >= -window)
+        p = tl.where(valid, _act(s, ACT) * out_scale, 0.0)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = tl.where(valid, dp * _act_grad(s, ACT) * (out_scale * qk_scale), 0.0)
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+    tl.store(
+        DK + (kv_start + offs_n)[:, None] * stride_kt + h * stride_kh + offs_d[None, :],
+        dk.to(DK.dtype.element_ty), mask=n_ok[:, None] & (offs_d[None, :] < D),
+    )
+    tl.store(
+        DV_ + (kv_start + offs_n)[:, None] * stride_vt + h * stride_vh + offs_dv[None, :],
+        dv.to(DV_.dtype.element_ty), mask=n_ok[:, None] & (offs_dv[None, :] < DV),
+    )
+
+
+@triton.jit
+def _gdpa_bwd_dq_kernel(
+    Q, K, V, DO, DQ, q_off, kv_off, heads,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    qk_scale, out_scale, window,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACT: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1)
+    h = tl.load(heads + tl.program_id(2)).to(tl.int64)
+    q_start = tl.load(q_off + b).to(tl.int64)
+    lq = tl.load(q_off + b + 1).to(tl.int64) - q_start
+    m0 = pid_m * BLOCK_M
+    if m0 >= lq:
+        return
+    kv_start = tl.load(kv_off + b).to(tl.int64)
+    lk = tl.load(kv_off + b + 1).to(tl.int64) - kv_start
+
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    m_ok = offs_m < lq
+    q = tl.load(
+        Q + (q_start + offs_m)[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+        mask=m_ok[:, None] & (offs_d[None, :] < D), other=0.0,
+    )
+    do = tl.load(
+        DO + (q_start + offs_m)[:, None] * stride_ot + h * stride_oh + offs_dv[None, :],
+        mask=m_ok[:, None] & (offs_dv[None, :] < DV), other=0.0,
+    )
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if HAS_WINDOW:
+        lo = tl.maximum(m0 - window, 0)
+        lo = (lo // BLOCK_N) * BLOCK_N
+        hi = tl.minimum(m0 + BLOCK_M + window, lk)
+    else:
+        lo = 0
+        hi = lk
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < lk
+        k = tl.load(
+            K + (kv_start + offs_n)[:, None] * stride_kt + h * stride_kh + offs_d[None, :],
+            mask=n_ok[:, None] & (offs_d[None, :] < D), other=0.0,
+        )
+        v = tl.load(
+            V + (kv_start + offs_n)[:, None] * stride_vt + h * stride_vh + offs_dv[None, :],
+            mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0,
+        )
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        valid = m_ok[:, None] & n_ok[None, :]
+        if HAS_WINDOW:
+            diff = offs_m[:, None] - offs_n[None, :]
+            valid = valid & (diff <= window) & (diff >= -window)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = tl.where(valid, dp * _act_grad(s, ACT) * (out_scale * qk_scale), 0.0)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    tl.store(
+        DQ + (q_start + offs_m)[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+        dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & (offs_d[None, :] < D),
+    )
+
+
+# --------------------------------------------------------------------------- launch
+def _head_groups(activations: Sequence[str], device: torch.device) -> List[Tuple[int, torch.Tensor]]:
+    """``[(activation code, int32 head indices)]``, one launch per distinct activation."""
+    groups: dict = {}
+    for h, a in enumerate(activations):
+        groups.setdefault(ACTIVATIONS[a], []).append(h)
+    return [(code, torch.tensor(hs, dtype=torch.int32, device=device)) for code, hs in sorted(groups.items())]
+
+
+def _block_sizes(d: int, dv: int, dtype: torch.dtype) -> Tuple[int, int, int, int]:
+    bd, bdv = max(16, triton.next_power_of_2(d)), max(16, triton.next_power_of_2(dv))
+    if dtype == torch.float32 or max(bd, bdv) > 128:
+        return 32, 32, bd, bdv
+    return 64, 64, bd, bdv
+
+
+def _common(q, k, v, o_like, qk_scale, out_scale, window):
+    return (
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o_like.stride(0), o_like.stride(1),
+        float(qk_scale), float(out_scale), int(window or 0),
+    )
+
+
+def gdpa_forward(q, k, v, q_offsets, kv_offsets, activations, qk_scale, out_scale, window, max_q_len, max_kv_len, block=None):
+    tq, h, d = q.shape
+    dv = v.shape[2]
+    out = torch.empty((tq, h, dv), dtype=q.dtype, device=q.device)
+    b = q_offsets.numel() - 1
+    if tq == 0 or b == 0:
+        return out.zero_()
+    bm, bn, bd, bdv = block or _block_sizes(d, dv, q.dtype)
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    for code, heads in _head_groups(activations, q.device):
+        grid = (triton.cdiv(max(max_q_len, 1), bm), b, heads.numel())
+        _gdpa_fwd_kernel[grid](
+            q, k, v, out, q_offsets, kv_offsets, heads, *_common(q, k, v, out, qk_scale, out_scale, window),
+            D=d, DV=dv, BLOCK_D=bd, BLOCK_DV=bdv, BLOCK_M=bm, BLOCK_N=bn, ACT=code, HAS_WINDOW=window is not None,
+            PRECISION=precision,
+        )
+    return out
+
+
+def gdpa_backward(do, q, k, v, q_offsets, kv_offsets, activations, qk_scale, out_scale, window, max_q_len, max_kv_len, block=None):
+    tq, h, d = q.shape
+    dv = v.shape[2]
+    dq, dk, dvv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    b = q_offsets.numel() - 1
+    if tq == 0 or k.shape[0] == 0 or b == 0:
+        return dq, dk, dvv
+    do = do.contiguous()
+    bm, bn, bd, bdv = block or _block_sizes(d, dv, q.dtype)
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    for code, heads in _head_groups(activations, q.device):
+        meta = dict(D=d, DV=dv, BLOCK_D=bd, BLOCK_DV=bdv, BLOCK_M=bm, BLOCK_N=bn, ACT=code, HAS_WINDOW=window is not None, PRECISION=precision)
+        common = _common(q, k, v, do, qk_scale, out_scale, window)
+        _gdpa_bwd_dkv_kernel[(triton.cdiv(max(max_kv_len, 1), bn), b, heads.numel())](
+            q, k, v, do, dk, dvv, q_offsets, kv_offsets, heads, *common, **meta
+        )
+        _gdpa_bwd_dq_kernel[(triton.cdiv(max(max_q_len, 1), bm), b, heads.numel())](
+            q, k, v, do, dq, q_offsets, kv_offsets, heads, *common, **meta
+        )
+    return dq, dk, dvv
+
+
+class GDPATritonFunction(torch.autograd.Function):
+    """Autograd wrapper: saves only the inputs; backward recomputes the scores in-kernel."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, q_offsets, kv_offsets, activations, qk_scale, out_scale, window, max_q_len, max_kv_len, block):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        out = gdpa_forward(q, k, v, q_offsets, kv_offsets, activations, qk_scale, out_scale, window, max_q_len, max_kv_len, block)
+        ctx.save_for_backward(q, k, v, q_offsets, kv_offsets)
+        ctx.args = (activations, qk_scale, out_scale, window, max_q_len, max_kv_len, block)
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, q_offsets, kv_offsets = ctx.saved_tensors
+        dq, dk, dv = gdpa_backward(do, q, k, v, q_offsets, kv_offsets, *ctx.args)
+        return dq, dk, dv, None, None, None, None, None, None, None, None, None
+
+
+def gdpa_triton(
+    q, k, v, q_offsets, kv_offsets, activations: Sequence[str], qk_scale: float, out_scale: float,
+    window: Optional[int], max_q_len: int, max_kv_len: int, block: Optional[Tuple[int, int, int, int]] = None,
+) -> torch.Tensor:
+    return GDPATritonFunction.apply(
+        q, k, v, q_offsets, kv_offsets, tuple(activations), qk_scale, out_scale, window, max_q_len, max_kv_len, block
+    )
