@@ -92,7 +92,7 @@ class ShardedBatches(IterableDataset):
     # -------------------------------------------------------------------- reads
     def _permutation(self, epoch: int) -> np.ndarray:
         if self._perm_epoch != epoch:
-            rng = np.random.default_rng(self.seed)
+            rng = np.random.default_rng([self.seed, epoch])
             self._perm = rng.permutation(self.num_examples)
             self._perm_epoch = epoch
         assert self._perm is not None

@@ -57,12 +57,13 @@ def gdpa_reference(
     kv_len = kv_offsets[1:] - kv_offsets[:-1]
     lq = int(q_len.max()) if max_q_len is None and q_len.numel() else (max_q_len or 0)
     lk = int(kv_len.max()) if max_kv_len is None and kv_len.numel() else (max_kv_len or 0)
-    if q.shape[0] == 0:
-        return q.new_zeros((0, q.shape[1], v.shape[2]))
+    if q.shape[0] == 0:  # keep the autograd graph: zero gradients, not "no grad_fn"
+        return q.new_zeros((0, q.shape[1], v.shape[2])) + 0 * (q.sum() + k.sum() + v.sum())
+    acc = torch.promote_types(q.dtype, torch.float32)  # bf16/fp16 accumulate in fp32, fp64 stays fp64
     qp = jagged_to_padded(q, q_offsets, lq).transpose(1, 2)  # [B, H, Lq, Dh]
     kp = jagged_to_padded(k, kv_offsets, lk).transpose(1, 2)  # [B, H, Lkv, Dh]
     vp = jagged_to_padded(v, kv_offsets, lk).transpose(1, 2)  # [B, H, Lkv, Dv]
-    scores = qk_scale * torch.matmul(qp.float(), kp.float().transpose(-1, -2))  # [B, H, Lq, Lkv]
+    scores = qk_scale * torch.matmul(qp.to(acc), kp.to(acc).transpose(-1, -2))  # [B, H, Lq, Lkv]
     probs = torch.stack([torch_activation(a)(scores[:, h]) for h, a in enumerate(activations)], dim=1)
     mask = torch.arange(lk, device=q.device)[None, :] < kv_len[:, None]  # [B, Lkv] valid keys
     mask = mask[:, None, None, :]
@@ -71,5 +72,5 @@ def gdpa_reference(
         j = torch.arange(lk, device=q.device)[None, :]
         mask = mask & ((i - j).abs() <= window)[None, None]
     probs = torch.where(mask, probs, torch.zeros((), dtype=probs.dtype, device=probs.device)) * out_scale
-    out = torch.matmul(probs, vp.float()).to(q.dtype)  # [B, H, Lq, Dv]
+    out = torch.matmul(probs, vp.to(acc)).to(q.dtype)  # [B, H, Lq, Dv]
     return padded_to_jagged(out.transpose(1, 2), q_offsets)

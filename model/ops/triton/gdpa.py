@@ -274,11 +274,16 @@ def _head_groups(activations: Sequence[str], device: torch.device) -> List[Tuple
     return [(code, torch.tensor(hs, dtype=torch.int32, device=device)) for code, hs in sorted(groups.items())]
 
 
-def _block_sizes(d: int, dv: int, dtype: torch.dtype) -> Tuple[int, int, int, int]:
+def _launch_config(d: int, dv: int, dtype: torch.dtype, tune: Optional[dict]) -> dict:
+    """Tile sizes and launch options; ``tune`` (BLOCK_M, BLOCK_N, num_warps, num_stages) overrides."""
     bd, bdv = max(16, triton.next_power_of_2(d)), max(16, triton.next_power_of_2(dv))
     if dtype == torch.float32 or max(bd, bdv) > 128:
-        return 32, 32, bd, bdv
-    return 64, 64, bd, bdv
+        cfg = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)
+    else:
+        cfg = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+    cfg.update(tune or {})
+    cfg.update(BLOCK_D=bd, BLOCK_DV=bdv)
+    return cfg
 
 
 def _common(q, k, v, o_like, qk_scale, out_scale, window):
@@ -295,14 +300,13 @@ def gdpa_forward(q, k, v, q_offsets, kv_offsets, activations, qk_scale, out_scal
     b = q_offsets.numel() - 1
     if tq == 0 or b == 0:
         return out.zero_()
-    bm, bn, bd, bdv = block or _block_sizes(d, dv, q.dtype)
+    cfg = _launch_config(d, dv, q.dtype, block)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     for code, heads in _head_groups(activations, q.device):
-        grid = (triton.cdiv(max(max_q_len, 1), bm), b, heads.numel())
+        grid = (triton.cdiv(max(max_q_len, 1), cfg["BLOCK_M"]), b, heads.numel())
         _gdpa_fwd_kernel[grid](
             q, k, v, out, q_offsets, kv_offsets, heads, *_common(q, k, v, out, qk_scale, out_scale, window),
-            D=d, DV=dv, BLOCK_D=bd, BLOCK_DV=bdv, BLOCK_M=bm, BLOCK_N=bn, ACT=code, HAS_WINDOW=window is not None,
-            PRECISION=precision,
+            D=d, DV=dv, ACT=code, HAS_WINDOW=window is not None, PRECISION=precision, **cfg,
         )
     return out
 
@@ -315,15 +319,15 @@ def gdpa_backward(do, q, k, v, q_offsets, kv_offsets, activations, qk_scale, out
     if tq == 0 or k.shape[0] == 0 or b == 0:
         return dq, dk, dvv
     do = do.contiguous()
-    bm, bn, bd, bdv = block or _block_sizes(d, dv, q.dtype)
+    cfg = _launch_config(d, dv, q.dtype, block)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     for code, heads in _head_groups(activations, q.device):
-        meta = dict(D=d, DV=dv, BLOCK_D=bd, BLOCK_DV=bdv, BLOCK_M=bm, BLOCK_N=bn, ACT=code, HAS_WINDOW=window is not None, PRECISION=precision)
+        meta = dict(D=d, DV=dv, ACT=code, HAS_WINDOW=window is not None, PRECISION=precision, **cfg)
         common = _common(q, k, v, do, qk_scale, out_scale, window)
-        _gdpa_bwd_dkv_kernel[(triton.cdiv(max(max_kv_len, 1), bn), b, heads.numel())](
+        _gdpa_bwd_dkv_kernel[(triton.cdiv(max(max_kv_len, 1), cfg["BLOCK_N"]), b, heads.numel())](
             q, k, v, do, dk, dvv, q_offsets, kv_offsets, heads, *common, **meta
         )
-        _gdpa_bwd_dq_kernel[(triton.cdiv(max(max_q_len, 1), bm), b, heads.numel())](
+        _gdpa_bwd_dq_kernel[(triton.cdiv(max(max_q_len, 1), cfg["BLOCK_M"]), b, heads.numel())](
             q, k, v, do, dq, q_offsets, kv_offsets, heads, *common, **meta
         )
     return dq, dk, dvv
@@ -349,7 +353,7 @@ class GDPATritonFunction(torch.autograd.Function):
 
 def gdpa_triton(
     q, k, v, q_offsets, kv_offsets, activations: Sequence[str], qk_scale: float, out_scale: float,
-    window: Optional[int], max_q_len: int, max_kv_len: int, block: Optional[Tuple[int, int, int, int]] = None,
+    window: Optional[int], max_q_len: int, max_kv_len: int, block: Optional[dict] = None,
 ) -> torch.Tensor:
     return GDPATritonFunction.apply(
         q, k, v, q_offsets, kv_offsets, tuple(activations), qk_scale, out_scale, window, max_q_len, max_kv_len, block
