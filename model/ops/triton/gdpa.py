@@ -23,6 +23,7 @@ Per-head activations launch the kernels once per activation, over that activatio
 
 from __future__ import annotations
 
+import os
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -33,35 +34,44 @@ from kunlun.model.ops.activations import ACTIVATIONS
 
 
 @triton.jit
-def _act(s, ACT: tl.constexpr):
+def _tanh(x, FAST: tl.constexpr):
+    # On GPUs one MUFU instruction (tanh.approx.f32, rel. error ~2^-11, well under bf16's
+    # 2^-8) instead of exp + a precise division; the interpreter cannot run inline PTX.
+    if FAST:
+        t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        t = 2.0 * tl.sigmoid(2.0 * x) - 1.0
+    return t
+
+
+@triton.jit
+def _act(s, ACT: tl.constexpr, FAST: tl.constexpr):
     if ACT == 0:
         out = s
     elif ACT == 1:
         out = tl.maximum(s, 0.0)
     elif ACT == 2:
-        out = s * tl.sigmoid(s)
+        out = 0.5 * s * (1.0 + _tanh(0.5 * s, FAST))  # s·sigmoid(s)
     elif ACT == 3:
         out = 0.5 * s * (1.0 + tl.erf(s * 0.7071067811865476))
     else:
-        inner = 0.7978845608028654 * (s + 0.044715 * s * s * s)
-        out = 0.5 * s * (2.0 * tl.sigmoid(2.0 * inner))  # 1 + tanh(x) = 2 sigmoid(2x)
+        out = 0.5 * s * (1.0 + _tanh(0.7978845608028654 * (s + 0.044715 * s * s * s), FAST))
     return out
 
 
 @triton.jit
-def _act_grad(s, ACT: tl.constexpr):
+def _act_grad(s, ACT: tl.constexpr, FAST: tl.constexpr):
     if ACT == 0:
         g = tl.full(s.shape, 1.0, tl.float32)
     elif ACT == 1:
         g = tl.where(s > 0, 1.0, 0.0)
     elif ACT == 2:
-        sig = tl.sigmoid(s)
+        sig = 0.5 + 0.5 * _tanh(0.5 * s, FAST)
         g = sig * (1.0 + s * (1.0 - sig))
     elif ACT == 3:
         g = 0.5 * (1.0 + tl.erf(s * 0.7071067811865476)) + s * 0.3989422804014327 * tl.exp(-0.5 * s * s)
     else:
-        inner = 0.7978845608028654 * (s + 0.044715 * s * s * s)
-        t = 2.0 * tl.sigmoid(2.0 * inner) - 1.0
+        t = _tanh(0.7978845608028654 * (s + 0.044715 * s * s * s), FAST)
         g = 0.5 * (1.0 + t) + 0.5 * s * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * s * s)
     return g
 
@@ -73,7 +83,7 @@ def _gdpa_fwd_kernel(
     qk_scale, out_scale, window,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACT: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, FAST: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     b = tl.program_id(1)
@@ -110,7 +120,7 @@ def _gdpa_fwd_kernel(
             mask=n_ok[:, None] & (offs_d[None, :] < D), other=0.0,
         )
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        p = _act(s, ACT) * out_scale
+        p = _act(s, ACT, FAST) * out_scale
         valid = n_ok[None, :]
         if HAS_WINDOW:
             diff = offs_m[:, None] - offs_n[None, :]
@@ -135,7 +145,7 @@ def _gdpa_bwd_dkv_kernel(
     qk_scale, out_scale, window,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACT: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, FAST: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     b = tl.program_id(1)
@@ -185,10 +195,10 @@ def _gdpa_bwd_dkv_kernel(
         if HAS_WINDOW:
             diff = offs_m[:, None] - offs_n[None, :]
             valid = valid & (diff <= window) & (diff >= -window)
-        p = tl.where(valid, _act(s, ACT) * out_scale, 0.0)
+        p = tl.where(valid, _act(s, ACT, FAST) * out_scale, 0.0)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = tl.where(valid, dp * _act_grad(s, ACT) * (out_scale * qk_scale), 0.0)
+        ds = tl.where(valid, dp * _act_grad(s, ACT, FAST) * (out_scale * qk_scale), 0.0)
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
     tl.store(
         DK + (kv_start + offs_n)[:, None] * stride_kt + h * stride_kh + offs_d[None, :],
@@ -207,7 +217,7 @@ def _gdpa_bwd_dq_kernel(
     qk_scale, out_scale, window,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACT: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, FAST: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     b = tl.program_id(1)
@@ -257,7 +267,7 @@ def _gdpa_bwd_dq_kernel(
             diff = offs_m[:, None] - offs_n[None, :]
             valid = valid & (diff <= window) & (diff >= -window)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = tl.where(valid, dp * _act_grad(s, ACT) * (out_scale * qk_scale), 0.0)
+        ds = tl.where(valid, dp * _act_grad(s, ACT, FAST) * (out_scale * qk_scale), 0.0)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     tl.store(
         DQ + (q_start + offs_m)[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
@@ -280,9 +290,11 @@ def _launch_config(d: int, dv: int, dtype: torch.dtype, tune: Optional[dict]) ->
     if dtype == torch.float32 or max(bd, bdv) > 128:
         cfg = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)
     else:
-        cfg = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+        cfg = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3)  # H100 sweep, see BENCHMARKS.md
     cfg.update(tune or {})
     cfg.update(BLOCK_D=bd, BLOCK_DV=bdv)
+    # Fast tanh only for bf16/fp16 (its error is below their rounding) on a real GPU.
+    cfg.update(FAST=dtype != torch.float32 and os.environ.get("TRITON_INTERPRET") != "1")
     return cfg
 
 
