@@ -284,13 +284,19 @@ def _head_groups(activations: Sequence[str], device: torch.device) -> List[Tuple
     return [(code, torch.tensor(hs, dtype=torch.int32, device=device)) for code, hs in sorted(groups.items())]
 
 
-def _launch_config(d: int, dv: int, dtype: torch.dtype, tune: Optional[dict]) -> dict:
-    """Tile sizes and launch options; ``tune`` (BLOCK_M, BLOCK_N, num_warps, num_stages) overrides."""
+def _launch_config(d: int, dv: int, dtype: torch.dtype, tune: Optional[dict], backward: bool = False) -> dict:
+    """Tile sizes and launch options; ``tune`` (BLOCK_M, BLOCK_N, num_warps, num_stages) overrides.
+
+    bf16 defaults come from an H100 sweep (``benchmarks/gdpa_tune.py``, BENCHMARKS.md) at
+    H=4, Dh=128, n_kv=256: forward 128x32 tiles, 3 stages; backward 64x64, 2 stages.
+    """
     bd, bdv = max(16, triton.next_power_of_2(d)), max(16, triton.next_power_of_2(dv))
     if dtype == torch.float32 or max(bd, bdv) > 128:
         cfg = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)
+    elif backward:
+        cfg = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
     else:
-        cfg = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3)  # H100 sweep, see BENCHMARKS.md
+        cfg = dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=3)
     cfg.update(tune or {})
     cfg.update(BLOCK_D=bd, BLOCK_DV=bdv)
     # Fast tanh only for bf16/fp16 (its error is below their rounding) on a real GPU.
@@ -331,7 +337,7 @@ def gdpa_backward(do, q, k, v, q_offsets, kv_offsets, activations, qk_scale, out
     if tq == 0 or k.shape[0] == 0 or b == 0:
         return dq, dk, dvv
     do = do.contiguous()
-    cfg = _launch_config(d, dv, q.dtype, block)
+    cfg = _launch_config(d, dv, q.dtype, block, backward=True)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     for code, heads in _head_groups(activations, q.device):
         meta = dict(D=d, DV=dv, ACT=code, HAS_WINDOW=window is not None, PRECISION=precision, **cfg)
