@@ -28,6 +28,10 @@ CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 class ConfigError(ValueError):
     """A configuration that cannot run. The message names source, key, value and what is allowed."""
 
+    def __init__(self, message: str, key: Optional[str] = None):
+        super().__init__(message)
+        self.key = key
+
 
 # --------------------------------------------------------------------------- data
 @dataclass
@@ -219,16 +223,27 @@ def load_config(preset: Optional[str] = None, overrides: Sequence[str] = ()) -> 
         except OmegaConfBaseException as e:
             err = _explain(e, "command line")
             if key not in str(err) or value not in str(err):
-                err = ConfigError(f"command line: {item!r}: {err}")
+                # Name the whole override when OmegaConf's message lost the key or value.
+                err = ConfigError(str(err).replace("command line:", f"command line: {item!r}:", 1))
             raise err from e
     job: JobConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
-    validate(job, world_size=1)
+    try:
+        validate(job, world_size=1)
+    except ConfigError as e:
+        # Say where the bad value came from: the command line wins over the preset.
+        from_cli = e.key is not None and any(o.split("=", 1)[0] == e.key for o in overrides)
+        line = _yaml_line(path, e.key) if (preset and e.key and not from_cli) else None
+        if line is not None:
+            raise ConfigError(f"{path}:{line}: {e}", key=e.key) from e
+        if from_cli:
+            raise ConfigError(f"command line: {e}", key=e.key) from e
+        raise
     return job
 
 
 def _check(cond: bool, key: str, value: Any, allowed: str) -> None:
     if not cond:
-        raise ConfigError(f"config key {key!r} = {value!r} is invalid: expected {allowed}")
+        raise ConfigError(f"config key {key!r} = {value!r} is invalid: expected {allowed}", key=key)
 
 
 def validate(cfg: JobConfig, world_size: int) -> None:
