@@ -16,7 +16,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -82,10 +82,46 @@ class DLRMConfig:
 
 
 @dataclass
+class EventTowerConfig:
+    """Per-event-type capacity (event-level personalisation, docs/architecture.md §4.4)."""
+
+    dim: int = 64  # sequence width d_e
+    heads: int = 2
+    layers: int = 2  # L_e <= kunlun.num_layers; a shorter tower keeps its last summary
+    window: int = 16  # sliding-window half width w (|i - j| <= w); -1 = full attention
+    num_tokens: int = 8  # summary tokens the HSP produces
+    num_seeds: int = 16  # over-complete HSP seeds (> num_tokens)
+
+
+@dataclass
+class KunlunConfig:
+    dim: int = 64  # context token width d
+    num_layers: int = 2
+    num_summary_tokens: int = 4  # n_sum of X_sum = Gating(LCE(X))
+    pffn_kv_len: int = 32  # m: keys per sample of the GDPA personalised FFN
+    pffn_activation: str = "gelu_tanh"
+    kv_rank: int = 64  # bottleneck of the K/V generator
+    hsp_rank: int = 4  # k of SumKronLinear
+    summary: str = "hsp"  # hsp | pma (ablation)
+    seed_attention: str = "softmax"  # softmax | a GDPA activation (silu, gelu, ...)
+    compskip: bool = True  # odd layers global (PFFN + fresh HSP), even layers local (SWA)
+    num_experts: int = 2  # Mixture of Wukong Experts
+    wukong_layers: int = 1  # per expert per Kunlun layer
+    fm_rank: int = 8
+    wukong_mlp: int = 128
+    head_mlp: List[int] = field(default_factory=lambda: [128, 64])
+    temporal_buckets: int = 64
+    gdpa_impl: str = "auto"  # auto | reference | triton
+    default_event: EventTowerConfig = field(default_factory=EventTowerConfig)
+    events: Dict[str, EventTowerConfig] = field(default_factory=dict)  # per event type overrides
+
+
+@dataclass
 class ModelConfig:
     tower: str = "dlrm"
     embedding_dim: int = 32  # one dim for every table (DLRM's dot interaction needs it)
     dlrm: DLRMConfig = field(default_factory=DLRMConfig)
+    kunlun: KunlunConfig = field(default_factory=KunlunConfig)
 
 
 # ----------------------------------------------------------------------- parallel
@@ -295,6 +331,25 @@ def validate(cfg: JobConfig, world_size: int) -> None:
     }
     for key, (value, allowed) in choices.items():
         _check(value in allowed, key, value, f"one of {list(allowed)}")
+    k = cfg.model.kunlun
+    for key, value in {
+        "model.kunlun.dim": k.dim, "model.kunlun.num_layers": k.num_layers, "model.kunlun.num_summary_tokens": k.num_summary_tokens,
+        "model.kunlun.pffn_kv_len": k.pffn_kv_len, "model.kunlun.kv_rank": k.kv_rank, "model.kunlun.hsp_rank": k.hsp_rank,
+        "model.kunlun.num_experts": k.num_experts, "model.kunlun.wukong_layers": k.wukong_layers, "model.kunlun.fm_rank": k.fm_rank,
+        "model.kunlun.wukong_mlp": k.wukong_mlp, "model.kunlun.temporal_buckets": k.temporal_buckets,
+    }.items():
+        _check(value > 0, key, value, "an integer > 0")
+    _check(k.summary in ("hsp", "pma"), "model.kunlun.summary", k.summary, "one of ['hsp', 'pma']")
+    _check(k.gdpa_impl in ("auto", "reference", "triton"), "model.kunlun.gdpa_impl", k.gdpa_impl, "one of ['auto', 'reference', 'triton']")
+    acts = ("identity", "relu", "silu", "gelu", "gelu_tanh")
+    _check(k.pffn_activation in acts, "model.kunlun.pffn_activation", k.pffn_activation, f"one of {list(acts)}")
+    _check(k.seed_attention in ("softmax",) + acts, "model.kunlun.seed_attention", k.seed_attention, f"one of {['softmax', *acts]}")
+    for name, ev in [("default_event", k.default_event)] + [(f"events.{n}", e) for n, e in k.events.items()]:
+        for field_name in ("dim", "heads", "layers", "num_tokens", "num_seeds"):
+            _check(getattr(ev, field_name) > 0, f"model.kunlun.{name}.{field_name}", getattr(ev, field_name), "an integer > 0")
+        _check(ev.dim % ev.heads == 0, f"model.kunlun.{name}.heads", ev.heads, f"a divisor of the event width dim={ev.dim}")
+        _check(ev.layers <= k.num_layers, f"model.kunlun.{name}.layers", ev.layers, f"at most model.kunlun.num_layers={k.num_layers}")
+        _check(ev.window >= -1, f"model.kunlun.{name}.window", ev.window, "a half width >= 0, or -1 for full attention")
     known_types = ("table_wise", "row_wise", "column_wise", "table_column_wise", "table_row_wise", "data_parallel")
     for t in cfg.parallel.sharding_types:
         _check(t in known_types, "parallel.sharding_types", list(cfg.parallel.sharding_types), f"a list drawn from {list(known_types)}")

@@ -2,8 +2,9 @@
 
 from kunlun.model.towers.base import DenseTower, EventSequence, TowerInputs  # noqa: F401
 from kunlun.model.towers.dlrm import DLRMTower
+from kunlun.model.towers.kunlun import KunlunTower
 
-TOWERS = {"dlrm": DLRMTower}
+TOWERS = {"dlrm": DLRMTower, "kunlun": KunlunTower}
 
 
 def build_tower(schema, model_cfg, num_labels: int) -> DenseTower:
