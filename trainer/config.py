@@ -117,11 +117,59 @@ class KunlunConfig:
 
 
 @dataclass
+class DCNv2Config:
+    """DCNv2 (Wang et al., 2021): cross layers x_{l+1} = x0 ⊙ (W x_l + b) + x_l, then an MLP."""
+
+    num_cross_layers: int = 3
+    low_rank: int = 0  # 0: full-rank W; r > 0: W = U Vᵀ of rank r
+    deep_mlp: List[int] = field(default_factory=lambda: [128, 64])
+
+
+@dataclass
+class WukongTowerConfig:
+    """Wukong (Zhang et al., 2024) as a whole tower: stacked FM + LCB layers on feature tokens."""
+
+    dim: int = 64
+    num_layers: int = 2
+    fm_rank: int = 8
+    mlp_hidden: int = 128
+    head_mlp: List[int] = field(default_factory=lambda: [128, 64])
+
+
+@dataclass
+class HSTUConfig:
+    """HSTU-style sequence tower (Zhai et al., 2024): SiLU pointwise attention through ``gdpa``."""
+
+    dim: int = 64
+    heads: int = 2
+    num_layers: int = 2
+    num_summary_tokens: int = 4
+    head_mlp: List[int] = field(default_factory=lambda: [128, 64])
+
+
+@dataclass
+class InterFormerConfig:
+    """InterFormer (Zeng et al., 2024): interleaved context/sequence arches with PFFN, PMA, gating."""
+
+    dim: int = 64
+    heads: int = 2
+    num_layers: int = 2
+    num_summary_tokens: int = 4  # X_sum tokens
+    pma_tokens: int = 2
+    recent_tokens: int = 2
+    head_mlp: List[int] = field(default_factory=lambda: [128, 64])
+
+
+@dataclass
 class ModelConfig:
     tower: str = "dlrm"
     embedding_dim: int = 32  # one dim for every table (DLRM's dot interaction needs it)
     dlrm: DLRMConfig = field(default_factory=DLRMConfig)
     kunlun: KunlunConfig = field(default_factory=KunlunConfig)
+    dcnv2: DCNv2Config = field(default_factory=DCNv2Config)
+    wukong: WukongTowerConfig = field(default_factory=WukongTowerConfig)
+    hstu: HSTUConfig = field(default_factory=HSTUConfig)
+    interformer: InterFormerConfig = field(default_factory=InterFormerConfig)
 
 
 # ----------------------------------------------------------------------- parallel
@@ -331,6 +379,15 @@ def validate(cfg: JobConfig, world_size: int) -> None:
     }
     for key, (value, allowed) in choices.items():
         _check(value in allowed, key, value, f"one of {list(allowed)}")
+    for tower_name in ("dcnv2", "wukong", "hstu", "interformer"):
+        tcfg = getattr(cfg.model, tower_name)
+        for f in dataclasses.fields(tcfg):
+            value = getattr(tcfg, f.name)
+            if isinstance(value, int) and not isinstance(value, bool):
+                ok = value >= 0 if f.name == "low_rank" else value > 0
+                _check(ok, f"model.{tower_name}.{f.name}", value, "an integer >= 0" if f.name == "low_rank" else "an integer > 0")
+            elif isinstance(value, list):
+                _check(all(w > 0 for w in value), f"model.{tower_name}.{f.name}", list(value), "a list of layer widths > 0")
     k = cfg.model.kunlun
     for key, value in {
         "model.kunlun.dim": k.dim, "model.kunlun.num_layers": k.num_layers, "model.kunlun.num_summary_tokens": k.num_summary_tokens,
