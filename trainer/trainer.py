@@ -37,6 +37,7 @@ from kunlun.trainer.checkpoint import Checkpointer, global_shapes, write_json_at
 from kunlun.trainer.config import ConfigError, JobConfig, flatten, to_yaml, validate
 from kunlun.trainer.metrics import EvalAccumulator
 from kunlun.trainer.monitor import Monitor, setup_logging
+from kunlun.trainer.perf import TRAIN_FLOPS_FACTOR, average_sequence_lengths, peak_tflops
 
 log = logging.getLogger("kunlun")
 
@@ -122,6 +123,16 @@ class Trainer:
         self.plan = sharded.plan
         log.info("sharding plan (%d ranks):\n%s", world, describe_plan(self.plan))
         log.info("parameters: dense %s, embedding %s", f"{n_dense:,}", f"{n_sparse:,}")
+        self.avg_seq_len = average_sequence_lengths(self.source, seed=cfg.seed)
+        self.flops_per_example = model.tower.flops_per_example(self.avg_seq_len)
+        self.peak = peak_tflops(self.info.device)
+        log.info(
+            "tower %s: %.4f GFLOPs/example forward, %.4f training (x%.0f) at mean history lengths %s; "
+            "peak %.3g TFLOP/s per rank (%s)",
+            cfg.model.tower, self.flops_per_example / 1e9, TRAIN_FLOPS_FACTOR * self.flops_per_example / 1e9, TRAIN_FLOPS_FACTOR,
+            {k: round(v, 1) for k, v in self.avg_seq_len.items()}, self.peak["peak"],
+            "datasheet" if self.info.device.type == "cuda" and self.peak["peak"] != self.peak["probe"] else "matmul probe",
+        )
         self.optimizer = self._build_optimizer()
 
         self.step = 0
@@ -132,6 +143,7 @@ class Trainer:
         self.monitor = Monitor(self.run_dir, rank, cfg.logging, cfg.trainer.max_steps, self.step)
         self.monitor.text("config", to_yaml(cfg))
         self.monitor.text("sharding_plan", describe_plan(self.plan))
+        self.monitor.text("flops", f"forward GFLOPs/example: {self.flops_per_example / 1e9:.6f}\nmean history lengths: {self.avg_seq_len}")
         if self.source.bad_rows:
             self.monitor.scalars({"data/bad_rows_skipped": float(self.source.bad_rows)}, self.step)
 
@@ -266,9 +278,14 @@ class Trainer:
             if self.step % l_cfg.log_every_n_steps == 0 or self.step == t_cfg.max_steps:
                 mean_loss = self._all_mean(window_loss / window_steps)
                 elapsed = max(time.time() - window_start, 1e-9)
+                examples_per_sec = window_steps * g / elapsed
+                model_tflops = TRAIN_FLOPS_FACTOR * self.flops_per_example * examples_per_sec / 1e12
                 scalars = {
                     "train/loss": mean_loss,
-                    "train/examples_per_sec": window_steps * g / elapsed,
+                    "train/examples_per_sec": examples_per_sec,
+                    "perf/model_tflops": model_tflops,
+                    "perf/mfu": model_tflops / (self.peak["peak"] * self.info.world_size),
+                    "perf/mfu_vs_probe": model_tflops / (self.peak["probe"] * self.info.world_size),
                     "train/lr": lrs["dense"],
                     "train/sparse_lr": lrs["sparse"],
                     "train/epoch": self.examples_consumed / self.source.num_examples("train"),
