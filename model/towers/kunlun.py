@@ -10,10 +10,16 @@ Layer l (0-based; CompSkip: even l "global", odd l "local"; off: every layer doe
 
     X_sum = Gating(LCE(X))                                   # [B, n_sum, d]
     for each event type e with l < L_e:
-        if global: H_e = HSP_e(S_e)                          # fresh summary [B, n_tok_e, d_e]
-                   S_e = GDPA_FFN_e(S_e; K, V = gen_e(X_sum))  # context → sequence
+        if global: S_e = GDPA_FFN_e(S_e; K, V = gen_e(X_sum))  # context → sequence
+                   H_e = HSP_e(S_e)                          # fresh summary [B, n_tok_e, d_e]
         else:      S_e = SWA_e(S_e)                          # H_e reused from the last global layer
     X = LN(X + MoWukong([X_sum ‖ P_e(H_e) …]))               # sequence → context, n_ns tokens
+
+Two choices beyond the spec (docs/architecture.md §4): the summary is taken *after* the
+layer's sequence update, so every update reaches the output; and with CompSkip a local
+layer that would be an event tower's last one is dropped, since its output could only
+feed a summary that is never refreshed (use an odd ``layers`` count to end on a global
+layer). With CompSkip off a layer runs GDPA-FFN → SWA → HSP.
 
 Output: ``MLP(flatten(X)) → [B, num_labels]`` logits.
 Event-level personalisation: every event type has its own width, heads, depth L_e,
@@ -60,6 +66,8 @@ class EventTower(nn.Module):
         self.swa = nn.ModuleDict()
         for layer in range(ecfg.layers):
             glob = is_global_layer(layer, kcfg.compskip)
+            if kcfg.compskip and not glob and layer == ecfg.layers - 1:
+                break  # a trailing local layer feeds nothing (see the module docstring)
             if glob or not kcfg.compskip:
                 if kcfg.summary == "hsp":
                     self.summaries[str(layer)] = HierarchicalSeedPooling(
@@ -80,12 +88,12 @@ class EventTower(nn.Module):
     def step(self, layer: int, seq: torch.Tensor, offsets: torch.Tensor, x_sum: torch.Tensor, summary):
         """One layer: returns the new sequence and the (fresh or reused) projected summary."""
         key = str(layer)
-        if key in self.summaries:
-            summary = self.project(self.summaries[key](seq, offsets, self.max_len))
         if key in self.pffn:
             seq = self.pffn[key](seq, offsets, x_sum, self.max_len)
         if key in self.swa:
             seq = self.swa[key](seq, offsets, self.max_len)
+        if key in self.summaries:
+            summary = self.project(self.summaries[key](seq, offsets, self.max_len))
         return seq, summary
 
     def flops_per_example(self, avg_len: float, d_ctx: int) -> float:
