@@ -6,7 +6,8 @@ FLOPs cross-check: every event sequence has exactly ``max_len`` events, so the p
 reference attention ops do no padding work and the counter must see
 ``B · flops_per_example({e: max_len}) + fixed_flops()``. DLRM's analytic count also charges
 the history pooling sums (``2·D·L`` per event type), which the counter (matmuls only)
-does not see; the test removes that term for DLRM.
+does not see; the test removes that term for DLRM. ``torch.utils.flop_counter`` has no formula
+for the CPU flash-attention kernel SDPA dispatches to on CPU; the test registers the SDPA one.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import math
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from kunlun.data.loader import ShardedBatches
 from kunlun.data.sources import build_source
@@ -98,6 +99,14 @@ def test_overfits_four_batches(name, data):
     assert after < 0.75 * before, f"{name}: loss {before:.4f} → {after:.4f}"
 
 
+# The counter has no formula for the CPU flash-attention kernel that ``F.scaled_dot_product_attention``
+# picks on CPU (it would count 0): give it the SDPA formula (2 matmuls, 4·B·H·Lq·Lk·dh).
+CPU_SDPA = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+        lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v),
+}
+
+
 def fixed_length_inputs(schema, embedding_dim: int, batch: int, seed: int = 0) -> TowerInputs:
     """Random tower inputs whose histories all have exactly ``max_len`` events."""
     g = torch.Generator().manual_seed(seed)
@@ -126,7 +135,7 @@ def test_flops_match_counter(name, data):
     tower = build(name, schema).tower
     inputs = fixed_length_inputs(schema, tower.embedding_dim, B)
     lens = {e.name: float(e.max_len) for e in schema.event_types}
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
+    with FlopCounterMode(display=False, custom_mapping=CPU_SDPA) as counter, torch.no_grad():
         logits = tower(inputs)
     assert logits.shape == (B, 1)
     counted = counter.get_total_flops()
