@@ -1,0 +1,138 @@
+"""Dense-tower training-step throughput and MFU, with a torch.profiler breakdown.
+
+    python benchmarks/train_bench.py --tower kunlun            # GPU: bf16, production-like shapes
+    python benchmarks/train_bench.py --device cpu --tower kunlun --batch 64   # CPU: ratios only
+
+The tower is fed synthetic *embedded* inputs (pooled context embeddings, jagged event
+embeddings, timestamps), so it runs where TorchRec is not installed; embedding lookups
+and data loading are therefore not in these numbers (the end-to-end trainer logs
+``perf/mfu`` with them). One step = forward + backward + AdamW. MFU = 3 × analytic forward
+FLOPs/example × examples/s ÷ peak (datasheet bf16 dense peak on known GPUs; on CPU a
+matmul probe measured in the same run). A Chrome/Perfetto trace goes to ``--trace``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from kunlun.data.schema import ContextFeature, EventType, FeatureSchema, TableSpec
+from kunlun.model.config import ModelConfig
+from kunlun.model.towers import build_tower
+from kunlun.model.towers.base import EventSequence, TowerInputs
+from kunlun.trainer.perf import matmul_probe_tflops, gpu_peak_tflops
+
+
+def make_schema(n_ctx: int, n_dense: int, events: dict) -> FeatureSchema:
+    return FeatureSchema(
+        tables=[TableSpec("t", 1000), TableSpec("item", 1000), TableSpec("act", 10)],
+        dense_features=[f"d{i}" for i in range(n_dense)],
+        context_features=[ContextFeature(f"c{i}", "t") for i in range(n_ctx)],
+        event_types=[EventType(name, "item", "act", max_len) for name, max_len in events.items()],
+    )
+
+
+def make_inputs(schema, b: int, emb: int, device, dtype, fill: float, seed: int = 0) -> TowerInputs:
+    g = torch.Generator().manual_seed(seed)
+    events = {}
+    for e in schema.event_types:
+        lengths = torch.randint(1, int(2 * fill * e.max_len) + 1, (b,), generator=g).clamp(max=e.max_len)
+        off = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+        t = int(off[-1])
+        ts = torch.arange(t) * 60
+        events[e.name] = EventSequence(
+            item=torch.randn(t, emb, generator=g).to(device, dtype), action=torch.randn(t, emb, generator=g).to(device, dtype),
+            timestamps=ts.to(device), lengths=lengths.to(device), offsets=off.to(device),
+        )
+    return TowerInputs(
+        dense=torch.randn(b, schema.num_dense, generator=g).to(device, dtype),
+        context={k: torch.randn(b, emb, generator=g).to(device, dtype) for k in schema.context_keys},
+        events=events, request_time=torch.full((b,), 10**9).to(device),
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--tower", default="kunlun")
+    ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--seq", type=int, default=None, help="max history length per event type")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--trace", default=os.environ.get("OUT", ""))
+    ap.add_argument("--set", nargs="*", default=[], help="model config overrides: kunlun.dim=256 ...")
+    args = ap.parse_args()
+    dev = torch.device(args.device)
+    gpu = dev.type == "cuda"
+    dtype = torch.bfloat16 if gpu else torch.float32
+    b = args.batch or (1152 if gpu else 64)
+    seq = args.seq or (1024 if gpu else 32)
+    cfg = ModelConfig(tower=args.tower, embedding_dim=128 if gpu else 16)
+    k = cfg.kunlun
+    if gpu:  # production-like (docs/architecture.md §9 defaults, GDPA PFFN with m = 128)
+        k.dim, k.num_layers, k.num_summary_tokens, k.pffn_kv_len, k.kv_rank, k.hsp_rank = 256, 3, 8, 128, 256, 8
+        k.wukong_mlp, k.head_mlp = 512, [512, 256]
+        k.default_event.dim, k.default_event.heads, k.default_event.layers = 512, 4, 3
+        k.default_event.window, k.default_event.num_tokens, k.default_event.num_seeds = 64, 16, 64
+    for item in args.set:
+        key, value = item.split("=", 1)
+        obj = cfg
+        *path, last = key.split(".")
+        for p in path:
+            obj = getattr(obj, p)
+        setattr(obj, last, type(getattr(obj, last))(value))
+    schema = make_schema(n_ctx=16, n_dense=8, events={"click": seq, "impression": seq})
+    tower = build_tower(schema, cfg, num_labels=1).to(dev, dtype)
+    inputs = make_inputs(schema, b, cfg.embedding_dim, dev, dtype, fill=0.5)
+    avg = {n: float(e.lengths.float().mean()) for n, e in inputs.events.items()}
+    flops_ex = tower.flops_per_example(avg)
+    labels = torch.randint(0, 2, (b, 1), device=dev).to(dtype)
+    opt = torch.optim.AdamW(tower.parameters(), lr=1e-4)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(tower(inputs).float(), labels.float())
+        loss.backward()
+        opt.step()
+        return loss
+
+    for _ in range(3):
+        step()
+    if gpu:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    if gpu:
+        torch.cuda.synchronize()
+    dt = (time.perf_counter() - t0) / args.steps
+    ex_s = b / dt
+    model_tflops = 3 * flops_ex * ex_s / 1e12
+    probe = matmul_probe_tflops(dev, dtype, n=8192 if gpu else 512)
+    peak = (gpu_peak_tflops(dev) if gpu else None) or probe
+    result = dict(device=torch.cuda.get_device_name() if gpu else "cpu", tower=args.tower, dtype=str(dtype), batch=b, max_seq=seq,
+                  mean_seq=avg, gflops_per_example_fwd=flops_ex / 1e9, step_ms=dt * 1e3, examples_per_sec=ex_s,
+                  model_tflops=model_tflops, peak_tflops=peak, matmul_probe_tflops=probe, mfu=model_tflops / peak,
+                  mfu_vs_probe=model_tflops / probe, params=sum(p.numel() for p in tower.parameters()))
+    print(json.dumps(result, indent=1))
+    # Where the time goes: top ops by device (or CPU) time over 3 profiled steps.
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if gpu else [])
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(3):
+            step()
+        if gpu:
+            torch.cuda.synchronize()
+    sort = "cuda_time_total" if gpu else "cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=15, max_name_column_width=60))
+    if args.trace:
+        Path(args.trace).mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(Path(args.trace) / f"trace_{args.tower}.json"))
+        (Path(args.trace) / f"train_bench_{args.tower}.json").write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
