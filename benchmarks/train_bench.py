@@ -84,7 +84,8 @@ def main() -> None:
         *path, last = key.split(".")
         for p in path:
             obj = getattr(obj, p)
-        setattr(obj, last, type(getattr(obj, last))(value))
+        old = getattr(obj, last)
+        setattr(obj, last, value.lower() in ("1", "true", "yes") if isinstance(old, bool) else type(old)(value))
     schema = make_schema(n_ctx=16, n_dense=8, events={"click": seq, "impression": seq})
     tower = build_tower(schema, cfg, num_labels=1).to(dev, dtype)
     inputs = make_inputs(schema, b, cfg.embedding_dim, dev, dtype, fill=0.5)

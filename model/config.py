@@ -80,6 +80,8 @@ class HSTUConfig:
     num_layers: int = 2
     num_summary_tokens: int = 4
     head_mlp: List[int] = field(default_factory=lambda: [128, 64])
+    temporal_buckets: int = 64
+    gdpa_impl: str = "auto"
 
 
 @dataclass
@@ -93,6 +95,13 @@ class InterFormerConfig:
     pma_tokens: int = 2
     recent_tokens: int = 2
     head_mlp: List[int] = field(default_factory=lambda: [128, 64])
+    pffn_kv_len: int = 32  # the PFFN/interaction blocks match Kunlun's defaults
+    kv_rank: int = 64
+    pffn_activation: str = "gelu_tanh"
+    fm_rank: int = 8
+    wukong_mlp: int = 128
+    temporal_buckets: int = 64
+    gdpa_impl: str = "auto"
 
 
 @dataclass

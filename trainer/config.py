@@ -304,6 +304,10 @@ def validate(cfg: JobConfig, world_size: int) -> None:
                 _check(ok, f"model.{tower_name}.{f.name}", value, "an integer >= 0" if f.name == "low_rank" else "an integer > 0")
             elif isinstance(value, list):
                 _check(all(w > 0 for w in value), f"model.{tower_name}.{f.name}", list(value), "a list of layer widths > 0")
+        if hasattr(tcfg, "heads"):
+            _check(tcfg.dim % tcfg.heads == 0, f"model.{tower_name}.heads", tcfg.heads, f"a divisor of model.{tower_name}.dim={tcfg.dim}")
+        if hasattr(tcfg, "gdpa_impl"):
+            _check(tcfg.gdpa_impl in ("auto", "reference", "triton"), f"model.{tower_name}.gdpa_impl", tcfg.gdpa_impl, "one of ['auto', 'reference', 'triton']")
     k = cfg.model.kunlun
     for key, value in {
         "model.kunlun.dim": k.dim, "model.kunlun.num_layers": k.num_layers, "model.kunlun.num_summary_tokens": k.num_summary_tokens,

@@ -35,7 +35,6 @@ from kunlun.model.modules.temporal import TemporalEncoding
 from kunlun.model.ops import gdpa
 from kunlun.model.towers.base import DenseTower, TowerInputs, mlp
 
-TEMPORAL_BUCKETS = 64  # as KunlunConfig.temporal_buckets' default
 GDPA_IMPL = "auto"  # Triton on CUDA, the PyTorch reference elsewhere
 
 
@@ -79,7 +78,7 @@ class HSTUSequence(nn.Module):
         super().__init__()
         self.dim, self.max_len = cfg.dim, max_len
         self.token = nn.Linear(2 * emb_dim, cfg.dim)
-        self.temporal = TemporalEncoding(cfg.dim, getattr(cfg, "temporal_buckets", TEMPORAL_BUCKETS))
+        self.temporal = TemporalEncoding(cfg.dim, cfg.temporal_buckets)
         self.layers = nn.ModuleList(HSTULayer(cfg.dim, cfg.heads, max_len, impl) for _ in range(cfg.num_layers))
         self.summary = PMA(cfg.dim, cfg.heads, cfg.num_summary_tokens, max_len, "softmax", impl)
 
@@ -103,7 +102,7 @@ class HSTUTower(DenseTower):
         super().__init__(schema, embedding_dim, num_labels)
         d = cfg.dim
         self.cfg = cfg
-        impl = getattr(cfg, "gdpa_impl", GDPA_IMPL)
+        impl = cfg.gdpa_impl
         n_ctx = len(schema.context_features)
         self.context_proj = nn.Parameter(torch.randn(n_ctx, embedding_dim, d) / embedding_dim**0.5)
         self.dense_proj = nn.Linear(schema.num_dense, d) if schema.num_dense else None

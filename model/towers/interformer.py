@@ -56,24 +56,6 @@ from kunlun.model.modules.window_attention import WindowSelfAttention
 from kunlun.model.modules.wukong import WukongLayer
 from kunlun.model.towers.base import DenseTower, TowerInputs, mlp
 
-# Sizes InterFormerConfig does not carry: Kunlun's defaults (KunlunConfig), so both towers'
-# PFFN and interaction blocks match. ``getattr(cfg, name, default)`` picks up a config field
-# of the same name if one is added.
-DEFAULTS = {
-    "pffn_kv_len": 32,  # m: keys per example of the PFFN
-    "kv_rank": 64,  # K/V generator bottleneck
-    "pffn_activation": "gelu_tanh",
-    "fm_rank": 8,  # Wukong interaction FM rank
-    "wukong_mlp": 128,  # Wukong interaction FMB MLP hidden width
-    "temporal_buckets": 64,
-    "gdpa_impl": "auto",
-}
-
-
-def _opt(cfg, name: str):
-    return getattr(cfg, name, DEFAULTS[name])
-
-
 class SequenceSummary(nn.Module):
     """Cross arch, sequence side: ``S [T + B, d]`` (CLS first) → ``Gating([S_CLS ‖ PMA(S) ‖ S_recent])``."""
 
@@ -106,16 +88,16 @@ class InterFormerSequence(nn.Module):
 
     def __init__(self, emb_dim: int, max_len: int, cfg, n_sum: int):
         super().__init__()
-        d, heads, impl = cfg.dim, cfg.heads, _opt(cfg, "gdpa_impl")
+        d, heads, impl = cfg.dim, cfg.heads, cfg.gdpa_impl
         self.dim, self.max_len = d, max_len + 1  # + the CLS row
         self.cls = nn.Parameter(torch.randn(d) * 0.02)
         self.token = nn.Linear(2 * emb_dim, d)
-        self.temporal = TemporalEncoding(d, _opt(cfg, "temporal_buckets"))
+        self.temporal = TemporalEncoding(d, cfg.temporal_buckets)
         self.summaries = nn.ModuleList(
             SequenceSummary(d, heads, cfg.pma_tokens, cfg.recent_tokens, self.max_len, impl) for _ in range(cfg.num_layers + 1)
         )
         self.pffn = nn.ModuleList(
-            GDPAFFN(d, heads, n_sum, d, _opt(cfg, "pffn_kv_len"), _opt(cfg, "kv_rank"), _opt(cfg, "pffn_activation"), impl)
+            GDPAFFN(d, heads, n_sum, d, cfg.pffn_kv_len, cfg.kv_rank, cfg.pffn_activation, impl)
             for _ in range(cfg.num_layers)
         )
         self.mha = nn.ModuleList(WindowSelfAttention(d, heads, None) for _ in range(cfg.num_layers))
@@ -164,7 +146,7 @@ class InterFormerTower(DenseTower):
         n_in = n_sum + n_seq_tokens
         n_fmb = self.n_ns - self.n_ns // 2
         self.interactions = nn.ModuleList(
-            WukongLayer(n_in, d, _opt(cfg, "fm_rank"), n_fmb, self.n_ns - n_fmb, _opt(cfg, "wukong_mlp")) for _ in range(cfg.num_layers)
+            WukongLayer(n_in, d, cfg.fm_rank, n_fmb, self.n_ns - n_fmb, cfg.wukong_mlp) for _ in range(cfg.num_layers)
         )
         self.norms = nn.ModuleList(nn.LayerNorm(d) for _ in range(cfg.num_layers))
         self.head_sizes: List[int] = [n_in * d, *cfg.head_mlp, num_labels]
