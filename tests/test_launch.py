@@ -13,6 +13,7 @@ REQUIRED_SCALARS = {
     "train/loss", "train/examples_per_sec", "train/lr",
     "eval/auc", "eval/ne", "eval/logloss",
     "test/auc", "test/ne", "test/logloss",
+    "perf/model_tflops", "perf/mfu",
 }
 
 
@@ -53,6 +54,7 @@ def test_torchx_local_two_processes_trains_checkpoints_and_logs(tmp_path):
     test_auc = acc.Scalars("test/auc")[-1].value
     assert test_auc == pytest.approx(final_metrics(run)["test/auc"], abs=1e-6)
     assert "config/text_summary" in acc.Tags()["tensors"]
+    assert all(0 < e.value < 1 for e in acc.Scalars("perf/mfu"))
 
 
 def _dryrun(scheduler: str, *extra: str) -> str:
