@@ -24,8 +24,35 @@ from typing import Iterator, Optional
 import numpy as np
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from kunlun.data.batch import Batch, collate
+from kunlun.data.batch import Batch, ExampleBlock, collate
+from kunlun.data.errors import DataError
 from kunlun.data.sources import ExampleSource
+
+
+def check_ids(block: ExampleBlock, schema, policy: str, split: str, indices: np.ndarray) -> None:
+    """Every id must be a row of its table: ``error`` names the feature, example and id;
+    ``modulo`` maps it into the table (in place)."""
+    sizes = schema.table_sizes
+    cols = [(f.name, f.table, block.context[f.name].lengths, block.context[f.name]) for f in schema.context_features]
+    for e in schema.event_types:
+        ev = block.events[e.name]
+        cols += [(e.item_key, e.item_table, ev.lengths, ev), (e.action_key, e.action_table, ev.lengths, ev)]
+    for key, table, lengths, holder in cols:
+        attr = "values" if hasattr(holder, "values") else ("items" if key.endswith(".item") else "actions")
+        values = getattr(holder, attr)
+        n = sizes[table]
+        bad = (values < 0) | (values >= n)
+        if not bad.any():
+            continue
+        if policy == "modulo":
+            setattr(holder, attr, np.mod(values, n))
+            continue
+        first = int(np.flatnonzero(bad)[0])
+        example = int(np.searchsorted(np.cumsum(lengths), first, side="right"))
+        raise DataError(
+            f"{split} example {int(indices[example])}: feature {key!r} has id {int(values[first])} outside table "
+            f"{table!r} ({n} rows); fix the data or set data.id_policy=modulo"
+        )
 
 
 class ShardedBatches(IterableDataset):
@@ -52,6 +79,7 @@ class ShardedBatches(IterableDataset):
         shuffle: bool = True,
         examples_consumed: int = 0,
         max_batches: Optional[int] = None,
+        id_policy: str = "error",
     ):
         if global_batch_size % world_size:
             raise ValueError(f"global batch {global_batch_size} is not divisible by world size {world_size}")
@@ -67,7 +95,8 @@ class ShardedBatches(IterableDataset):
         self.max_batches = max_batches
         self.num_examples = source.num_examples(split)
         if self.num_examples <= 0:
-            raise ValueError(f"split {split!r} of the data source is empty")
+            raise DataError(f"split {split!r} of the data source ({type(source).__name__}) has no examples")
+        self.id_policy = id_policy
         self._perm_epoch = -1
         self._perm: Optional[np.ndarray] = None
 
@@ -117,7 +146,9 @@ class ShardedBatches(IterableDataset):
             valid = positions < self.num_examples
             weights = valid.astype(np.float32)
             positions = np.where(valid, positions, 0)
-        block = self.source.read(self.split, self._indices(positions))
+        indices = self._indices(positions)
+        block = self.source.read(self.split, indices)
+        check_ids(block, self.source.schema, self.id_policy, self.split, indices)
         if weights is not None:
             block.weights = weights
         return collate(block, self.source.schema)

@@ -2,7 +2,10 @@
 
     python -m kunlun.launch.main [--config PRESET_OR_YAML] [key=value ...]
 
-Without torchrun it runs as a single process. Exit status: 0 done, 2 bad config or data.
+Without torchrun it runs as a single process. Exit status: 0 done; 2 bad config, data or
+checkpoint (the message says which file/key/value); 3 non-finite loss or gradients
+(diagnostic in run_dir/diagnostics/); 75 preempted by SIGTERM after saving a checkpoint
+(rerun the same command to resume).
 """
 
 from __future__ import annotations
@@ -33,11 +36,18 @@ def main(argv: Optional[List[str]] = None) -> int:
         validate(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
         # Deprecation chatter from TorchRec/torch internals, not actionable by users.
         warnings.filterwarnings("ignore", category=FutureWarning)
-        from kunlun.trainer.trainer import Trainer  # heavy imports only after the config is valid
+        # heavy imports only after the config is valid
+        from kunlun.trainer.trainer import NONFINITE_EXIT_CODE, PREEMPTED_EXIT_CODE, NonFiniteError, Preempted, Trainer
 
         trainer = Trainer(cfg)
         try:
             trainer.train()
+        except Preempted as e:
+            print(f"kunlun: preempted: {e}", file=sys.stderr)
+            return PREEMPTED_EXIT_CODE
+        except NonFiniteError as e:
+            print(f"kunlun: error: {e}", file=sys.stderr)
+            return NONFINITE_EXIT_CODE
         finally:
             trainer.close()
     except (ConfigError, DataError, CheckpointError) as e:

@@ -118,40 +118,79 @@ class Checkpointer:
 
     # --------------------------------------------------------------------- save
     def save(self, step: int, state: Dict[str, Any], meta: Dict[str, Any]) -> Path:
-        """Write ``state`` (DCP; tensors, ShardedTensor, DTensor) and ``meta`` (JSON) for ``step``."""
+        """Write ``state`` (DCP; tensors, ShardedTensor, DTensor) and ``meta`` (JSON) for ``step``.
+
+        A failure on any rank (disk full, I/O error) removes the partial ``.tmp-`` folder on
+        every rank's behalf and raises :class:`CheckpointError` on all ranks; committed
+        checkpoints are never touched, so the previous one stays loadable.
+        """
         final = self.root / f"step_{step:08d}"
         tmp = self.root / f".tmp-step_{step:08d}"
         t0 = time.time()
+        error: Optional[BaseException] = None
+        try:
+            if self.rank == 0:
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+                (tmp / "rng").mkdir(parents=True)
+        except OSError as e:
+            error = e
+        if self._all_ok(error is None):
+            try:
+                dcp.save(state, storage_writer=FileSystemWriter(str(tmp / "dcp"), sync_files=True))
+                rng = {"torch": torch.get_rng_state()}
+                if torch.cuda.is_available():
+                    rng["cuda"] = torch.cuda.get_rng_state()
+                rng_path = tmp / "rng" / f"rank{self.rank}.pt"
+                torch.save(rng, rng_path)
+                with open(rng_path, "rb+") as f:
+                    os.fsync(f.fileno())
+            except Exception as e:  # DCP re-raises a failure of any rank on every rank
+                error = e
+        if self._all_ok(error is None):
+            try:
+                if self.rank == 0:
+                    self._commit(tmp, final, step, meta)
+            except OSError as e:
+                error = e
+        if not self._all_ok(error is None):
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            previous = self.complete()
+            reason = f"{type(error).__name__}: {error}" if error is not None else "another rank failed to write its part"
+            raise CheckpointError(
+                f"saving checkpoint {final} failed ({reason}); the partial files were removed and "
+                f"{'the previous checkpoint ' + str(previous[-1]) + ' is intact' if previous else 'no earlier checkpoint exists'}"
+            )
         if self.rank == 0:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            (tmp / "rng").mkdir(parents=True)
-        _barrier()
-        dcp.save(state, storage_writer=FileSystemWriter(str(tmp / "dcp"), sync_files=True))
-        rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state()
-        rng_path = tmp / "rng" / f"rank{self.rank}.pt"
-        torch.save(rng, rng_path)
-        with open(rng_path, "rb+") as f:
-            os.fsync(f.fileno())
-        _barrier()
-        if self.rank == 0:
-            files = sorted(p for p in tmp.rglob("*") if p.is_file())
-            manifest = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
-            write_json_atomic(tmp / "manifest.json", manifest)
-            write_json_atomic(tmp / "meta.json", {**meta, "step": step, "world_size": self.world_size, "format": FORMAT_VERSION, "saved_at": time.time()})
-            for d in [tmp / "dcp", tmp / "rng", tmp]:
-                _fsync_dir(d)
-            if final.exists():  # a re-save of the same step (resume then finish): replace it whole
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-            _fsync_dir(self.root)
             self._retain()
-        _barrier()
-        if self.rank == 0:
             log.info("saved checkpoint %s (%.1fs)", final, time.time() - t0)
+        _barrier()
         return final
+
+    def _all_ok(self, ok: bool) -> bool:
+        """True when every rank's ``ok`` is True (a collective; every rank must call it)."""
+        if not dist.is_initialized():
+            return ok
+        t = torch.tensor([0.0 if ok else 1.0])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.item() == 0.0
+
+    def _commit(self, tmp: Path, final: Path, step: int, meta: Dict[str, Any]) -> None:
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())
+        manifest = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+        write_json_atomic(tmp / "manifest.json", manifest)
+        # meta.json is written last: a step_ folder without it is never considered complete.
+        write_json_atomic(tmp / "meta.json", {**meta, "step": step, "world_size": self.world_size, "format": FORMAT_VERSION, "saved_at": time.time()})
+        for d in [tmp / "dcp", tmp / "rng", tmp]:
+            _fsync_dir(d)
+        replaced = self.root / f".replaced-{final.name}"
+        if final.exists():  # a re-save of the same step: move the old one aside, never delete first
+            shutil.rmtree(replaced, ignore_errors=True)
+            os.rename(final, replaced)
+        os.rename(tmp, final)
+        _fsync_dir(self.root)
+        shutil.rmtree(replaced, ignore_errors=True)
 
     def _retain(self) -> None:
         ckpts = self.complete()

@@ -70,6 +70,7 @@ class DataConfig:
     num_workers: int = 0  # DataLoader workers per rank
     shuffle: bool = True  # reshuffle the train split every epoch (seeded)
     bad_row_policy: str = "error"  # error | skip
+    id_policy: str = "error"  # ids outside a table: error | modulo (map into the table)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     movielens: MovieLensConfig = field(default_factory=MovieLensConfig)
 
@@ -115,6 +116,9 @@ class TrainerConfig:
     eval_every_n_steps: int = 200  # 0 = only the final evaluation
     eval_max_batches: int = 0  # 0 = the whole validation split
     device: str = "auto"  # auto | cpu | cuda
+    # Non-finite loss or dense gradients: "stop" (write a diagnostic, exit 3) or "skip" the step.
+    nonfinite_policy: str = "stop"
+    max_consecutive_skips: int = 10  # with "skip": stop after this many non-finite steps in a row
     # Epochs are implicit: training loops over the train split until max_steps.
 
 
@@ -255,6 +259,7 @@ def validate(cfg: JobConfig, world_size: int) -> None:
         "trainer.max_steps": cfg.trainer.max_steps,
         "checkpoint.keep": cfg.checkpoint.keep,
         "logging.log_every_n_steps": cfg.logging.log_every_n_steps,
+        "trainer.max_consecutive_skips": cfg.trainer.max_consecutive_skips,
         "data.synthetic.num_users": cfg.data.synthetic.num_users,
         "data.synthetic.num_items": cfg.data.synthetic.num_items,
         "data.synthetic.num_categories": cfg.data.synthetic.num_categories,
@@ -286,6 +291,8 @@ def validate(cfg: JobConfig, world_size: int) -> None:
     choices = {
         "data.source": (cfg.data.source, ("synthetic", "movielens")),
         "data.bad_row_policy": (cfg.data.bad_row_policy, ("error", "skip")),
+        "data.id_policy": (cfg.data.id_policy, ("error", "modulo")),
+        "trainer.nonfinite_policy": (cfg.trainer.nonfinite_policy, ("stop", "skip")),
         "model.tower": (cfg.model.tower, tuple(_tower_names())),
         "parallel.backend": (cfg.parallel.backend, ("auto", "gloo", "nccl")),
         "optim.dense": (cfg.optim.dense, ("adam", "adamw", "adagrad", "sgd")),

@@ -16,11 +16,13 @@ import logging
 import math
 import os
 import random
+import signal
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
@@ -40,6 +42,17 @@ from kunlun.trainer.monitor import Monitor, setup_logging
 from kunlun.trainer.perf import TRAIN_FLOPS_FACTOR, average_sequence_lengths, peak_tflops
 
 log = logging.getLogger("kunlun")
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again": a checkpoint was saved, rerun resumes
+NONFINITE_EXIT_CODE = 3
+
+
+class Preempted(Exception):
+    """SIGTERM handled: the checkpoint of the current step is saved."""
+
+
+class NonFiniteError(RuntimeError):
+    """NaN/Inf loss or gradients under ``trainer.nonfinite_policy`` (diagnostic written)."""
 
 
 @dataclass
@@ -137,6 +150,8 @@ class Trainer:
 
         self.step = 0
         self.examples_consumed = 0
+        self.skipped_steps = 0
+        self._sigterm = False
         self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint, rank, world)
         self.resumed_from: Optional[Path] = None
         self._maybe_resume()
@@ -231,6 +246,7 @@ class Trainer:
             shuffle=d.shuffle,
             examples_consumed=examples_consumed,
             max_batches=max_batches,
+            id_policy=d.id_policy,
         )
         return ds, make_loader(ds, d.num_workers)
 
@@ -263,19 +279,51 @@ class Trainer:
         last_saved = self.step if self.resumed_from is not None else -1
         eval_metrics: Dict[str, float] = {}
         log.info("training steps %d → %d, global batch %d", self.step, t_cfg.max_steps, g)
+        consecutive_skips = 0
+        self._install_sigterm()
         while self.step < t_cfg.max_steps:
             batch = next(it).to(self.info.device, non_blocking=True)
             lrs = self._set_lr(self.step)
             self.optimizer.zero_grad()
-            loss, _ = self.model(batch)
-            loss.backward()
-            self.optimizer.step()
+            loss, (_, logits, _, _) = self.model(batch)
+            # One collective per step, before backward: the fused embedding update runs
+            # inside backward, so a non-finite loss must stop it there; and every rank must
+            # agree on a preemption request (SIGTERM may reach ranks at different times).
+            flags = torch.tensor([float(not torch.isfinite(loss.detach()).item()), float(self._sigterm)])
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            nonfinite = bool(flags[0])
+            if not nonfinite:
+                loss.backward()
+                # DDP has averaged the dense gradients, so every rank sees the same answer.
+                bad_grads = self._nonfinite_dense_grads()
+                nonfinite = bool(bad_grads)
+            if nonfinite:
+                consecutive_skips += 1
+                self.skipped_steps += 1
+                what = self._nonfinite_report(batch, loss, logits, [] if flags[0] else None)
+                if t_cfg.nonfinite_policy == "stop" or consecutive_skips > t_cfg.max_consecutive_skips:
+                    path = self._write_diagnostic(what)
+                    raise NonFiniteError(
+                        f"non-finite values at step {self.step} (global batch {self.examples_consumed // g}): "
+                        f"{what['nonfinite']}; diagnostic: {path} (trainer.nonfinite_policy={t_cfg.nonfinite_policy}, "
+                        f"{consecutive_skips} consecutive)"
+                    )
+                log.warning("skipping step %d: non-finite %s (%d in a row)", self.step, what["nonfinite"], consecutive_skips)
+                self.optimizer.zero_grad()
+                self.monitor.scalars({"train/skipped_steps": float(self.skipped_steps)}, self.step)
+            else:
+                consecutive_skips = 0
+                self.optimizer.step()
+                window_loss += float(loss.detach())
+                window_steps += 1
             self.step += 1
             self.examples_consumed += g
-            window_loss += float(loss.detach())
-            window_steps += 1
+            if bool(flags[1]):
+                path = self.checkpointer.root / f"step_{self.step:08d}" if last_saved == self.step else self.save_checkpoint()
+                self.monitor.flush()
+                raise Preempted(f"SIGTERM: saved {path} at step {self.step}; rerun the same command to resume")
 
-            if self.step % l_cfg.log_every_n_steps == 0 or self.step == t_cfg.max_steps:
+            if (self.step % l_cfg.log_every_n_steps == 0 or self.step == t_cfg.max_steps) and window_steps:
                 mean_loss = self._all_mean(window_loss / window_steps)
                 elapsed = max(time.time() - window_start, 1e-9)
                 examples_per_sec = window_steps * g / elapsed
@@ -322,6 +370,46 @@ class Trainer:
             )
         return final
 
+    # -------------------------------------------------------------- faults
+    def _install_sigterm(self) -> None:
+        """SIGTERM (preemption) → finish the current step, checkpoint, exit PREEMPTED_EXIT_CODE."""
+
+        def handler(signum, frame):  # noqa: ARG001
+            self._sigterm = True
+
+        if threading.current_thread() is threading.main_thread():
+            self._previous_sigterm = signal.signal(signal.SIGTERM, handler)
+
+    def _nonfinite_dense_grads(self) -> List[str]:
+        return [n for n, p in self.model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+
+    def _nonfinite_report(self, batch, loss, logits, grads) -> Dict:
+        local = {
+            "rank": self.info.rank,
+            "loss": not bool(torch.isfinite(loss.detach()).item()),
+            "logits": not bool(torch.isfinite(logits).all()),
+            "dense_features": not bool(torch.isfinite(batch.dense).all()),
+            "labels": not bool(torch.isfinite(batch.labels).all()),
+            "dense_grads": self._nonfinite_dense_grads() if grads is None else grads,
+        }
+        per_rank = [None] * self.info.world_size
+        dist.all_gather_object(per_rank, local)
+        names = sorted({k for r in per_rank for k, v in r.items() if k != "rank" and v})
+        return {
+            "step": self.step,
+            "global_batch_index": self.examples_consumed // self.cfg.data.batch_size,
+            "examples_consumed": self.examples_consumed,
+            "nonfinite": names,
+            "per_rank": per_rank,
+        }
+
+    def _write_diagnostic(self, report: Dict) -> Path:
+        path = self.run_dir / "diagnostics" / f"nonfinite-step{self.step:08d}.json"
+        if self.info.rank == 0:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(path, report)
+        return path
+
     def _log_eval(self, split: str) -> Dict[str, float]:
         t0 = time.time()
         metrics = self.evaluate(split)
@@ -334,6 +422,8 @@ class Trainer:
         return metrics
 
     def close(self) -> None:
+        if getattr(self, "_previous_sigterm", None) is not None:
+            signal.signal(signal.SIGTERM, self._previous_sigterm)
         self.monitor.close()
         if dist.is_initialized():
             dist.barrier()

@@ -98,14 +98,22 @@ class _Raw:
     item_attr: Dict[int, Tuple[int, List[str]]]  # id → release year (0 = unknown), genres
 
 
+MAX_ID = 10**7  # MovieLens ids are small dense integers; tables are sized by the largest id
+MAX_TIMESTAMP = 10**10 - 1  # seconds; the (user, time) sort key packs both into one int64
+
+
 def _int(tracker: BadRowTracker, path, line: int, name: str, text: str, lo: int = 0, hi: Optional[int] = None) -> Optional[int]:
     try:
-        v = int(float(text))
-        if float(text) != v:
-            raise ValueError
-    except (ValueError, OverflowError):  # OverflowError: 'inf', '1e999'
-        tracker.bad(path, line, name, text, "an integer")
-        return None
+        v = int(text)  # exact for plain integers of any length
+    except ValueError:
+        try:  # RecBole writes ratings and timestamps as floats ("3.0")
+            f = float(text)
+            v = int(f)
+            if f != v:
+                raise ValueError
+        except (ValueError, OverflowError):  # OverflowError: 'inf', '1e999'
+            tracker.bad(path, line, name, text[:40], "an integer")
+            return None
     if v < lo or (hi is not None and v > hi):
         tracker.bad(path, line, name, text, f"an integer in [{lo}, {hi if hi is not None else 'inf'}]")
         return None
@@ -125,7 +133,7 @@ def _read_lines(path: Path, encoding: str = "utf-8"):
 def _parse_ratings(path: Path, sep: str, header: bool, tracker: BadRowTracker):
     cols: List[List[int]] = [[], [], [], []]
     names = ("user_id", "item_id", "rating", "timestamp")
-    bounds = ((1, None), (1, None), (1, 5), (0, None))
+    bounds = ((1, MAX_ID), (1, MAX_ID), (1, 5), (0, MAX_TIMESTAMP))
     for n, line in _read_lines(path):
         if header and n == 1:
             continue
@@ -157,7 +165,7 @@ def _parse_users(path: Path, sep: str, header: bool, tracker: BadRowTracker) -> 
         if len(f) != 5:
             tracker.bad(path, n, "row", line[:80], f"5 fields (id, age, gender, occupation, zip) separated by {sep!r}, got {len(f)}")
             continue
-        uid = _int(tracker, path, n, "user_id", f[0].strip(), 1)
+        uid = _int(tracker, path, n, "user_id", f[0].strip(), 1, MAX_ID)
         age = _int(tracker, path, n, "age", f[1].strip(), 0, 150) if uid is not None else None
         if uid is None or age is None:
             continue
@@ -174,7 +182,7 @@ def _parse_items_recbole(path: Path, tracker: BadRowTracker) -> Dict[int, Tuple[
         if len(f) != 4:
             tracker.bad(path, n, "row", line[:80], f"4 tab-separated fields (item_id, title, year, genres), got {len(f)}")
             continue
-        iid = _int(tracker, path, n, "item_id", f[0].strip(), 1)
+        iid = _int(tracker, path, n, "item_id", f[0].strip(), 1, MAX_ID)
         if iid is None:
             continue
         year = int(f[2]) if f[2].strip().isdigit() else 0
@@ -195,7 +203,7 @@ def _parse_items_grouplens(path: Path, tracker: BadRowTracker) -> Dict[int, Tupl
         if len(f) != 5 + len(_GROUPLENS_GENRES):
             tracker.bad(path, n, "row", line[:80], f"{5 + len(_GROUPLENS_GENRES)} '|'-separated fields, got {len(f)}")
             continue
-        iid = _int(tracker, path, n, "item_id", f[0].strip(), 1)
+        iid = _int(tracker, path, n, "item_id", f[0].strip(), 1, MAX_ID)
         if iid is None:
             continue
         date = f[2].strip()

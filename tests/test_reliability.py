@@ -1,0 +1,370 @@
+"""Faults: killed ranks, torn and corrupted checkpoints, SIGTERM, NaNs, a full disk, bad
+input, and a fuzzed reader. Each test drives the real trainer (in-process for a single
+rank, or torchrun / torchx subprocesses)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from jobs import BIN, REPO, final_metrics, job_env, latest_checkpoint, load_checkpoint_tensors, run_single
+from kunlun.data.errors import BadRowTracker, DataError
+from kunlun.trainer.checkpoint import CheckpointError
+from kunlun.trainer.config import load_config
+
+COMMON = ["logging.progress_bar=false", "trainer.eval_every_n_steps=0", "logging.log_every_n_steps=5"]
+
+
+def steps_of(run_dir: Path):
+    return sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+
+
+# --------------------------------------------------------------- in-process helpers
+def make_trainer(run_dir: Path, *overrides: str):
+    from kunlun.trainer.trainer import Trainer
+
+    cfg = load_config("tiny", [f"run_dir={run_dir}", *COMMON, *overrides])
+    return Trainer(cfg)
+
+
+def train_in_process(run_dir: Path, *overrides: str):
+    trainer = make_trainer(run_dir, *overrides)
+    try:
+        return trainer, trainer.train()
+    finally:
+        trainer.close()
+
+
+# ------------------------------------------------------------------ killed rank
+@pytest.mark.slow
+def test_sigkilled_rank_is_restarted_and_run_matches_uninterrupted(tmp_path):
+    """2 ranks via ``torchx run --max_restarts 1``; SIGKILL one worker after a checkpoint."""
+    steps = 400
+    args = [f"trainer.max_steps={steps}", "checkpoint.every_n_steps=100", "checkpoint.keep=5", *COMMON]
+    ref = tmp_path / "ref"
+    subprocess.run(
+        [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "kunlun.launch.main", "--config", "tiny",
+         f"run_dir={ref}", *args], cwd=REPO, env=job_env(), check=True, capture_output=True, timeout=400,
+    )
+    run = tmp_path / "killed"
+    job = subprocess.Popen(
+        [str(BIN / "torchx"), "run", "-s", "local_cwd", "./launch/components.py:train", "-j", "1x2", "--max_restarts", "1",
+         "--config", "tiny", f"run_dir={run}", *args],
+        cwd=REPO, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    killed = None
+    deadline = time.time() + 300
+    while time.time() < deadline and killed is None:
+        if (run / "checkpoints" / "step_00000100" / "meta.json").exists():
+            for pid in _worker_pids(str(run)):
+                os.kill(pid, signal.SIGKILL)
+                killed = pid
+                break
+        time.sleep(0.05)
+    out, _ = job.communicate(timeout=400)
+    assert killed is not None, "no worker found to kill\n" + out[-3000:]
+    assert job.returncode == 0, out[-5000:]
+    assert "resumed from" in out, out[-3000:]
+    a, b = latest_checkpoint(ref), latest_checkpoint(run)
+    assert a.name == b.name == f"step_{steps:08d}"
+    assert json.loads((b / "meta.json").read_text())["examples_consumed"] == steps * 64
+    sa, sb = load_checkpoint_tensors(a), load_checkpoint_tensors(b)
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        if isinstance(sa[k], torch.Tensor):
+            torch.testing.assert_close(sa[k], sb[k], atol=1e-6, rtol=1e-5, msg=lambda m: f"{k}: {m}")
+    for k in ("test/auc", "test/ne", "eval/logloss"):
+        assert final_metrics(ref)[k] == pytest.approx(final_metrics(run)[k], abs=1e-6)
+
+
+def _worker_pids(marker: str):
+    """Trainer worker processes (not the torchrun agent) whose command line has ``marker``."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        text = [c.decode(errors="replace") for c in cmd]
+        if any(marker in c for c in text) and "kunlun.launch.main" in text and not any(c.endswith("torchrun") for c in text):
+            pids.append(int(d.name))
+    return sorted(pids)
+
+
+# ------------------------------------------------------- torn / corrupted checkpoints
+def test_crash_inside_save_leaves_previous_checkpoint_in_use(tmp_path):
+    run = tmp_path / "r"
+    crash = (
+        "import os, sys\n"
+        "import kunlun.trainer.checkpoint as c\n"
+        "orig = c.Checkpointer._commit\n"
+        "def commit(self, tmp, final, step, meta):\n"
+        "    if step == 20:\n"
+        "        os._exit(9)  # the process dies with the DCP shards written but not committed\n"
+        "    return orig(self, tmp, final, step, meta)\n"
+        "c.Checkpointer._commit = commit\n"
+        "from kunlun.launch.main import main\n"
+        f"sys.exit(main(['--config', 'tiny', 'run_dir={run}', 'trainer.max_steps=30', 'checkpoint.every_n_steps=10', *{COMMON!r}]))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", crash], cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 9
+    assert steps_of(run) == [".tmp-step_00000020", "step_00000010"]
+    proc = run_single([f"run_dir={run}", "trainer.max_steps=30", "checkpoint.every_n_steps=10", *COMMON])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "removing incomplete checkpoint" in proc.stdout and "resumed from" in proc.stdout
+    assert "step_00000010: step 10" in proc.stdout
+    assert ".tmp-step_00000020" not in steps_of(run)
+
+
+def test_corrupted_shard_is_reported_and_previous_checkpoint_used(tmp_path):
+    run = tmp_path / "r"
+    proc = run_single([f"run_dir={run}", "trainer.max_steps=20", "checkpoint.every_n_steps=10", *COMMON])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shard = next((run / "checkpoints" / "step_00000020" / "dcp").glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    for i in range(100, 110):
+        data[i] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    proc = run_single([f"run_dir={run}", "trainer.max_steps=25", "checkpoint.every_n_steps=10", *COMMON])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log_text = (run / "logs" / "rank0.log").read_text()
+    assert "sha256 differs from the manifest (corrupted)" in log_text and "__0_0.distcp" in log_text
+    assert "resumed from" in proc.stdout and "step_00000010: step 10" in proc.stdout
+
+
+def test_explicit_corrupted_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
+    run = tmp_path / "r"
+    assert run_single([f"run_dir={run}", "trainer.max_steps=10", *COMMON]).returncode == 0
+    meta = run / "checkpoints" / "step_00000010" / "rng" / "rank0.pt"
+    meta.write_bytes(meta.read_bytes()[:-3])  # truncated
+    proc = run_single([f"run_dir={tmp_path / 'other'}", f"checkpoint.resume={run / 'checkpoints' / 'step_00000010'}", *COMMON])
+    assert proc.returncode == 2
+    assert "rank0.pt" in proc.stderr and "truncated" in proc.stderr
+
+
+# --------------------------------------------------------------------- SIGTERM
+def test_sigterm_finishes_the_step_saves_and_exits_75(tmp_path):
+    run = tmp_path / "r"
+    cmd = [sys.executable, "-m", "kunlun.launch.main", "--config", "tiny", f"run_dir={run}", "trainer.max_steps=100000",
+           "checkpoint.every_n_steps=0", *COMMON]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 200
+    while time.time() < deadline:
+        logf = run / "logs" / "rank0.log"
+        if logf.exists() and "step 10 |" in logf.read_text():
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err[-3000:]
+    assert "preempted" in err and "rerun the same command to resume" in err
+    saved = latest_checkpoint(run)
+    step = json.loads((saved / "meta.json").read_text())["step"]
+    assert step >= 10 and json.loads((saved / "meta.json").read_text())["examples_consumed"] == step * 64
+    resumed = run_single([f"run_dir={run}", f"trainer.max_steps={step + 5}", "checkpoint.every_n_steps=0", *COMMON])
+    assert resumed.returncode == 0 and f"step {step}," in resumed.stdout
+
+
+# ------------------------------------------------------------------------ NaNs
+def _poison_batch(monkeypatch, global_batch: int, batch_size: int = 64):
+    """Make the dense features of train positions in ``global_batch`` NaN (shuffle off)."""
+    from kunlun.data.sources.synthetic import SyntheticSource
+
+    orig = SyntheticSource.read
+
+    def read(self, split, indices):
+        block = orig(self, split, indices)
+        if split == "train":
+            hit = (indices // batch_size) == global_batch
+            block.dense[hit] = np.nan
+        return block
+
+    monkeypatch.setattr(SyntheticSource, "read", read)
+
+
+def test_nan_batch_stops_with_a_diagnostic(tmp_path, monkeypatch):
+    from kunlun.trainer.trainer import NonFiniteError
+
+    _poison_batch(monkeypatch, global_batch=7)
+    trainer = make_trainer(tmp_path / "r", "data.shuffle=false", "trainer.max_steps=20", "checkpoint.every_n_steps=5")
+    try:
+        with pytest.raises(NonFiniteError, match="step 7 \\(global batch 7\\)"):
+            trainer.train()
+    finally:
+        trainer.close()
+    diag = json.loads((tmp_path / "r" / "diagnostics" / "nonfinite-step00000007.json").read_text())
+    assert diag["global_batch_index"] == 7 and diag["examples_consumed"] == 7 * 64
+    assert {"dense_features", "loss", "logits"} <= set(diag["nonfinite"])
+    # The weights of the last checkpoint are finite: the NaN never reached an update.
+    assert steps_of(tmp_path / "r") == ["step_00000005"]
+
+
+def test_nan_batch_skipped_under_skip_policy(tmp_path, monkeypatch):
+    _poison_batch(monkeypatch, global_batch=3)
+    trainer, final = train_in_process(tmp_path / "r", "data.shuffle=false", "trainer.max_steps=12", "trainer.nonfinite_policy=skip")
+    assert trainer.skipped_steps == 1 and trainer.step == 12
+    assert final["train/examples_consumed"] == 12 * 64  # the bad batch is consumed, not retried
+    state = load_checkpoint_tensors(latest_checkpoint(tmp_path / "r"))
+    assert all(torch.isfinite(v).all() for v in state.values() if isinstance(v, torch.Tensor) and v.is_floating_point())
+
+
+def test_too_many_consecutive_skips_stop(tmp_path, monkeypatch):
+    from kunlun.trainer.trainer import NonFiniteError
+
+    for b in (2, 3, 4):
+        _poison_batch(monkeypatch, global_batch=b)
+    with pytest.raises(NonFiniteError, match="3 consecutive"):
+        train_in_process(tmp_path / "r", "data.shuffle=false", "trainer.max_steps=12", "trainer.nonfinite_policy=skip",
+                         "trainer.max_consecutive_skips=2")
+
+
+# ------------------------------------------------------------------- full disk
+def test_disk_full_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    import kunlun.trainer.checkpoint as ckpt
+
+    calls = {"n": 0}
+    orig = ckpt.dcp.save
+
+    def save(state, storage_writer):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            orig(state, storage_writer=storage_writer)  # shards partly on disk, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return orig(state, storage_writer=storage_writer)
+
+    monkeypatch.setattr(ckpt.dcp, "save", save)
+    run = tmp_path / "r"
+    with pytest.raises(CheckpointError, match=r"No space left on device.*step_00000005 is intact"):
+        train_in_process(run, "trainer.max_steps=20", "checkpoint.every_n_steps=5")
+    assert steps_of(run) == ["step_00000005"]  # no partial folder left behind
+    monkeypatch.setattr(ckpt.dcp, "save", orig)
+    trainer = make_trainer(run, "trainer.max_steps=20", "checkpoint.every_n_steps=5")
+    try:
+        assert trainer.step == 5 and trainer.resumed_from.name == "step_00000005"
+    finally:
+        trainer.close()
+
+
+# ------------------------------------------------------------------- bad input
+def test_checkpoint_of_a_different_model_names_the_parameters(tmp_path):
+    run = tmp_path / "r"
+    assert run_single([f"run_dir={run}", "trainer.max_steps=5", *COMMON]).returncode == 0
+    proc = run_single([f"run_dir={run}", "trainer.max_steps=10", "model.embedding_dim=8", *COMMON])
+    assert proc.returncode == 2
+    assert "saved from a different model" in proc.stderr
+    assert "ebc.embedding_bags.ctx_item.weight: checkpoint [400, 16] vs model [400, 8]" in proc.stderr
+
+
+@pytest.mark.parametrize("bad", ["file", "below_file"])
+def test_unusable_run_dir_is_named(tmp_path, bad):
+    f = tmp_path / "a_file"
+    f.write_text("x")
+    run_dir = f if bad == "file" else f / "sub"
+    proc = run_single([f"run_dir={run_dir}", "trainer.max_steps=2", *COMMON])
+    assert proc.returncode == 2
+    assert "config key 'run_dir'" in proc.stderr and str(run_dir) in proc.stderr
+
+
+def test_ids_outside_a_table_error_or_modulo():
+    from kunlun.data.loader import ShardedBatches
+    from kunlun.data.sources import build_source
+
+    cfg = load_config("tiny")
+    src = build_source(cfg.data, 0)
+    orig = src.read
+
+    def read(split, indices):
+        block = orig(split, indices)
+        block.events["click"].items[:] = block.events["click"].items + 10_000
+        return block
+
+    src.read = read
+    with pytest.raises(DataError, match=r"train example \d+: feature 'click.item' has id \d+ outside table 'seq_item' \(400 rows\)"):
+        ShardedBatches(src, "train", 8, id_policy="error").batch(0)
+    b = ShardedBatches(src, "train", 8, id_policy="modulo").batch(0)
+    assert int(b.sequences["click.item"].values().max()) < 400
+
+
+def test_no_environment_or_secrets_in_logs(tmp_path):
+    env_secret = "kunlun-test-secret-value-93ab1"
+    run = tmp_path / "r"
+    cmd = [sys.executable, "-m", "kunlun.launch.main", "--config", "tiny", f"run_dir={run}", "trainer.max_steps=3", *COMMON]
+    proc = subprocess.run(cmd, cwd=REPO, env={**job_env(), "AWS_SECRET_ACCESS_KEY": env_secret}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0
+    everything = proc.stdout + proc.stderr + "".join(p.read_text(errors="replace") for p in run.rglob("*") if p.is_file() and p.suffix in (".log", ".yaml", ".json"))
+    assert env_secret not in everything
+
+
+# ------------------------------------------------------------------------ fuzz
+_VALID_RATING = re.compile(r"^\s*(\d+)\s*\t\s*(\d+)\s*\t\s*([1-5](?:\.0*)?)\s*\t\s*(\d+(?:\.0*)?)\s*$")
+
+
+def _mutate(lines, rng: random.Random):
+    out = list(lines)
+    for _ in range(rng.randint(1, 6)):
+        i = rng.randrange(len(out))
+        kind = rng.choice(["truncate", "bytes", "drop_field", "extra_field", "swap_sep", "empty", "huge"])
+        line = out[i]
+        if kind == "truncate":
+            out[i] = line[: rng.randrange(len(line) + 1)]
+        elif kind == "bytes":
+            out[i] = "".join(chr(rng.randrange(1, 0x2FF)) if rng.random() < 0.3 else c for c in line)
+        elif kind == "drop_field":
+            out[i] = "\t".join(line.split("\t")[:-1])
+        elif kind == "extra_field":
+            out[i] = line + "\t7"
+        elif kind == "swap_sep":
+            out[i] = line.replace("\t", ",")
+        elif kind == "empty":
+            out[i] = ""
+        else:
+            out[i] = "\t".join(["9" * rng.randint(20, 400)] + line.split("\t")[1:])
+    if rng.random() < 0.3:  # a truncated file: cut in the middle of a line
+        text = "\n".join(out)
+        return text[: rng.randrange(len(text))]
+    return "\n".join(out) + "\n"
+
+
+def test_fuzzed_rating_files_parse_exactly_or_fail_with_a_location(tmp_path):
+    """Random corruptions of a ratings file: ``error`` policy raises DataError naming file and
+    line; ``skip`` keeps exactly the rows an independent strict check accepts."""
+    from kunlun.data.sources.movielens import _parse_ratings
+
+    rng = random.Random(1234)
+    base = [f"{1 + i % 7}\t{1 + (i * 13) % 50}\t{1 + i % 5}\t{880000000 + i * 97}" for i in range(60)]
+    path = tmp_path / "u.data"
+    for trial in range(150):
+        text = _mutate(base, rng)
+        path.write_bytes(text.encode("utf-8", errors="surrogatepass"))
+        expected = []
+        for line in text.splitlines():
+            m = _VALID_RATING.match(line)
+            if m:
+                row = tuple(int(g.split(".")[0]) for g in m.groups())
+                if 1 <= row[0] <= 10**7 and 1 <= row[1] <= 10**7 and row[3] < 10**10:
+                    expected.append(row)
+        try:
+            cols = _parse_ratings(path, "\t", False, BadRowTracker("error"))
+            got = list(zip(*[c.tolist() for c in cols]))
+            assert got == expected, f"trial {trial}: silently different rows"
+        except DataError as e:
+            assert str(path) in str(e) and re.search(r":\d+: field '", str(e)) or "no valid ratings" in str(e), str(e)
+        try:
+            cols = _parse_ratings(path, "\t", False, BadRowTracker("skip"))
+            assert list(zip(*[c.tolist() for c in cols])) == expected, f"trial {trial}: skip kept wrong rows"
+        except DataError as e:
+            assert not expected and "no valid ratings" in str(e)
