@@ -35,16 +35,17 @@ class CpuCapableEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder):
         return super().sharding_types(compute_device_type)
 
 
-def fused_params(optim_cfg) -> Dict:
+def fused_params(optim_cfg, lr_scale: float = 1.0, eps_scale: float = 1.0) -> Dict:
+    """Fused row-wise AdaGrad settings; the scales implement 2D momentum scaling (sparse.py)."""
     return {
         "optimizer": EmbOptimType.EXACT_ROWWISE_ADAGRAD,
-        "learning_rate": optim_cfg.sparse_lr,
-        "eps": optim_cfg.sparse_eps,
+        "learning_rate": optim_cfg.sparse_lr * lr_scale,
+        "eps": optim_cfg.sparse_eps * eps_scale,
     }
 
 
-def build_sharders(optim_cfg) -> List[ModuleSharder]:
-    fp = fused_params(optim_cfg)
+def build_sharders(optim_cfg, lr_scale: float = 1.0, eps_scale: float = 1.0) -> List[ModuleSharder]:
+    fp = fused_params(optim_cfg, lr_scale, eps_scale)
     return [CpuCapableEmbeddingBagCollectionSharder(fused_params=fp), EmbeddingCollectionSharder(fused_params=fp)]
 
 

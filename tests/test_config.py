@@ -63,7 +63,7 @@ def test_overrides_apply_with_types():
             "model.dlrm.top_mlp=[8,4]",
             "data.shuffle=false",
             "run_dir=/tmp/somewhere",
-            "parallel.sharding_types=[table_wise,row_wise]",
+            "parallel.sparse.sharding_types=[table_wise,row_wise]",
         ],
     )
     assert cfg.trainer.max_steps == 7 and isinstance(cfg.trainer.max_steps, int)
@@ -71,7 +71,7 @@ def test_overrides_apply_with_types():
     assert cfg.model.dlrm.top_mlp == [8, 4]
     assert cfg.data.shuffle is False
     assert cfg.run_dir == "/tmp/somewhere"
-    assert cfg.parallel.sharding_types == ["table_wise", "row_wise"]
+    assert cfg.parallel.sparse.sharding_types == ["table_wise", "row_wise"]
     # everything else still comes from the preset
     assert cfg.data.batch_size == 64
     assert cfg.model.dlrm.bottom_mlp == [32]
@@ -242,8 +242,8 @@ def test_bad_enum_lists_allowed_values(override, key, allowed):
 
 
 def test_bad_sharding_type_lists_known_types():
-    msg = _err(None, ["parallel.sharding_types=[table_wise,diagonal]"])
-    assert "'parallel.sharding_types'" in msg and "diagonal" in msg
+    msg = _err(None, ["parallel.sparse.sharding_types=[table_wise,diagonal]"])
+    assert "'parallel.sparse.sharding_types'" in msg and "diagonal" in msg
     assert "row_wise" in msg and "data_parallel" in msg
 
 

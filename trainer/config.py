@@ -91,10 +91,27 @@ from kunlun.model.config import (  # noqa: E402,F401
 
 # ----------------------------------------------------------------------- parallel
 @dataclass
+class SparseParallelConfig:
+    """How embedding tables are distributed (``kunlun.parallel.sparse``)."""
+
+    strategy: str = "1d"  # 1d: shard over all ranks | 2d: shard within groups, replicate across
+    sharding_group_size: int = 0  # 2d: ranks per sharding group (divides the world size); 0 = world
+    sync_every_n_steps: int = 1  # 2d: average replicas (weights + AdaGrad state) every N steps; 0 = never
+    momentum_scaling: bool = True  # 2d: scale the sparse lr and eps by sqrt(#replica groups)
+    # Sharding types the planner may choose from; empty = the fused types (no data_parallel).
+    sharding_types: List[str] = field(default_factory=list)
+
+
+@dataclass
+class DenseParallelConfig:
+    strategy: str = "ddp"  # ddp: replicate the dense tower | fsdp: FSDP2 fully_shard it
+
+
+@dataclass
 class ParallelConfig:
     backend: str = "auto"  # auto (nccl on cuda, gloo on cpu) | gloo | nccl
-    # Sharding types the planner may choose from; empty = every type the device supports.
-    sharding_types: List[str] = field(default_factory=list)
+    sparse: SparseParallelConfig = field(default_factory=SparseParallelConfig)
+    dense: DenseParallelConfig = field(default_factory=DenseParallelConfig)
 
 
 # ---------------------------------------------------------------------- optimizer
@@ -232,7 +249,7 @@ def load_config(preset: Optional[str] = None, overrides: Sequence[str] = ()) -> 
             raise err from e
     job: JobConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     try:
-        validate(job, world_size=1)
+        validate(job, world_size=None)
     except ConfigError as e:
         # Say where the bad value came from: the command line wins over the preset.
         from_cli = e.key is not None and any(o.split("=", 1)[0] == e.key for o in overrides)
@@ -250,8 +267,12 @@ def _check(cond: bool, key: str, value: Any, allowed: str) -> None:
         raise ConfigError(f"config key {key!r} = {value!r} is invalid: expected {allowed}", key=key)
 
 
-def validate(cfg: JobConfig, world_size: int) -> None:
-    """Semantic checks that types alone cannot express. Raises :class:`ConfigError`."""
+def validate(cfg: JobConfig, world_size: Optional[int]) -> None:
+    """Semantic checks that types alone cannot express. Raises :class:`ConfigError`.
+
+    ``world_size=None`` (at load time, before the launcher is known) skips the checks that
+    depend on it; the entry point and the trainer call it again with the real one.
+    """
     positive = {
         "data.batch_size": cfg.data.batch_size,
         "data.eval_batch_size": cfg.data.eval_batch_size,
@@ -335,12 +356,20 @@ def validate(cfg: JobConfig, world_size: int) -> None:
         _check(ev.layers <= k.num_layers, f"model.kunlun.{name}.layers", ev.layers, f"at most model.kunlun.num_layers={k.num_layers}")
         _check(ev.window >= -1, f"model.kunlun.{name}.window", ev.window, "a half width >= 0, or -1 for full attention")
     known_types = ("table_wise", "row_wise", "column_wise", "table_column_wise", "table_row_wise", "data_parallel")
-    for t in cfg.parallel.sharding_types:
-        _check(t in known_types, "parallel.sharding_types", list(cfg.parallel.sharding_types), f"a list drawn from {list(known_types)}")
+    sp = cfg.parallel.sparse
+    for t in sp.sharding_types:
+        _check(t in known_types, "parallel.sparse.sharding_types", list(sp.sharding_types), f"a list drawn from {list(known_types)}")
+    _check(sp.strategy in ("1d", "2d"), "parallel.sparse.strategy", sp.strategy, "one of ['1d', '2d']")
+    _check(cfg.parallel.dense.strategy in ("ddp", "fsdp"), "parallel.dense.strategy", cfg.parallel.dense.strategy, "one of ['ddp', 'fsdp']")
+    _check(sp.sync_every_n_steps >= 0, "parallel.sparse.sync_every_n_steps", sp.sync_every_n_steps, "an integer >= 0 (0 = never)")
+    _check(sp.sharding_group_size >= 0, "parallel.sparse.sharding_group_size", sp.sharding_group_size, "an integer >= 0 (0 = the world size)")
+    if sp.strategy == "2d" and sp.sharding_group_size and world_size is not None:
+        _check(world_size % sp.sharding_group_size == 0, "parallel.sparse.sharding_group_size", sp.sharding_group_size,
+               f"a divisor of the world size ({world_size} processes)")
     _check(cfg.data.synthetic.signal_strength >= 0, "data.synthetic.signal_strength", cfg.data.synthetic.signal_strength, "a value >= 0")
     _check(1.0 <= cfg.data.movielens.like_threshold <= 5.0, "data.movielens.like_threshold", cfg.data.movielens.like_threshold, "a rating in [1, 5]")
     for key, batch in {"data.batch_size": cfg.data.batch_size, "data.eval_batch_size": cfg.data.eval_batch_size}.items():
-        _check(batch % world_size == 0, key, batch, f"a multiple of the world size ({world_size} processes)")
+        _check(world_size is None or batch % world_size == 0, key, batch, f"a multiple of the world size ({world_size} processes)")
     if cfg.data.source == "movielens" and cfg.data.movielens.path is not None:
         p = Path(cfg.data.movielens.path).expanduser()
         _check(p.is_dir(), "data.movielens.path", cfg.data.movielens.path, "an existing folder holding ml-100k files (u.data or ml-100k.inter)")

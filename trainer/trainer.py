@@ -132,9 +132,11 @@ class Trainer:
             t.num_embeddings * t.embedding_dim for t in model.ec.embedding_configs()
         )
         sharded = shard_model(model, cfg.parallel, cfg.optim, self.info.device)
+        self.sharded = sharded
         self.model = sharded.dmp
         self.plan = sharded.plan
-        log.info("sharding plan (%d ranks):\n%s", world, describe_plan(self.plan))
+        log.info("process groups:\n  %s\n  dense: %s", sharded.layout.describe(), cfg.parallel.dense.strategy)
+        log.info("sharding plan (%s):\n%s", f"{world} ranks" if not sharded.is_2d else f"per sharding group of {sharded.layout.sharding_group_size}", describe_plan(self.plan))
         log.info("parameters: dense %s, embedding %s", f"{n_dense:,}", f"{n_sparse:,}")
         self.avg_seq_len = average_sequence_lengths(self.source, seed=cfg.seed)
         self.flops_per_example = model.tower.flops_per_example(self.avg_seq_len)
@@ -190,7 +192,7 @@ class Trainer:
 
     def _set_lr(self, step: int) -> Dict[str, float]:
         f = self.lr_factor(step)
-        lrs = {"sparse": self.cfg.optim.sparse_lr * f, "dense": self.cfg.optim.dense_lr * f}
+        lrs = {"sparse": self.cfg.optim.sparse_lr * self.sharded.sparse_lr_scale * f, "dense": self.cfg.optim.dense_lr * f}
         for name, opt in self.optimizer.optimizers:
             for g in opt.param_groups:
                 g["lr"] = lrs[name]
@@ -206,10 +208,16 @@ class Trainer:
             "global_batch_size": self.cfg.data.batch_size,
             "shapes": global_shapes(self.model.state_dict()),
             "data_source": self.cfg.data.source,
+            "sparse_strategy": self.sharded.layout.strategy,
+            "sharding_group_size": self.sharded.layout.sharding_group_size,
             "seed": self.cfg.seed,
         }
 
     def save_checkpoint(self) -> Path:
+        # DCP keeps one copy of replicated (2D) shards: replicas must agree before a save.
+        # (With sync disabled, 0, the checkpoint keeps replica group 0's tables.)
+        if self.sharded.is_2d and self.sharded.sync_every_n_steps > 1:
+            self.sharded.sync()
         return self.checkpointer.save(self.step, self._state(), self._meta())
 
     def _maybe_resume(self) -> None:
@@ -314,6 +322,7 @@ class Trainer:
             else:
                 consecutive_skips = 0
                 self.optimizer.step()
+                self.sharded.maybe_sync(self.step + 1)
                 window_loss += float(loss.detach())
                 window_steps += 1
             self.step += 1
