@@ -227,7 +227,7 @@ def test_movielens_missing_path_names_key(tmp_path: Path):
     "override, key, allowed",
     [
         ("data.bad_row_policy=maybe", "data.bad_row_policy", ["error", "skip"]),
-        ("data.source=parquet", "data.source", ["synthetic", "movielens"]),
+        ("data.source=orc", "data.source", ["synthetic", "movielens", "parquet", "csv"]),
         ("optim.schedule=step", "optim.schedule", ["constant", "linear", "cosine"]),
         ("trainer.device=tpu", "trainer.device", ["auto", "cpu", "cuda"]),
         ("parallel.backend=mpi", "parallel.backend", ["auto", "gloo", "nccl"]),

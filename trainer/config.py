@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -63,8 +64,90 @@ class MovieLensConfig:
 
 
 @dataclass
+class TableConfig:
+    """An embedding table of a file source (``data.files.schema.tables``)."""
+
+    name: str = ""
+    # Rows. 0: ``data.files.default_num_embeddings`` (hash, identity) or the vocabulary size (vocab).
+    # Row 0 of every table is "missing" (null or empty ids).
+    num_embeddings: int = 0
+    id_mapping: str = ""  # hash | vocab | identity; "" = data.files.id_mapping
+
+
+@dataclass
+class ColumnConfig:
+    """One column of the files and the role it plays (``data.files.schema.columns``)."""
+
+    name: str = ""  # column name in the files (CSV without header: the position in this list counts)
+    # label | weight | dense | categorical | sequence | request_time | ignore
+    role: str = ""
+    # int64 | float32 | string | list<int64> | list<string> (not needed for role ignore)
+    dtype: str = ""
+    feature: str = ""  # name in the batch (context feature, dense feature, label); default: the column name
+    table: str = ""  # categorical / sequence item or action: the embedding table; default: a table named as the feature
+    event: str = ""  # sequence: the event type (data.files.schema.events)
+    attribute: str = "item"  # sequence: item | action | timestamp
+    max_ids: int = 0  # categorical list<...>: most ids kept per example (required for lists)
+    transform: str = "none"  # dense: none | log1p (log(1 + max(x, 0)))
+    fill: float = 0.0  # dense: value used for nulls and NaN
+    threshold: Optional[float] = None  # label: value >= threshold gives 1 (else values must lie in [0, 1])
+    time_format: str = ""  # request_time of dtype string: strptime format, e.g. "%Y/%m/%d %H:%M" (UTC)
+
+
+@dataclass
+class EventConfig:
+    """An event type of the user history (``data.files.schema.events``)."""
+
+    name: str = ""
+    max_len: int = 50  # most recent events kept per example
+    order: str = "oldest_first"  # order of the lists in the files: oldest_first | newest_first
+
+
+@dataclass
+class FileSchemaConfig:
+    tables: List[TableConfig] = field(default_factory=list)
+    events: List[EventConfig] = field(default_factory=list)
+    columns: List[ColumnConfig] = field(default_factory=list)
+
+
+@dataclass
+class CsvConfig:
+    delimiter: str = ","  # "\t" for TSV
+    header: bool = True  # first line holds the column names (else columns are matched by position)
+    list_separator: str = "|"  # between the elements of a list column
+    quote_char: str = '"'  # "" = no quoting
+    rows_per_block: int = 65536  # CSV files are read in blocks of this many lines (the unit of caching)
+
+
+@dataclass
+class FilesConfig:
+    """Parquet or CSV files described by a declared schema (see docs/data.md)."""
+
+    split: str = "paths"  # paths (train/eval/test) | time (request_time) | rows (file order)
+    # Each a path, a glob or a directory, or a list of them.
+    train: Any = field(default_factory=list)
+    eval: Any = field(default_factory=list)
+    test: Any = field(default_factory=list)
+    paths: Any = field(default_factory=list)  # split=time|rows: the whole data set
+    eval_from: int = 0  # split=time: request_time >= eval_from is validation ...
+    test_from: int = 0  # ... and >= test_from is test (seconds, UTC)
+    eval_fraction: float = 0.0  # split=rows: the last test_fraction of the rows is test,
+    test_fraction: float = 0.0  # the eval_fraction before it validation
+    id_mapping: str = "hash"  # hash | vocab | identity (default of every table)
+    default_num_embeddings: int = 100_000  # rows of hash/identity tables that do not set num_embeddings
+    vocab_dir: Optional[str] = None  # vocabularies written by `kunlun data vocab`
+    vocab_min_count: int = 1  # ids seen fewer times in the train split go to the OOV bucket
+    oov_buckets: int = 1  # rows 1..oov_buckets of a vocab table hold out-of-vocabulary ids
+    cache_mb: int = 1024  # decoded row groups kept in memory per process
+    shuffle_window: int = 16  # row groups shuffled together (0 = one global permutation)
+    validate: bool = True  # decode every row once at start (errors before training; warms the cache)
+    csv: CsvConfig = field(default_factory=CsvConfig)
+    schema: FileSchemaConfig = field(default_factory=FileSchemaConfig)
+
+
+@dataclass
 class DataConfig:
-    source: str = "synthetic"  # synthetic | movielens
+    source: str = "synthetic"  # synthetic | movielens | parquet | csv
     batch_size: int = 256  # global: split evenly over ranks
     eval_batch_size: int = 1024  # global
     num_workers: int = 0  # DataLoader workers per rank
@@ -73,6 +156,7 @@ class DataConfig:
     id_policy: str = "error"  # ids outside a table: error | modulo (map into the table)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     movielens: MovieLensConfig = field(default_factory=MovieLensConfig)
+    files: FilesConfig = field(default_factory=FilesConfig)  # source: parquet | csv
 
 
 # -------------------------------------------------------------------------- model
@@ -187,7 +271,15 @@ def _yaml_line(path: Path, dotted_key: str) -> Optional[int]:
         node = yaml.compose(path.read_text())
     except Exception:
         return None
-    for part in dotted_key.split("."):
+    line = None
+    for part in re.findall(r"[^.\[\]]+|\[\d+\]", dotted_key):  # "a.b[2].c" → a, b, [2], c
+        if part.startswith("["):  # list element (data.files.schema.columns[3])
+            index = int(part[1:-1])
+            if not isinstance(node, yaml.SequenceNode) or index >= len(node.value):
+                return line
+            node = node.value[index]
+            line = node.start_mark.line + 1
+            continue
         if not isinstance(node, yaml.MappingNode):
             return None
         for k, v in node.value:
@@ -195,12 +287,52 @@ def _yaml_line(path: Path, dotted_key: str) -> Optional[int]:
                 line, node = k.start_mark.line + 1, v
                 break
         else:
-            return None
+            return line if "[" in dotted_key else None
     return line
+
+
+def _key_in_lists(path: Path, name: str, value: Any = None) -> Optional[str]:
+    """Full key (``data.files.schema.columns[2].rol``) of ``name`` inside a list element of a
+    YAML file: OmegaConf reports errors inside lists of structured configs without the path."""
+    try:
+        root = yaml.compose(path.read_text())
+    except Exception:
+        return None
+    found: List[str] = []
+
+    def walk(node: Any, prefix: str, in_list: bool) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                full = f"{prefix}.{k.value}" if prefix else str(k.value)
+                if in_list and k.value == name and (value is None or (isinstance(v, yaml.ScalarNode) and v.value == str(value))):
+                    found.append(full)
+                walk(v, full, in_list)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                walk(v, f"{prefix}[{i}]", True)
+
+    walk(root, "", False)
+    return found[0] if found else None
 
 
 def _explain(err: OmegaConfBaseException, source: str, path: Optional[Path] = None) -> ConfigError:
     key = getattr(err, "full_key", None) or ""
+    obj_type = getattr(err, "object_type", None)
+    in_list = path is not None and "." not in key and dataclasses.is_dataclass(obj_type) and obj_type is not JobConfig
+    if in_list:  # an error inside a list of structured configs (data.files.schema.columns)
+        is_key_error = type(err).__name__ == "ConfigKeyError"
+        full = _key_in_lists(path, key, None if is_key_error else getattr(err, "value", None))
+        if full is not None:
+            key = full
+            if is_key_error:
+                names = sorted(f.name for f in dataclasses.fields(obj_type))
+                line = _yaml_line(path, key)
+                return ConfigError(f"{path}:{line}: unknown config key {key!r}; allowed keys here: {names}")
+    if "[" in key and dataclasses.is_dataclass(obj_type) and (type(err).__name__ in ("ConfigKeyError", "ConfigAttributeError")):
+        names = sorted(f.name for f in dataclasses.fields(obj_type))
+        line = _yaml_line(path, key) if path is not None else None
+        where = f"{path}:{line}" if line is not None else source
+        return ConfigError(f"{where}: unknown config key {key!r}; allowed keys here: {names}")
     where = source
     if path is not None and key:
         line = _yaml_line(path, key)
@@ -240,7 +372,10 @@ def load_config(preset: Optional[str] = None, overrides: Sequence[str] = ()) -> 
             raise ConfigError(f"command line: override {item!r} is not of the form key=value")
         key, value = item.split("=", 1)
         try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+            if "[" in key:  # a list element, e.g. data.files.schema.tables[0].num_embeddings=1000
+                OmegaConf.update(cfg, key, OmegaConf.from_dotlist([f"v={value}"]).v, merge=True)
+            else:
+                cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as e:
             err = _explain(e, "command line")
             if key not in str(err) or value not in str(err):
@@ -310,7 +445,7 @@ def validate(cfg: JobConfig, world_size: Optional[int]) -> None:
     for key, mlp in {"model.dlrm.bottom_mlp": cfg.model.dlrm.bottom_mlp, "model.dlrm.top_mlp": cfg.model.dlrm.top_mlp}.items():
         _check(all(w > 0 for w in mlp), key, list(mlp), "a list of layer widths > 0")
     choices = {
-        "data.source": (cfg.data.source, ("synthetic", "movielens")),
+        "data.source": (cfg.data.source, ("synthetic", "movielens", "parquet", "csv")),
         "data.bad_row_policy": (cfg.data.bad_row_policy, ("error", "skip")),
         "data.id_policy": (cfg.data.id_policy, ("error", "modulo")),
         "trainer.nonfinite_policy": (cfg.trainer.nonfinite_policy, ("stop", "skip")),
@@ -370,6 +505,8 @@ def validate(cfg: JobConfig, world_size: Optional[int]) -> None:
     _check(1.0 <= cfg.data.movielens.like_threshold <= 5.0, "data.movielens.like_threshold", cfg.data.movielens.like_threshold, "a rating in [1, 5]")
     for key, batch in {"data.batch_size": cfg.data.batch_size, "data.eval_batch_size": cfg.data.eval_batch_size}.items():
         _check(world_size is None or batch % world_size == 0, key, batch, f"a multiple of the world size ({world_size} processes)")
+    if cfg.data.source in ("parquet", "csv"):
+        _validate_files(cfg.data)
     if cfg.data.source == "movielens" and cfg.data.movielens.path is not None:
         p = Path(cfg.data.movielens.path).expanduser()
         _check(p.is_dir(), "data.movielens.path", cfg.data.movielens.path, "an existing folder holding ml-100k files (u.data or ml-100k.inter)")
@@ -377,6 +514,21 @@ def validate(cfg: JobConfig, world_size: Optional[int]) -> None:
     resume = cfg.checkpoint.resume
     if resume not in ("auto", "never"):
         _check(Path(resume).expanduser().is_dir(), "checkpoint.resume", resume, "'auto', 'never' or an existing checkpoint directory")
+
+
+def _validate_files(data: DataConfig) -> None:
+    """``data.files`` (schema, paths, split, id mapping) for the parquet and csv sources."""
+    from kunlun.data.file_schema import FileSchemaError, expand, resolve, split_paths
+
+    try:
+        resolve(data.files, data.source)
+    except FileSchemaError as e:
+        raise ConfigError(str(e), key=e.key) from e
+    for split, patterns in split_paths(data.files).items():
+        name = "paths" if split == "all" else split
+        for i, pattern in enumerate(patterns):
+            key = f"data.files.{name}" if len(patterns) == 1 else f"data.files.{name}[{i}]"
+            _check(bool(expand(pattern)), key, pattern, "an existing file, a directory holding files, or a glob matching files")
 
 
 def _tower_names() -> List[str]:
