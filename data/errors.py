@@ -37,3 +37,59 @@ class BadRowTracker:
         self.count += 1
         if self.count <= self.MAX_REPORTED:
             log.warning("skipping bad row: %s", msg)
+
+
+class RowIssues:
+    """Bad rows of one chunk of a file (a Parquet row group, a block of CSV lines).
+
+    ``where(i)`` names chunk row ``i`` in its file (``path:line`` for CSV, 1-based lines;
+    ``path: row N`` for Parquet, 0-based rows of the file). :meth:`flag` applies the policy of
+    ``tracker``: ``error`` raises :class:`DataError` for the first flagged row; ``skip``
+    marks the rows in ``bad`` (the source gives them weight 0, so they train and count
+    nothing, while every other row keeps its position) and logs the first few.
+    """
+
+    def __init__(self, tracker: BadRowTracker, where, num_rows: int):
+        import numpy as np
+
+        self.tracker = tracker
+        self.where = where
+        self.bad = np.zeros(num_rows, dtype=bool)
+
+    def flag(self, mask, column: str, values, expected: str) -> None:
+        """``mask [num_rows]`` bool: rows whose ``column`` is bad; ``values(i)`` (or a sequence) gives row i's value."""
+        import numpy as np
+
+        mask = np.asarray(mask, dtype=bool)
+        if not mask.any():
+            return
+        first = int(np.flatnonzero(mask)[0])
+        value = values(first) if callable(values) else values[first]
+        if isinstance(value, str) and len(value) > 80:
+            value = value[:77] + "..."
+        msg = f"{self.where(first)}: column {column!r} = {value!r}: expected {expected}"
+        if self.tracker.policy == "error":
+            raise DataError(msg + " (set data.bad_row_policy=skip to drop such rows)")
+        new = mask & ~self.bad
+        if new.any() and self.tracker.count + int(new.sum()) > 0 and self.tracker.count < self.tracker.MAX_REPORTED:
+            log.warning("skipping bad row: %s", msg)
+        self.bad |= mask
+
+    def fail(self, row: int, what: str) -> None:
+        """A whole-row problem (wrong number of fields, ...)."""
+        import numpy as np
+
+        mask = np.zeros(len(self.bad), dtype=bool)
+        mask[row] = True
+        msg = f"{self.where(row)}: {what}"
+        if self.tracker.policy == "error":
+            raise DataError(msg + " (set data.bad_row_policy=skip to drop such rows)")
+        if not self.bad[row] and self.tracker.count < self.tracker.MAX_REPORTED:
+            log.warning("skipping bad row: %s", msg)
+        self.bad[row] = True
+
+    def commit(self) -> int:
+        """Count the flagged rows in the tracker (once per chunk); returns how many."""
+        n = int(self.bad.sum())
+        self.tracker.count += n
+        return n
