@@ -40,16 +40,23 @@ def main(argv: Optional[List[str]] = None) -> int:
         from kunlun.trainer.trainer import NONFINITE_EXIT_CODE, PREEMPTED_EXIT_CODE, NonFiniteError, Preempted, Trainer
 
         trainer = Trainer(cfg)
+        agreed = False  # did every rank reach the same outcome? Only then leave the group cleanly.
         try:
             trainer.train()
+            agreed = True
         except Preempted as e:
+            agreed = True
             print(f"kunlun: preempted: {e}", file=sys.stderr)
             return PREEMPTED_EXIT_CODE
         except NonFiniteError as e:
+            agreed = True
             print(f"kunlun: error: {e}", file=sys.stderr)
             return NONFINITE_EXIT_CODE
+        except (ConfigError, DataError, CheckpointError):
+            agreed = True
+            raise
         finally:
-            trainer.close()
+            trainer.close(synchronize=agreed)
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"kunlun: error: {e}", file=sys.stderr)
         return 2

@@ -59,21 +59,29 @@ def test_sigkilled_rank_is_restarted_and_run_matches_uninterrupted(tmp_path):
          f"run_dir={ref}", *args], cwd=REPO, env=job_env(), check=True, capture_output=True, timeout=400,
     )
     run = tmp_path / "killed"
-    job = subprocess.Popen(
-        [str(BIN / "torchx"), "run", "-s", "local_cwd", "./launch/components.py:train", "-j", "1x2", "--max_restarts", "1",
-         "--config", "tiny", f"run_dir={run}", *args],
-        cwd=REPO, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    killed = None
-    deadline = time.time() + 300
-    while time.time() < deadline and killed is None:
-        if (run / "checkpoints" / "step_00000100" / "meta.json").exists():
-            for pid in _worker_pids(str(run)):
-                os.kill(pid, signal.SIGKILL)
-                killed = pid
-                break
-        time.sleep(0.05)
-    out, _ = job.communicate(timeout=400)
+    log_path = tmp_path / "torchx.out"
+    with open(log_path, "w") as log_file:  # a file, not a pipe: a full pipe would block the job
+        job = subprocess.Popen(
+            [str(BIN / "torchx"), "run", "-s", "local_cwd", "./launch/components.py:train", "-j", "1x2", "--max_restarts", "1",
+             "--config", "tiny", f"run_dir={run}", *args],
+            cwd=REPO, env=job_env(), stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        try:
+            killed = None
+            deadline = time.time() + 300
+            while time.time() < deadline and killed is None and job.poll() is None:
+                if (run / "checkpoints" / "step_00000100" / "meta.json").exists():
+                    for pid in _worker_pids(str(run)):
+                        os.kill(pid, signal.SIGKILL)
+                        killed = pid
+                        break
+                time.sleep(0.05)
+            job.wait(timeout=400)
+        finally:
+            if job.poll() is None:  # never leave a hung job behind
+                os.killpg(job.pid, signal.SIGKILL)
+                job.wait()
+    out = log_path.read_text(errors="replace")
     assert killed is not None, "no worker found to kill\n" + out[-3000:]
     assert job.returncode == 0, out[-5000:]
     assert "resumed from" in out, out[-3000:]
@@ -161,15 +169,22 @@ def test_sigterm_finishes_the_step_saves_and_exits_75(tmp_path):
     run = tmp_path / "r"
     cmd = [sys.executable, "-m", "kunlun.launch.main", "--config", "tiny", f"run_dir={run}", "trainer.max_steps=100000",
            "checkpoint.every_n_steps=0", *COMMON]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 200
-    while time.time() < deadline:
-        logf = run / "logs" / "rank0.log"
-        if logf.exists() and "step 10 |" in logf.read_text():
-            break
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
+    err_path = tmp_path / "stderr.txt"
+    with open(err_path, "w") as err_file:  # files, not pipes, so the job can never block on output
+        proc = subprocess.Popen(cmd, cwd=REPO, env=job_env(), stdout=subprocess.DEVNULL, stderr=err_file)
+        deadline = time.time() + 200
+        while time.time() < deadline and proc.poll() is None:
+            logf = run / "logs" / "rank0.log"
+            if logf.exists() and "step 10 |" in logf.read_text():
+                break
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    err = err_path.read_text(errors="replace")
     assert proc.returncode == 75, err[-3000:]
     assert "preempted" in err and "rerun the same command to resume" in err
     saved = latest_checkpoint(run)

@@ -283,12 +283,20 @@ class Trainer:
         _, loader = self._loader("train", examples_consumed=self.examples_consumed)
         it = iter(loader)
         self.model.train()
-        window_loss, window_steps, window_start = 0.0, 0, time.time()
         last_saved = self.step if self.resumed_from is not None else -1
-        eval_metrics: Dict[str, float] = {}
         log.info("training steps %d → %d, global batch %d", self.step, t_cfg.max_steps, g)
-        consecutive_skips = 0
         self._install_sigterm()
+        try:
+            self._train_loop(it, g, t_cfg, c_cfg, l_cfg, last_saved)
+        finally:
+            # Outside the step loop SIGTERM must terminate as usual (e.g. a launcher
+            # stopping the workers after another rank failed).
+            self._restore_sigterm()
+        return self._finish()
+
+    def _train_loop(self, it, g, t_cfg, c_cfg, l_cfg, last_saved) -> None:
+        window_loss, window_steps, window_start = 0.0, 0, time.time()
+        consecutive_skips = 0
         while self.step < t_cfg.max_steps:
             batch = next(it).to(self.info.device, non_blocking=True)
             lrs = self._set_lr(self.step)
@@ -354,7 +362,7 @@ class Trainer:
                 window_loss, window_steps, window_start = 0.0, 0, time.time()
 
             if t_cfg.eval_every_n_steps and self.step % t_cfg.eval_every_n_steps == 0 and self.step < t_cfg.max_steps:
-                eval_metrics = self._log_eval("eval")
+                self._log_eval("eval")
                 window_start = time.time()
             if c_cfg.every_n_steps and self.step % c_cfg.every_n_steps == 0 and self.step < t_cfg.max_steps:
                 self.save_checkpoint()
@@ -363,6 +371,10 @@ class Trainer:
 
         if last_saved != self.step:
             self.save_checkpoint()
+
+    def _finish(self) -> Dict[str, float]:
+        """Final evaluation on the validation and test splits, hparams, summary."""
+        cfg = self.cfg
         eval_metrics = self._log_eval("eval")
         test_metrics = self._log_eval("test")
         final = {f"eval/{k}": v for k, v in eval_metrics.items()}
@@ -384,10 +396,18 @@ class Trainer:
         """SIGTERM (preemption) → finish the current step, checkpoint, exit PREEMPTED_EXIT_CODE."""
 
         def handler(signum, frame):  # noqa: ARG001
+            if self._sigterm:  # a second SIGTERM (e.g. the launcher escalating): stop now
+                self._restore_sigterm()
+                raise SystemExit(128 + signal.SIGTERM)
             self._sigterm = True
 
         if threading.current_thread() is threading.main_thread():
             self._previous_sigterm = signal.signal(signal.SIGTERM, handler)
+
+    def _restore_sigterm(self) -> None:
+        if getattr(self, "_previous_sigterm", None) is not None:
+            signal.signal(signal.SIGTERM, self._previous_sigterm)
+            self._previous_sigterm = None
 
     def _nonfinite_dense_grads(self) -> List[str]:
         return [n for n, p in self.model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
@@ -430,11 +450,12 @@ class Trainer:
         )
         return metrics
 
-    def close(self) -> None:
-        if getattr(self, "_previous_sigterm", None) is not None:
-            signal.signal(signal.SIGTERM, self._previous_sigterm)
+    def close(self, synchronize: bool = True) -> None:
+        """Flush outputs and leave the process group. ``synchronize=False`` after an
+        unexpected error: a peer may be dead, so no barrier (it would hang) — just exit."""
+        self._restore_sigterm()
         self.monitor.close()
-        if dist.is_initialized():
+        if dist.is_initialized() and synchronize:
             dist.barrier()
             dist.destroy_process_group()
 
