@@ -21,6 +21,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -76,7 +77,21 @@ def init_distributed(cfg: JobConfig) -> DistInfo:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-            dist.init_process_group(backend=backend)
+            rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+            restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+            if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and restart is not None:
+                # torchrun's agent keeps one store across restarts and hands it to the workers
+                # without a per-attempt prefix, so a restarted group can read its peers' *old*
+                # gloo addresses ("connectFullMesh failed ... Connection refused"). Namespace
+                # every attempt's keys.
+                base = dist.TCPStore(
+                    os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                    timeout=timedelta(minutes=10),
+                )
+                store = dist.PrefixStore(f"kunlun/attempt{restart}", base)
+                dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world)
+            else:
+                dist.init_process_group(backend=backend)
         else:
             store = dist.FileStore(tempfile.mktemp(prefix="kunlun-store-"), 1)
             dist.init_process_group(backend=backend, store=store, rank=0, world_size=1)
