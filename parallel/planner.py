@@ -19,6 +19,11 @@ from torchrec.distributed.types import ModuleSharder, ShardingPlan
 
 # Fused (optimizer-in-backward) types; data_parallel would hand tables to the dense optimizer.
 DEFAULT_SHARDING_TYPES = ["table_wise", "row_wise", "column_wise", "table_column_wise"]
+# 2D (DMPCollection): TorchRec 1.8 supports TW/RW/CW; with table_column_wise a rank of the
+# sharding group that holds no shard of a table fails in DTensor.from_local ("Found
+# shape:None", seen intermittently when the planner ties TW and TWCW), and TWRW is
+# unsupported (torchrec#2554).
+SHARDING_TYPES_2D = ["table_wise", "row_wise", "column_wise"]
 
 
 class CpuCapableEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder):

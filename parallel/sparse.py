@@ -57,7 +57,7 @@ from torchrec.distributed.types import (
 
 from kunlun.parallel.dense import FSDPDenseWrapper
 from kunlun.parallel.layout import ParallelLayout
-from kunlun.parallel.planner import build_sharders, plan_sharding
+from kunlun.parallel.planner import SHARDING_TYPES_2D, build_sharders, plan_sharding
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +195,7 @@ def shard_model(model: torch.nn.Module, parallel_cfg, optim_cfg, device: torch.d
     sharders = build_sharders(optim_cfg, lr_scale=scale, eps_scale=scale)
     # The plan is made for one sharding group (S ranks); DMPCollection remaps it per group.
     plan = plan_sharding(
-        model, sharders, table_names(model), list(sp.sharding_types), device,
+        model, sharders, table_names(model), list(sp.sharding_types) or SHARDING_TYPES_2D, device,
         world_size=group, local_world_size=group, pg=dist.GroupMember.WORLD,
     )
     cls = CpuDMPCollection if device.type == "cpu" else DMPCollection

@@ -17,10 +17,10 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 import yaml
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -498,6 +498,10 @@ def validate(cfg: JobConfig, world_size: Optional[int]) -> None:
     _check(cfg.parallel.dense.strategy in ("ddp", "fsdp"), "parallel.dense.strategy", cfg.parallel.dense.strategy, "one of ['ddp', 'fsdp']")
     _check(sp.sync_every_n_steps >= 0, "parallel.sparse.sync_every_n_steps", sp.sync_every_n_steps, "an integer >= 0 (0 = never)")
     _check(sp.sharding_group_size >= 0, "parallel.sparse.sharding_group_size", sp.sharding_group_size, "an integer >= 0 (0 = the world size)")
+    if sp.strategy == "2d":
+        unsupported = sorted(set(sp.sharding_types) - {"table_wise", "row_wise", "column_wise"})
+        _check(not unsupported, "parallel.sparse.sharding_types", list(sp.sharding_types),
+               "with parallel.sparse.strategy=2d only table_wise, row_wise, column_wise (TorchRec 1.8 DMPCollection)")
     if sp.strategy == "2d" and sp.sharding_group_size and world_size is not None:
         _check(world_size % sp.sharding_group_size == 0, "parallel.sparse.sharding_group_size", sp.sharding_group_size,
                f"a divisor of the world size ({world_size} processes)")
