@@ -92,11 +92,12 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 class Checkpointer:
     """Saves and finds checkpoints of one run. Every method is called on all ranks."""
 
-    def __init__(self, run_dir: Path, cfg, rank: int, world_size: int):
+    def __init__(self, run_dir: Path, cfg, rank: int, world_size: int, comm_device: torch.device = torch.device("cpu")):
         self.root = Path(run_dir) / "checkpoints"
         self.cfg = cfg
         self.rank = rank
         self.world_size = world_size
+        self.comm_device = comm_device  # NCCL collectives need GPU tensors
         if rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
             for stale in self.root.glob(".tmp-step_*"):
@@ -172,7 +173,7 @@ class Checkpointer:
         """True when every rank's ``ok`` is True (a collective; every rank must call it)."""
         if not dist.is_initialized():
             return ok
-        t = torch.tensor([0.0 if ok else 1.0])
+        t = torch.tensor([0.0 if ok else 1.0], device=self.comm_device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return t.item() == 0.0
 

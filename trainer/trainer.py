@@ -169,7 +169,7 @@ class Trainer:
         self.examples_consumed = 0
         self.skipped_steps = 0
         self._sigterm = False
-        self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint, rank, world)
+        self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint, rank, world, comm_device=self.comm_device)
         self.resumed_from: Optional[Path] = None
         self._maybe_resume()
         self.monitor = Monitor(self.run_dir, rank, cfg.logging, cfg.trainer.max_steps, self.step)
@@ -273,8 +273,13 @@ class Trainer:
         )
         return ds, make_loader(ds, d.num_workers)
 
+    @property
+    def comm_device(self) -> torch.device:
+        """Where small control tensors for collectives live: NCCL needs them on the GPU."""
+        return self.info.device if self.info.backend == "nccl" else torch.device("cpu")
+
     def _all_mean(self, value: float) -> float:
-        t = torch.tensor([value], dtype=torch.float64, device=self.info.device if self.info.backend == "nccl" else "cpu")
+        t = torch.tensor([value], dtype=torch.float64, device=self.comm_device)
         dist.all_reduce(t)
         return float(t.item()) / self.info.world_size
 
@@ -320,7 +325,7 @@ class Trainer:
             # One collective per step, before backward: the fused embedding update runs
             # inside backward, so a non-finite loss must stop it there; and every rank must
             # agree on a preemption request (SIGTERM may reach ranks at different times).
-            flags = torch.tensor([float(not torch.isfinite(loss.detach()).item()), float(self._sigterm)])
+            flags = torch.tensor([float(not torch.isfinite(loss.detach()).item()), float(self._sigterm)], device=self.comm_device)
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
             nonfinite = bool(flags[0])
             if not nonfinite:
