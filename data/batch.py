@@ -1,53 +1,31 @@
 """``Batch``: the one batch type used by loaders, models, trainer and metrics.
 
-Sources hand over columnar numpy ``ExampleBlock``s; :func:`collate` turns one into a
-``Batch`` of torch tensors and TorchRec ``KeyedJaggedTensor``s. Sequences stay jagged.
+Sources hand over columnar numpy ``ExampleBlock``s (``kunlun.data.block``, numpy only);
+:func:`collate` turns one into a ``Batch`` of torch tensors and TorchRec
+``KeyedJaggedTensor``s. Sequences stay jagged.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from dataclasses import dataclass
+from typing import List
 
 import numpy as np
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
 
+from kunlun.data.block import (  # noqa: F401 - numpy-only types, re-exported
+    EventColumns,
+    ExampleBlock,
+    Jagged,
+    block_nbytes,
+    concat_blocks,
+    gather_jagged,
+    ranges,
+    take_block,
+)
 from kunlun.data.schema import FeatureSchema
-
-
-@dataclass
-class Jagged:
-    """Numpy jagged column: ``lengths [N]`` int, ``values [sum(lengths)]``."""
-
-    lengths: np.ndarray
-    values: np.ndarray
-
-
-@dataclass
-class EventColumns:
-    """One event type's history for N examples; all three share ``lengths``."""
-
-    lengths: np.ndarray  # [N] int
-    items: np.ndarray  # [T] int64 table rows
-    actions: np.ndarray  # [T] int64 table rows
-    timestamps: np.ndarray  # [T] int64 seconds, oldest first within an example
-
-
-@dataclass
-class ExampleBlock:
-    """N examples in columns, as sources produce them."""
-
-    dense: np.ndarray  # [N, num_dense] float32
-    context: Dict[str, Jagged]  # feature → ids
-    events: Dict[str, EventColumns]  # event type → history
-    request_time: np.ndarray  # [N] int64 seconds
-    labels: np.ndarray  # [N, num_labels] float32
-    weights: Optional[np.ndarray] = None  # [N] float32; 0 marks padding
-
-    def __len__(self) -> int:
-        return int(self.request_time.shape[0])
 
 
 @dataclass
@@ -137,24 +115,3 @@ def collate(block: ExampleBlock, schema: FeatureSchema) -> Batch:
         labels=torch.from_numpy(np.ascontiguousarray(block.labels, dtype=np.float32)).reshape(n, len(schema.labels)),
         weights=torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float32)),
     )
-
-
-def gather_jagged(lengths: np.ndarray, values: np.ndarray, rows: np.ndarray) -> Jagged:
-    """Select ``rows`` of a jagged column (vectorised)."""
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    sel_len = lengths[rows]
-    starts = offsets[rows]
-    idx = ranges(starts, sel_len)
-    return Jagged(sel_len.astype(np.int64), values[idx])
-
-
-def ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Concatenation of ``arange(s, s + l)`` for each pair, without a Python loop."""
-    lengths = lengths.astype(np.int64)
-    total = int(lengths.sum())
-    if total == 0:
-        return np.zeros(0, dtype=np.int64)
-    out_offsets = np.cumsum(lengths) - lengths  # start of each segment in the output
-    rep_starts = np.repeat(starts.astype(np.int64) - out_offsets, lengths)
-    return rep_starts + np.arange(total, dtype=np.int64)

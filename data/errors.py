@@ -46,8 +46,10 @@ class RowIssues:
     ``path: row N`` for Parquet, 0-based rows of the file). :meth:`flag` applies the policy of
     ``tracker``: ``error`` raises :class:`DataError` for the first flagged row; ``skip``
     marks the rows in ``bad`` (the source gives them weight 0, so they train and count
-    nothing, while every other row keeps its position) and logs the first few.
+    nothing while every other row keeps its position) and logs the first few.
     """
+
+    reported = 0  # skipped rows logged by this process (first MAX_REPORTED only)
 
     def __init__(self, tracker: BadRowTracker, where, num_rows: int):
         import numpy as np
@@ -56,8 +58,15 @@ class RowIssues:
         self.where = where
         self.bad = np.zeros(num_rows, dtype=bool)
 
+    def _report(self, msg: str) -> None:
+        if self.tracker.policy == "error":
+            raise DataError(msg + " (set data.bad_row_policy=skip to drop such rows)")
+        if RowIssues.reported < BadRowTracker.MAX_REPORTED:
+            RowIssues.reported += 1
+            log.warning("skipping bad row: %s", msg)
+
     def flag(self, mask, column: str, values, expected: str) -> None:
-        """``mask [num_rows]`` bool: rows whose ``column`` is bad; ``values(i)`` (or a sequence) gives row i's value."""
+        """``mask [num_rows]``: rows whose ``column`` is bad; ``values(i)`` (or a sequence) gives row i's value."""
         import numpy as np
 
         mask = np.asarray(mask, dtype=bool)
@@ -67,29 +76,10 @@ class RowIssues:
         value = values(first) if callable(values) else values[first]
         if isinstance(value, str) and len(value) > 80:
             value = value[:77] + "..."
-        msg = f"{self.where(first)}: column {column!r} = {value!r}: expected {expected}"
-        if self.tracker.policy == "error":
-            raise DataError(msg + " (set data.bad_row_policy=skip to drop such rows)")
-        new = mask & ~self.bad
-        if new.any() and self.tracker.count + int(new.sum()) > 0 and self.tracker.count < self.tracker.MAX_REPORTED:
-            log.warning("skipping bad row: %s", msg)
+        self._report(f"{self.where(first)}: column {column!r} = {value!r}: expected {expected}")
         self.bad |= mask
 
     def fail(self, row: int, what: str) -> None:
         """A whole-row problem (wrong number of fields, ...)."""
-        import numpy as np
-
-        mask = np.zeros(len(self.bad), dtype=bool)
-        mask[row] = True
-        msg = f"{self.where(row)}: {what}"
-        if self.tracker.policy == "error":
-            raise DataError(msg + " (set data.bad_row_policy=skip to drop such rows)")
-        if not self.bad[row] and self.tracker.count < self.tracker.MAX_REPORTED:
-            log.warning("skipping bad row: %s", msg)
+        self._report(f"{self.where(row)}: {what}")
         self.bad[row] = True
-
-    def commit(self) -> int:
-        """Count the flagged rows in the tracker (once per chunk); returns how many."""
-        n = int(self.bad.sum())
-        self.tracker.count += n
-        return n

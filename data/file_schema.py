@@ -40,7 +40,7 @@ Importable without torch or pyarrow (config validation uses it).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional
 
 ROLES = ("label", "weight", "dense", "categorical", "sequence", "request_time", "ignore")
 DTYPES = ("int64", "float32", "string", "list<int64>", "list<string>")
@@ -368,42 +368,24 @@ def resolve(files, source: str = "parquet") -> FilePlan:
     )
 
 
-def describe(plan: FilePlan, sizes: Optional[Dict[str, int]] = None) -> str:
-    """One line per read column: name, role, dtype and where it goes."""
-    rows = []
-    for c in plan.read_columns:
-        if c.role == "sequence":
-            dest = f"{c.event}.{c.attribute}" + (f" → {c.table}" if c.table else "")
-        elif c.table:
-            dest = f"{c.feature} → {c.table}" + (f" (≤{c.max_ids} ids)" if c.is_list else "")
-        else:
-            dest = c.feature + (f" [{c.transform}]" if c.transform != "none" else "")
-        rows.append((c.name, c.role, c.dtype, dest))
-    widths = [max(len(r[k]) for r in rows) for k in range(3)]
-    return "\n".join(f"  {a:<{widths[0]}}  {b:<{widths[1]}}  {d:<{widths[2]}}  {e}" for a, b, d, e in rows)
-
-
-def table_mappings(plan: FilePlan) -> Dict[str, str]:
-    return {name: t.id_mapping for name, t in plan.tables.items()}
-
-
-__all__: Sequence[str] = ("resolve", "FilePlan", "ColumnSpec", "EventPlan", "TablePlan", "FileSchemaError", "as_path_list", "split_paths")
-
-
 def expand(pattern: str) -> List[str]:
     """Files of one path pattern: a file, a directory (every file below it whose path has no
     part starting with ``.`` or ``_``, e.g. Spark's ``_SUCCESS``), or a glob (``**`` recurses).
-    Sorted, so every rank sees the same order."""
+    In natural order (``day_2`` before ``day_10``), the same on every rank."""
     import glob
     import os
+    import re
     from pathlib import Path
+
+    def natural(path: str):
+        return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path)]
 
     p = os.path.expanduser(pattern)
     if os.path.isdir(p):
         root = Path(p)
-        return sorted(
-            str(f) for f in root.rglob("*") if f.is_file() and not any(part.startswith((".", "_")) for part in f.relative_to(root).parts)
-        )
-    if any(ch in p for ch in "*?["):
-        return sorted(f for f in glob.glob(p, recursive=True) if os.path.isfile(f))
-    return [p] if os.path.isfile(p) else []
+        found = [str(f) for f in root.rglob("*") if f.is_file() and not any(part.startswith((".", "_")) for part in f.relative_to(root).parts)]
+    elif any(ch in p for ch in "*?["):
+        found = [f for f in glob.glob(p, recursive=True) if os.path.isfile(f)]
+    else:
+        found = [p] if os.path.isfile(p) else []
+    return sorted(found, key=natural)

@@ -209,8 +209,10 @@ def load_vocab(vocab_dir: Path, table: str, oov_buckets: int, cap: int = 0) -> T
     return VocabMapper(fp, oov_buckets, size), info
 
 
-def build_mappers(plan, files_cfg, id_policy: str = "error") -> Tuple[Dict[str, object], Dict[str, int], Dict[str, Dict]]:
-    """``(table → mapper, table → rows, vocab table → file info)`` for a :class:`FilePlan`."""
+def build_mappers(plan, files_cfg, id_policy: str = "error", load_vocabularies: bool = True) -> Tuple[Dict[str, object], Dict[str, int], Dict[str, Dict]]:
+    """``(table → mapper, table → rows, vocab table → file info)`` for a :class:`FilePlan`.
+
+    ``load_vocabularies=False`` (while building them) maps every id of a vocab table to OOV."""
     mappers: Dict[str, object] = {}
     sizes: Dict[str, int] = {}
     vocab_info: Dict[str, Dict] = {}
@@ -219,6 +221,8 @@ def build_mappers(plan, files_cfg, id_policy: str = "error") -> Tuple[Dict[str, 
             mappers[name] = HashMapper(t.num_embeddings)
         elif t.id_mapping == "identity":
             mappers[name] = IdentityMapper(t.num_embeddings, id_policy)
+        elif not load_vocabularies:
+            mappers[name] = VocabMapper(np.zeros(0, dtype=np.uint64), files_cfg.oov_buckets, 1 + files_cfg.oov_buckets)
         else:
             mapper, info = load_vocab(Path(files_cfg.vocab_dir), name, files_cfg.oov_buckets, t.num_embeddings)
             mappers[name] = mapper

@@ -1,7 +1,8 @@
 """Rank- and worker-sharded streaming of batches, with a resumable read position.
 
 The train split is one endless stream: epoch ``e`` is a seeded permutation of the split
-(or the identity when ``shuffle=False``), and stream position ``p`` is example
+(the source's ``permutation(split, e, seed)`` when it has one, else ``numpy``'s; the
+identity when ``shuffle=False``), and stream position ``p`` is example
 ``perm_e[p % N]`` with ``e = p // N``. Global batch ``k`` covers positions
 ``[p0 + k*G, p0 + (k+1)*G)`` after the start position ``p0``, for the global batch size
 ``G``; rank ``r`` of ``W`` takes the slice ``[.. + r*G/W, .. + (r+1)*G/W)``. So every example is seen exactly once per epoch
@@ -121,8 +122,14 @@ class ShardedBatches(IterableDataset):
     # -------------------------------------------------------------------- reads
     def _permutation(self, epoch: int) -> np.ndarray:
         if self._perm_epoch != epoch:
-            rng = np.random.default_rng([self.seed, epoch])
-            self._perm = rng.permutation(self.num_examples)
+            custom = getattr(self.source, "permutation", None)
+            if custom is not None:  # e.g. the file source: row-group-local windows, still a permutation
+                self._perm = np.asarray(custom(self.split, epoch, self.seed), dtype=np.int64)
+                if len(self._perm) != self.num_examples:
+                    raise ValueError(f"{type(self.source).__name__}.permutation gave {len(self._perm)} indices for {self.num_examples} examples")
+            else:
+                rng = np.random.default_rng([self.seed, epoch])
+                self._perm = rng.permutation(self.num_examples)
             self._perm_epoch = epoch
         assert self._perm is not None
         return self._perm
@@ -149,8 +156,8 @@ class ShardedBatches(IterableDataset):
         indices = self._indices(positions)
         block = self.source.read(self.split, indices)
         check_ids(block, self.source.schema, self.id_policy, self.split, indices)
-        if weights is not None:
-            block.weights = weights
+        if weights is not None:  # padding has weight 0; example weights of the source stay
+            block.weights = weights if block.weights is None else block.weights * weights
         return collate(block, self.source.schema)
 
     def __iter__(self) -> Iterator[Batch]:

@@ -79,6 +79,11 @@ class FeatureSchema:
                     raise ValueError(f"schema: event type {e.name!r} uses unknown table {t!r}; tables: {sorted(tables)}")
         if not self.labels:
             raise ValueError("schema: at least one label is required")
+        ctx = [f.name for f in self.context_features]
+        dup = sorted({k for k in ctx if ctx.count(k) > 1} | (set(ctx) & set(self.sequence_keys)))
+        if dup:
+            # a shared table's context features are looked up beside the sequence keys (model/embeddings.py)
+            raise ValueError(f"schema: feature names {dup} are used twice (context features and sequence keys <event>.item/.action must differ)")
 
     @property
     def num_dense(self) -> int:

@@ -7,16 +7,30 @@ from typing import Dict, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from kunlun.data.batch import Batch
 from kunlun.data.schema import FeatureSchema
-from kunlun.model.embeddings import build_embeddings
+from kunlun.model.embeddings import build_embeddings, ec_context_features, mean_pooled_tables
 from kunlun.model.towers import build_tower
 from kunlun.model.towers.base import EventSequence, TowerInputs
 
 
+def _pool(values: torch.Tensor, lengths: torch.Tensor, mean: bool) -> torch.Tensor:
+    """Jagged ``values [T, D]`` with ``lengths [B]`` → ``[B, D]`` sums (or means; 0 for empty bags)."""
+    b = lengths.shape[0]
+    seg = torch.repeat_interleave(torch.arange(b, device=values.device), lengths.long())
+    out = torch.zeros(b, values.shape[1], dtype=values.dtype, device=values.device).index_add_(0, seg, values)
+    if mean:
+        out = out / lengths.clamp(min=1).unsqueeze(1).to(values.dtype)
+    return out
+
+
 class RecModel(nn.Module):
     """Looks up ``batch.context`` (pooled) and ``batch.sequences`` (jagged), runs the tower.
+
+    Context features whose table also feeds sequences are looked up in the
+    ``EmbeddingCollection`` with the sequences and pooled here (see ``model/embeddings.py``).
 
     ``forward(batch)`` returns ``(loss, (loss.detach(), logits.detach(), labels, weights))``:
     the TorchRec convention of a scalar loss plus outputs for metrics. The loss is the
@@ -28,10 +42,40 @@ class RecModel(nn.Module):
         self.schema = schema
         self.ebc, self.ec = build_embeddings(schema, model_cfg.embedding_dim, embedding_device)
         self.tower = build_tower(schema, model_cfg, num_labels=len(schema.labels))
+        # Context features of shared tables go through the EC (model/embeddings.py); the rest
+        # through the EBC. Index lists select them from batch.context (keys = schema.context_keys).
+        keys = schema.context_keys
+        ec_ctx = ec_context_features(schema)
+        ec_names = {f.name for f in ec_ctx}
+        self._ebc_keys = [k for k in keys if k not in ec_names]
+        self._ebc_index = [keys.index(k) for k in self._ebc_keys]
+        self._ec_ctx_keys = [f.name for f in ec_ctx]
+        self._ec_ctx_index = [keys.index(k) for k in self._ec_ctx_keys]
+        mean_tables = set(mean_pooled_tables(schema))
+        self._ec_ctx_mean = {f.name: f.table in mean_tables for f in ec_ctx}
+        self._use_ec = bool(schema.event_types)
+
+    def _lookup_context(self, batch: Batch) -> Tuple[Dict[str, torch.Tensor], KeyedJaggedTensor]:
+        """Pooled EBC context features, and the KJT for the EC (sequences + shared-table context features)."""
+        context: Dict[str, torch.Tensor] = {}
+        if self._ebc_keys:
+            kjt = batch.context if not self._ec_ctx_keys else batch.context.permute(self._ebc_index)
+            context = self.ebc(kjt).to_dict()
+        ec_input = batch.sequences
+        if self._ec_ctx_keys:
+            ec_input = KeyedJaggedTensor.concat([batch.sequences, batch.context.permute(self._ec_ctx_index)])
+        return context, ec_input
 
     def tower_inputs(self, batch: Batch) -> TowerInputs:
-        context = self.ebc(batch.context).to_dict()
-        seqs = self.ec(batch.sequences)
+        pooled, ec_input = self._lookup_context(batch)
+        seqs = self.ec(ec_input) if self._use_ec else {}
+        context: Dict[str, torch.Tensor] = {}
+        for k in self.schema.context_keys:  # the tower sees schema order
+            if k in pooled:
+                context[k] = pooled[k]
+            else:
+                jt = seqs[k]
+                context[k] = _pool(jt.values(), jt.lengths(), mean=self._ec_ctx_mean[k])
         ts = batch.timestamps.to_dict()
         events: Dict[str, EventSequence] = {}
         for e in self.schema.event_types:

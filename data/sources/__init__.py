@@ -1,6 +1,11 @@
 """Example sources. Each exposes ``schema``, ``num_examples(split)``, ``read(split, indices)``
-(→ ``ExampleBlock``) and ``bad_rows`` (rows skipped under the ``skip`` policy).
-Splits are ``train``, ``eval`` (validation) and ``test``."""
+(→ ``ExampleBlock``) and ``bad_rows`` (rows skipped under the ``skip`` policy); optionally
+``permutation(split, epoch, seed)``, the train order of an epoch (a permutation of the
+split; the file source uses it to shuffle with row-group locality).
+Splits are ``train``, ``eval`` (validation) and ``test``.
+
+``synthetic`` and ``movielens`` are built in; ``parquet`` and ``csv`` read the user's files
+through the schema declared in ``data.files`` (``kunlun.data.sources.files``)."""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ from typing import Protocol
 
 import numpy as np
 
-from kunlun.data.batch import ExampleBlock
+from kunlun.data.block import ExampleBlock
 from kunlun.data.schema import FeatureSchema
 
 
@@ -31,4 +36,8 @@ def build_source(data_cfg, seed: int) -> ExampleSource:
         from kunlun.data.sources.movielens import MovieLensSource
 
         return MovieLensSource(data_cfg.movielens, bad_row_policy=data_cfg.bad_row_policy, cache_dir=data_cfg.movielens.cache_dir)
-    raise ValueError(f"data.source = {data_cfg.source!r}: expected 'synthetic' or 'movielens'")
+    if data_cfg.source in ("parquet", "csv"):
+        from kunlun.data.sources.files import FileSource
+
+        return FileSource(data_cfg, seed=seed)
+    raise ValueError(f"data.source = {data_cfg.source!r}: expected 'synthetic', 'movielens', 'parquet' or 'csv'")

@@ -1,0 +1,226 @@
+"""Typed Arrow table of one chunk → :class:`ExampleBlock` (ids mapped, values checked).
+
+Per role:
+
+* ``label``: numeric, not null/NaN; ``threshold`` → ``value >= threshold``, else in ``[0, 1]``;
+* ``weight``: finite and >= 0; ``dense``: null/NaN → ``fill``, ±inf is bad; ``log1p`` →
+  ``log(1 + max(x, 0))`` (as DLRM's Criteo preprocessing);
+* ``request_time``: integer seconds, an Arrow timestamp, or a string parsed with
+  ``time_format`` (UTC); never null;
+* ``categorical``: ids → rows (``kunlun.data.ids``); a null id is row 0; lists keep their
+  first ``max_ids`` ids (a null list is an empty bag);
+* ``sequence``: per event type the item list, optional action and timestamp lists of the
+  same length (else the row is bad); ``newest_first`` lists are reversed; the most recent
+  ``max_len`` events are kept. No action column: action 0; no timestamps: the request time.
+
+Bad rows follow :class:`RowIssues`: an error naming file/row/column/value, or weight 0.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from kunlun.data.block import EventColumns, ExampleBlock, Jagged, ranges
+from kunlun.data.errors import RowIssues
+from kunlun.data.file_schema import ColumnSpec, FilePlan
+
+
+def _col(table: pa.Table, name: str) -> pa.Array:
+    col = table.column(name)
+    return col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+
+
+def _valid(arr: pa.Array) -> np.ndarray:
+    return arr.is_valid().to_numpy(zero_copy_only=False) if arr.null_count else np.ones(len(arr), dtype=bool)
+
+
+def _floats(arr: pa.Array) -> np.ndarray:
+    """Numeric / boolean / decimal → float64 with NaN for nulls."""
+    if pa.types.is_dictionary(arr.type):
+        arr = arr.dictionary_decode()
+    if not pa.types.is_floating(arr.type):
+        arr = pc.cast(arr, pa.float64())
+    return arr.to_numpy(zero_copy_only=False).astype(np.float64)
+
+
+def _seconds(arr: pa.Array, spec: ColumnSpec) -> Tuple[np.ndarray, np.ndarray]:
+    """Times → (int64 seconds, valid); strings via ``time_format``."""
+    if pa.types.is_dictionary(arr.type):
+        arr = arr.dictionary_decode()
+    if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
+        parsed = pc.strptime(arr, format=spec.time_format, unit="s", error_is_null=True)
+        return pc.cast(parsed, pa.int64()).fill_null(0).to_numpy(zero_copy_only=False), _valid(parsed)
+    if pa.types.is_timestamp(arr.type):
+        arr = pc.cast(pc.cast(arr, pa.timestamp("s"), safe=False), pa.int64())
+    valid = _valid(arr)
+    return pc.cast(arr, pa.int64(), safe=False).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64), valid
+
+
+def _list_parts(arr: pa.Array) -> Tuple[np.ndarray, pa.Array]:
+    """A list array → (lengths [N] int64, a null list is empty; flat values)."""
+    if pa.types.is_fixed_size_list(arr.type):
+        arr = pc.cast(arr, pa.list_(arr.type.value_type))
+    lengths = pc.list_value_length(arr).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    return lengths, pc.list_flatten(arr)
+
+
+class Decoder:
+    """Turns typed chunks into example blocks for one :class:`FilePlan` and its id mappers."""
+
+    def __init__(self, plan: FilePlan, mappers: Dict[str, object]):
+        self.plan = plan
+        self.mappers = mappers
+
+    def _ids(self, spec: ColumnSpec, values: pa.Array, issues: RowIssues, rows_of: Optional[np.ndarray], n: int, raw) -> np.ndarray:
+        mapper = self.mappers[spec.table]
+        if isinstance(values, pa.ChunkedArray):
+            values = values.combine_chunks()
+        rows, bad = mapper.map(values)  # type: ignore[attr-defined]
+        if bad.any():
+            row_mask = np.zeros(n, dtype=bool)
+            row_mask[bad if rows_of is None else rows_of[bad]] = True
+            expected = f"an id in [0, {mapper.num_embeddings}) (table {spec.table!r}, id_mapping=identity; or data.id_policy=modulo)"  # type: ignore[attr-defined]
+            issues.flag(row_mask, spec.name, lambda i: _py(raw[i]), expected)
+        return rows
+
+    def decode(self, table: pa.Table, issues: RowIssues) -> ExampleBlock:
+        plan = self.plan
+        n = table.num_rows
+
+        # ------------------------------------------------------------ request time
+        if plan.request_time is not None:
+            spec = plan.request_time
+            arr = _col(table, spec.name)
+            request_time, valid = _seconds(arr, spec)
+            what = f"a time like {spec.time_format!r}" if spec.time_format else "a request time in seconds"
+            issues.flag(~valid, spec.name, lambda i: _py(arr[i]), what)
+        else:
+            request_time = np.zeros(n, dtype=np.int64)
+
+        # ------------------------------------------------------------------ labels
+        labels = np.zeros((n, len(plan.labels)), dtype=np.float32)
+        for j, spec in enumerate(plan.labels):
+            arr = _col(table, spec.name)
+            x = _floats(arr)
+            issues.flag(np.isnan(x), spec.name, lambda i: _py(arr[i]), "a label (not null)")
+            if spec.threshold is not None:
+                y = (x >= spec.threshold).astype(np.float32)
+            else:
+                bad = ~np.isnan(x) & ~((x >= 0) & (x <= 1))
+                issues.flag(bad, spec.name, lambda i: _py(arr[i]), "a label in [0, 1] (or set a threshold)")
+                y = np.where((x >= 0) & (x <= 1), x, 0).astype(np.float32)
+            labels[:, j] = y
+
+        # ----------------------------------------------------------------- weights
+        weights = None
+        if plan.weight is not None:
+            spec = plan.weight
+            arr = _col(table, spec.name)
+            w = _floats(arr)
+            bad = ~np.isfinite(w) | (w < 0)
+            issues.flag(bad, spec.name, lambda i: _py(arr[i]), "a finite example weight >= 0")
+            weights = np.where(bad, 0.0, w).astype(np.float32)
+
+        # ------------------------------------------------------------------- dense
+        dense = np.zeros((n, len(plan.dense)), dtype=np.float32)
+        for j, spec in enumerate(plan.dense):
+            arr = _col(table, spec.name)
+            x = _floats(arr)
+            issues.flag(np.isinf(x), spec.name, lambda i: _py(arr[i]), "a finite number (nulls and NaN take the column's fill value)")
+            x = np.where(np.isfinite(x), x, spec.fill)
+            if spec.transform == "log1p":
+                x = np.log1p(np.maximum(x, 0.0))
+            dense[:, j] = x
+
+        # ------------------------------------------------------------- categorical
+        context: Dict[str, Jagged] = {}
+        for spec in plan.categorical:
+            arr = _col(table, spec.name)
+            if spec.is_list:
+                lengths, flat = _list_parts(arr)
+                row_of = np.repeat(np.arange(n), lengths)
+                rows = self._ids(spec, flat, issues, row_of, n, arr)
+                keep_len = np.minimum(lengths, spec.max_ids)
+                starts = np.cumsum(lengths) - lengths
+                context[spec.feature] = Jagged(keep_len, rows[ranges(starts, keep_len)])
+            else:
+                rows = self._ids(spec, arr, issues, None, n, arr)
+                context[spec.feature] = Jagged(np.ones(n, dtype=np.int64), rows)
+
+        # ---------------------------------------------------------------- sequences
+        events: Dict[str, EventColumns] = {}
+        for ev in plan.events:
+            arr = _col(table, ev.item.name)
+            lengths, flat = _list_parts(arr)
+            row_of = np.repeat(np.arange(n), lengths)
+            items = self._ids(ev.item, flat, issues, row_of, n, arr)
+            ok = np.ones(n, dtype=bool)
+            actions = np.zeros(len(items), dtype=np.int64)
+            if ev.action is not None:
+                a_arr = _col(table, ev.action.name)
+                a_len, a_flat = _list_parts(a_arr)
+                mismatch = a_len != lengths
+                issues.flag(mismatch, ev.action.name, lambda i: _py(a_arr[i]), f"a list as long as {ev.item.name!r} ({int(lengths[issues_first(mismatch)])} events)")
+                ok &= ~mismatch
+                if not mismatch.any():
+                    actions = self._ids(ev.action, a_flat, issues, row_of, n, a_arr)
+                else:
+                    a_rows = self._ids(ev.action, a_flat, issues, np.repeat(np.arange(n), a_len), n, a_arr)
+                    actions = _align(a_rows, a_len, lengths, ok)
+            if ev.timestamp is not None:
+                t_arr = _col(table, ev.timestamp.name)
+                t_len, t_flat = _list_parts(t_arr)
+                mismatch = t_len != lengths
+                issues.flag(mismatch, ev.timestamp.name, lambda i: _py(t_arr[i]), f"a list as long as {ev.item.name!r} ({int(lengths[issues_first(mismatch)])} events)")
+                ok &= ~mismatch
+                t_vals, t_valid = _seconds(t_flat, ev.timestamp)
+                if not t_valid.all():
+                    t_rows = np.repeat(np.arange(n), t_len)
+                    bad = np.zeros(n, dtype=bool)
+                    bad[t_rows[~t_valid]] = True
+                    issues.flag(bad, ev.timestamp.name, lambda i: _py(t_arr[i]), "event timestamps in seconds (no nulls)")
+                timestamps = _align(t_vals, t_len, lengths, ok) if mismatch.any() else t_vals
+            else:
+                timestamps = np.repeat(request_time, lengths)
+            # rows whose attribute lists disagree keep no events
+            lengths_ok = np.where(ok, lengths, 0)
+            starts = np.cumsum(lengths) - lengths
+            if ev.order == "newest_first":
+                pos = np.arange(int(lengths.sum())) - np.repeat(starts, lengths)
+                rev = np.repeat(starts + lengths - 1, lengths) - pos
+                items, actions, timestamps = items[rev], actions[rev], timestamps[rev]
+            keep = np.minimum(lengths_ok, ev.max_len)
+            idx = ranges(starts + lengths_ok - keep, keep)  # the most recent max_len events
+            events[ev.name] = EventColumns(keep.astype(np.int64), items[idx], actions[idx], timestamps[idx].astype(np.int64))
+
+        bad = issues.bad
+        if bad.any():
+            weights = np.where(bad, 0.0, 1.0 if weights is None else weights).astype(np.float32)
+            labels[bad] = 0.0
+        return ExampleBlock(dense=dense, context=context, events=events, request_time=request_time, labels=labels, weights=weights)
+
+
+def issues_first(mask: np.ndarray) -> int:
+    idx = np.flatnonzero(mask)
+    return int(idx[0]) if len(idx) else 0
+
+
+def _align(values: np.ndarray, have: np.ndarray, want: np.ndarray, ok: np.ndarray) -> np.ndarray:
+    """Attribute values laid out with lengths ``have`` → layout ``want`` (rows not ``ok`` get zeros)."""
+    out = np.zeros(int(want.sum()), dtype=values.dtype)
+    src_starts = np.cumsum(have) - have
+    dst_starts = np.cumsum(want) - want
+    rows = np.flatnonzero(ok)
+    out[ranges(dst_starts[rows], want[rows])] = values[ranges(src_starts[rows], have[rows])]
+    return out
+
+
+def _py(value):
+    try:
+        return value.as_py()
+    except Exception:  # noqa: BLE001 - only for messages
+        return str(value)

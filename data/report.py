@@ -1,0 +1,215 @@
+"""``kunlun data inspect``: check the declared schema against the files and report on them.
+
+Reads every row of the requested splits through the same readers and decoder as training
+(so it fails, or counts bad rows, exactly as training would) and collects:
+
+* per split: files, chunks, rows, label rate of every label, rows dropped as bad
+  (``bad_row_policy=skip``), request-time range;
+* per column: nulls; for id columns the number of distinct raw ids; for dense columns
+  min / mean / max (before ``fill`` and transforms);
+* per event type: history length percentiles (p50 / p90 / p99 / max, before truncation),
+  the share of histories longer than ``max_len``, and events stamped at or after their
+  example's request time (a leak of the future into the features);
+* per table: its mapping and rows, distinct ids over every column that reads it, rows
+  actually used, ids that share a row with another id (hash collisions) and, for vocab
+  tables, the share of ids that are out of vocabulary.
+
+Distinct counts are exact (64-bit fingerprints, 8 bytes per distinct id in memory).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from kunlun.data.block import take_block
+from kunlun.data.decode import _floats, _list_parts
+from kunlun.data.ids import canonical_text, fingerprint
+
+
+def _percentile_from_counts(counts: np.ndarray, q: float) -> int:
+    total = counts.sum()
+    if total == 0:
+        return 0
+    return int(np.searchsorted(np.cumsum(counts), q * total, side="left"))
+
+
+def _union(a: Optional[np.ndarray], b: np.ndarray) -> np.ndarray:
+    b = np.unique(b)
+    return b if a is None else np.union1d(a, b)
+
+
+def inspect(data_cfg, splits: Sequence[str] = ("train", "eval", "test")) -> Dict:
+    """The report (a JSON-able dict); raises ``DataError`` like training would."""
+    from kunlun.data.sources.files import FileSource
+
+    src = FileSource(data_cfg, validate=False, splits=tuple(splits))
+    plan = src.plan
+    report: Dict = {"source": src.source, "num_files": len(src.files), "splits": {}, "columns": {}, "events": {}, "tables": {}}
+    col_stats: Dict[str, Dict] = {c.name: {"role": c.role, "dtype": c.dtype, "nulls": 0, "values": 0} for c in plan.read_columns}
+    col_fp: Dict[str, Optional[np.ndarray]] = {}
+    dense_acc: Dict[str, List[float]] = {c.name: [np.inf, -np.inf, 0.0, 0] for c in plan.dense}
+    table_fp: Dict[str, Optional[np.ndarray]] = {t: None for t in plan.tables}
+    table_rows: Dict[str, Optional[np.ndarray]] = {t: None for t in plan.tables}
+    table_oov = {t: [0, 0] for t in plan.tables}
+    ev_counts = {e.name: np.zeros(1, dtype=np.int64) for e in plan.events}
+    ev_future = {e.name: 0 for e in plan.events}
+
+    for split in splits:
+        parts = src.split_parts(split)
+        files = sorted({src.chunks[c].file for c, _ in parts})
+        rows = 0
+        bad = 0
+        positives = np.zeros(len(plan.labels))
+        weight_sum = 0.0
+        t_lo, t_hi = None, None
+        for c, sel in parts:
+            table, issues = src.read_table(c)
+            block = src.decoder.decode(table, issues)
+            if sel is not None:
+                table = table.take(pa.array(sel))
+                block = take_block(block, sel)
+                bad_rows = issues.bad[sel]
+            else:
+                bad_rows = issues.bad
+            n = table.num_rows
+            rows += n
+            bad += int(bad_rows.sum())
+            w = block.weights if block.weights is not None else np.ones(n, np.float32)
+            positives += (block.labels * w[:, None]).sum(axis=0)
+            weight_sum += float(w.sum())
+            if plan.request_time is not None and n:
+                good = ~bad_rows
+                if good.any():
+                    lo, hi = int(block.request_time[good].min()), int(block.request_time[good].max())
+                    t_lo = lo if t_lo is None else min(t_lo, lo)
+                    t_hi = hi if t_hi is None else max(t_hi, hi)
+            for spec in plan.read_columns:
+                arr = table.column(spec.name).combine_chunks()
+                st = col_stats[spec.name]
+                st["nulls"] += arr.null_count
+                st["values"] += len(arr)
+                if spec.role == "dense":
+                    x = _floats(arr)
+                    x = x[np.isfinite(x)]
+                    if len(x):
+                        acc = dense_acc[spec.name]
+                        acc[0], acc[1] = min(acc[0], float(x.min())), max(acc[1], float(x.max()))
+                        acc[2] += float(x.sum())
+                        acc[3] += len(x)
+                if spec.table:
+                    values = _list_parts(arr)[1] if spec.is_list else arr
+                    fp, valid = fingerprint(canonical_text(values))
+                    col_fp[spec.name] = _union(col_fp.get(spec.name), fp[valid])
+                    table_fp[spec.table] = _union(table_fp[spec.table], fp[valid])
+                    mapped, _ = src.mappers[spec.table].map(values)  # type: ignore[attr-defined]
+                    table_rows[spec.table] = _union(table_rows[spec.table], mapped[valid])
+                    if plan.tables[spec.table].id_mapping == "vocab":
+                        oov = src.mappers[spec.table].oov_buckets  # type: ignore[attr-defined]
+                        table_oov[spec.table][0] += int(((mapped >= 1) & (mapped <= oov) & valid).sum())
+                        table_oov[spec.table][1] += int(valid.sum())
+            for ev in plan.events:
+                lengths, _ = _list_parts(table.column(ev.item.name).combine_chunks())
+                counts = np.bincount(lengths)
+                acc = ev_counts[ev.name]
+                if len(counts) > len(acc):
+                    acc = np.pad(acc, (0, len(counts) - len(acc)))
+                acc[: len(counts)] += counts
+                ev_counts[ev.name] = acc
+                if ev.timestamp is not None:
+                    e = block.events[ev.name]
+                    owner = np.repeat(np.arange(len(e.lengths)), e.lengths)
+                    ev_future[ev.name] += int((e.timestamps >= block.request_time[owner]).sum())
+        report["splits"][split] = {
+            "files": len(files),
+            "chunks": len(parts),
+            "rows": rows,
+            "bad_rows": bad,
+            "label_rate": {lab.feature: (float(p / weight_sum) if weight_sum else 0.0) for lab, p in zip(plan.labels, positives)},
+            "request_time": [t_lo, t_hi],
+        }
+    for spec in plan.read_columns:
+        st = col_stats[spec.name]
+        entry = {"role": st["role"], "dtype": st["dtype"], "nulls": st["nulls"], "rows": st["values"]}
+        if spec.name in col_fp:
+            entry["distinct_ids"] = int(len(col_fp[spec.name]))
+        if spec.name in dense_acc and dense_acc[spec.name][3]:
+            lo, hi, total, cnt = dense_acc[spec.name]
+            entry.update(min=lo, mean=total / cnt, max=hi)
+        report["columns"][spec.name] = entry
+    for ev in plan.events:
+        counts = ev_counts[ev.name]
+        total = int(counts.sum())
+        report["events"][ev.name] = {
+            "p50": _percentile_from_counts(counts, 0.5), "p90": _percentile_from_counts(counts, 0.9),
+            "p99": _percentile_from_counts(counts, 0.99), "max": int(len(counts) - 1 if counts.any() else 0),
+            "mean": float((counts * np.arange(len(counts))).sum() / total) if total else 0.0,
+            "truncated": float(counts[ev.max_len + 1 :].sum() / total) if total else 0.0, "max_len": ev.max_len,
+            "at_or_after_request": ev_future[ev.name] if ev.timestamp is not None else None,
+        }
+    for name, t in plan.tables.items():
+        if name.startswith("_"):  # internal (_no_action)
+            continue
+        distinct = 0 if table_fp[name] is None else int(len(table_fp[name]))
+        used = 0 if table_rows[name] is None else int(len(table_rows[name]))
+        entry = {"id_mapping": t.id_mapping, "rows": int(src.table_sizes[name]), "distinct_ids": distinct, "rows_used": used}
+        if t.id_mapping == "hash":
+            entry["colliding_ids"] = distinct - used
+        if t.id_mapping == "vocab":
+            oov, total = table_oov[name]
+            entry["oov_share"] = oov / total if total else 0.0
+        report["tables"][name] = entry
+    return report
+
+
+def _fmt_time(t: Optional[int]) -> str:
+    if t is None:
+        return "-"
+    return _dt.datetime.fromtimestamp(t, _dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
+
+
+def _table(header: List[str], rows: List[List[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    line = lambda r: "  ".join(f"{v:<{w}}" if i == 0 else f"{v:>{w}}" for i, (v, w) in enumerate(zip(r, widths)))  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def format_report(report: Dict) -> str:
+    out = [f"source: {report['source']}, {report['num_files']} files"]
+    labels = next(iter(report["splits"].values()))["label_rate"].keys() if report["splits"] else []
+    out.append("\nsplits")
+    out.append(_table(
+        ["split", "files", "chunks", "rows", *[f"{lab} rate" for lab in labels], "bad rows", "request time from", "to"],
+        [[s, str(v["files"]), str(v["chunks"]), f"{v['rows']:,}", *[f"{v['label_rate'][lab]:.4f}" for lab in labels],
+          f"{v['bad_rows']:,}", _fmt_time(v["request_time"][0]), _fmt_time(v["request_time"][1])] for s, v in report["splits"].items()],
+    ))
+    out.append("\ncolumns")
+    rows = []
+    for name, c in report["columns"].items():
+        extra = ""
+        if "distinct_ids" in c:
+            extra = f"{c['distinct_ids']:,} distinct ids"
+        elif "mean" in c:
+            extra = f"min {c['min']:.4g}  mean {c['mean']:.4g}  max {c['max']:.4g}"
+        rows.append([name, c["role"], c["dtype"], f"{c['nulls']:,}", extra])
+    out.append(_table(["column", "role", "dtype", "nulls", "values"], rows))
+    if report["events"]:
+        out.append("\nsequence lengths (before truncation)")
+        out.append(_table(
+            ["event", "mean", "p50", "p90", "p99", "max", "max_len", "truncated", "at/after request"],
+            [[e, f"{v['mean']:.2f}", str(v["p50"]), str(v["p90"]), str(v["p99"]), str(v["max"]), str(v["max_len"]),
+              f"{100 * v['truncated']:.1f}%", "-" if v["at_or_after_request"] is None else f"{v['at_or_after_request']:,}"]
+             for e, v in report["events"].items()],
+        ))
+    out.append("\ntables")
+    out.append(_table(
+        ["table", "id_mapping", "rows", "distinct ids", "rows used", "colliding ids", "oov"],
+        [[t, v["id_mapping"], f"{v['rows']:,}", f"{v['distinct_ids']:,}", f"{v['rows_used']:,}",
+          f"{v['colliding_ids']:,}" if "colliding_ids" in v else "-", f"{100 * v['oov_share']:.1f}%" if "oov_share" in v else "-"]
+         for t, v in report["tables"].items()],
+    ))
+    return "\n".join(out)
+

@@ -1,0 +1,36 @@
+"""The ``kunlun`` command.
+
+    kunlun data inspect|vocab|convert --config job.yaml ...   (kunlun.data.cli)
+    kunlun train [--config PRESET_OR_YAML] [key=value ...]    (kunlun.launch.main, one process)
+
+Multi-process training goes through ``torchx run`` (see README).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import List, Optional
+
+USAGE = __doc__
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE.strip())
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "data":
+        from kunlun.data.cli import main as data_main
+
+        return data_main(rest)
+    if command == "train":
+        from kunlun.launch.main import main as train_main
+
+        return train_main(rest)
+    print(f"kunlun: unknown command {command!r}\n{USAGE.strip()}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
