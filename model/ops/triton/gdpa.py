@@ -77,6 +77,46 @@ def _act_grad(s, ACT: tl.constexpr, FAST: tl.constexpr):
 
 
 @triton.jit
+def _load_tile(base, row0, offs, n_valid, stride_t, head_off, offs_d, D: tl.constexpr):
+    """Rows ``row0 + offs`` (masked to ``n_valid``) of one head, ``D`` columns (padded to the block)."""
+    return tl.load(
+        base + (row0 + offs)[:, None] * stride_t + head_off + offs_d[None, :],
+        mask=(offs < n_valid)[:, None] & (offs_d[None, :] < D), other=0.0,
+    )
+
+
+@triton.jit
+def _store_tile(base, value, row0, offs, n_valid, stride_t, head_off, offs_d, D: tl.constexpr):
+    tl.store(
+        base + (row0 + offs)[:, None] * stride_t + head_off + offs_d[None, :],
+        value.to(base.dtype.element_ty), mask=(offs < n_valid)[:, None] & (offs_d[None, :] < D),
+    )
+
+
+@triton.jit
+def _loop_bounds(start, BLOCK: tl.constexpr, window, length, OTHER_BLOCK: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """Range of the other axis a tile ``[start, start + BLOCK)`` can see (aligned to OTHER_BLOCK)."""
+    if HAS_WINDOW:
+        lo = tl.maximum(start - window, 0)
+        lo = (lo // OTHER_BLOCK) * OTHER_BLOCK
+        hi = tl.minimum(start + BLOCK + window, length)
+    else:
+        lo = 0
+        hi = length
+    return lo, hi
+
+
+@triton.jit
+def _valid(offs_m, offs_n, lq, lk, window, HAS_WINDOW: tl.constexpr):
+    """``[BM, BN]`` mask of (query, key) pairs inside both samples (and the window)."""
+    valid = (offs_m < lq)[:, None] & (offs_n < lk)[None, :]
+    if HAS_WINDOW:
+        diff = offs_m[:, None] - offs_n[None, :]
+        valid = valid & (diff <= window) & (diff >= -window)
+    return valid
+
+
+@triton.jit
 def _gdpa_fwd_kernel(
     Q, K, V, O, q_off, kv_off, heads,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
@@ -99,43 +139,17 @@ def _gdpa_fwd_kernel(
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    m_ok = offs_m < lq
-    q = tl.load(
-        Q + (q_start + offs_m)[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
-        mask=m_ok[:, None] & (offs_d[None, :] < D), other=0.0,
-    )
+    q = _load_tile(Q, q_start, offs_m, lq, stride_qt, h * stride_qh, offs_d, D)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    if HAS_WINDOW:
-        lo = tl.maximum(m0 - window, 0)
-        lo = (lo // BLOCK_N) * BLOCK_N
-        hi = tl.minimum(m0 + BLOCK_M + window, lk)
-    else:
-        lo = 0
-        hi = lk
+    lo, hi = _loop_bounds(m0, BLOCK_M, window, lk, BLOCK_N, HAS_WINDOW)
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < lk
-        k = tl.load(
-            K + (kv_start + offs_n)[:, None] * stride_kt + h * stride_kh + offs_d[None, :],
-            mask=n_ok[:, None] & (offs_d[None, :] < D), other=0.0,
-        )
+        k = _load_tile(K, kv_start, offs_n, lk, stride_kt, h * stride_kh, offs_d, D)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        p = _act(s, ACT, FAST) * out_scale
-        valid = n_ok[None, :]
-        if HAS_WINDOW:
-            diff = offs_m[:, None] - offs_n[None, :]
-            valid = valid & (diff <= window) & (diff >= -window)
-        p = tl.where(valid, p, 0.0)
-        v = tl.load(
-            V + (kv_start + offs_n)[:, None] * stride_vt + h * stride_vh + offs_dv[None, :],
-            mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0,
-        )
+        p = tl.where(_valid(offs_m, offs_n, lq, lk, window, HAS_WINDOW), _act(s, ACT, FAST) * out_scale, 0.0)
+        v = _load_tile(V, kv_start, offs_n, lk, stride_vt, h * stride_vh, offs_dv, DV)
         acc += tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-    tl.store(
-        O + (q_start + offs_m)[:, None] * stride_ot + h * stride_oh + offs_dv[None, :],
-        acc.to(O.dtype.element_ty),
-        mask=m_ok[:, None] & (offs_dv[None, :] < DV),
-    )
+    _store_tile(O, acc, q_start, offs_m, lq, stride_ot, h * stride_oh, offs_dv, DV)
 
 
 @triton.jit
@@ -161,53 +175,24 @@ def _gdpa_bwd_dkv_kernel(
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    n_ok = offs_n < lk
-    k = tl.load(
-        K + (kv_start + offs_n)[:, None] * stride_kt + h * stride_kh + offs_d[None, :],
-        mask=n_ok[:, None] & (offs_d[None, :] < D), other=0.0,
-    )
-    v = tl.load(
-        V + (kv_start + offs_n)[:, None] * stride_vt + h * stride_vh + offs_dv[None, :],
-        mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0,
-    )
+    k = _load_tile(K, kv_start, offs_n, lk, stride_kt, h * stride_kh, offs_d, D)
+    v = _load_tile(V, kv_start, offs_n, lk, stride_vt, h * stride_vh, offs_dv, DV)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
-    if HAS_WINDOW:
-        lo = tl.maximum(n0 - window, 0)
-        lo = (lo // BLOCK_M) * BLOCK_M
-        hi = tl.minimum(n0 + BLOCK_N + window, lq)
-    else:
-        lo = 0
-        hi = lq
+    lo, hi = _loop_bounds(n0, BLOCK_N, window, lq, BLOCK_M, HAS_WINDOW)
     for m0 in range(lo, hi, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
-        m_ok = offs_m < lq
-        q = tl.load(
-            Q + (q_start + offs_m)[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
-            mask=m_ok[:, None] & (offs_d[None, :] < D), other=0.0,
-        )
-        do = tl.load(
-            DO + (q_start + offs_m)[:, None] * stride_ot + h * stride_oh + offs_dv[None, :],
-            mask=m_ok[:, None] & (offs_dv[None, :] < DV), other=0.0,
-        )
+        q = _load_tile(Q, q_start, offs_m, lq, stride_qt, h * stride_qh, offs_d, D)
+        do = _load_tile(DO, q_start, offs_m, lq, stride_ot, h * stride_oh, offs_dv, DV)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BM, BN]
-        valid = m_ok[:, None] & n_ok[None, :]
-        if HAS_WINDOW:
-            diff = offs_m[:, None] - offs_n[None, :]
-            valid = valid & (diff <= window) & (diff >= -window)
+        valid = _valid(offs_m, offs_n, lq, lk, window, HAS_WINDOW)
         p = tl.where(valid, _act(s, ACT, FAST) * out_scale, 0.0)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = tl.where(valid, dp * _act_grad(s, ACT, FAST) * (out_scale * qk_scale), 0.0)
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
-    tl.store(
-        DK + (kv_start + offs_n)[:, None] * stride_kt + h * stride_kh + offs_d[None, :],
-        dk.to(DK.dtype.element_ty), mask=n_ok[:, None] & (offs_d[None, :] < D),
-    )
-    tl.store(
-        DV_ + (kv_start + offs_n)[:, None] * stride_vt + h * stride_vh + offs_dv[None, :],
-        dv.to(DV_.dtype.element_ty), mask=n_ok[:, None] & (offs_dv[None, :] < DV),
-    )
+    _store_tile(DK, dk, kv_start, offs_n, lk, stride_kt, h * stride_kh, offs_d, D)
+    _store_tile(DV_, dv, kv_start, offs_n, lk, stride_vt, h * stride_vh, offs_dv, DV)
 
 
 @triton.jit
@@ -233,46 +218,19 @@ def _gdpa_bwd_dq_kernel(
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    m_ok = offs_m < lq
-    q = tl.load(
-        Q + (q_start + offs_m)[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
-        mask=m_ok[:, None] & (offs_d[None, :] < D), other=0.0,
-    )
-    do = tl.load(
-        DO + (q_start + offs_m)[:, None] * stride_ot + h * stride_oh + offs_dv[None, :],
-        mask=m_ok[:, None] & (offs_dv[None, :] < DV), other=0.0,
-    )
+    q = _load_tile(Q, q_start, offs_m, lq, stride_qt, h * stride_qh, offs_d, D)
+    do = _load_tile(DO, q_start, offs_m, lq, stride_ot, h * stride_oh, offs_dv, DV)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    if HAS_WINDOW:
-        lo = tl.maximum(m0 - window, 0)
-        lo = (lo // BLOCK_N) * BLOCK_N
-        hi = tl.minimum(m0 + BLOCK_M + window, lk)
-    else:
-        lo = 0
-        hi = lk
+    lo, hi = _loop_bounds(m0, BLOCK_M, window, lk, BLOCK_N, HAS_WINDOW)
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < lk
-        k = tl.load(
-            K + (kv_start + offs_n)[:, None] * stride_kt + h * stride_kh + offs_d[None, :],
-            mask=n_ok[:, None] & (offs_d[None, :] < D), other=0.0,
-        )
-        v = tl.load(
-            V + (kv_start + offs_n)[:, None] * stride_vt + h * stride_vh + offs_dv[None, :],
-            mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0,
-        )
+        k = _load_tile(K, kv_start, offs_n, lk, stride_kt, h * stride_kh, offs_d, D)
+        v = _load_tile(V, kv_start, offs_n, lk, stride_vt, h * stride_vh, offs_dv, DV)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        valid = m_ok[:, None] & n_ok[None, :]
-        if HAS_WINDOW:
-            diff = offs_m[:, None] - offs_n[None, :]
-            valid = valid & (diff <= window) & (diff >= -window)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = tl.where(valid, dp * _act_grad(s, ACT, FAST) * (out_scale * qk_scale), 0.0)
+        ds = tl.where(_valid(offs_m, offs_n, lq, lk, window, HAS_WINDOW), dp * _act_grad(s, ACT, FAST) * (out_scale * qk_scale), 0.0)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-    tl.store(
-        DQ + (q_start + offs_m)[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
-        dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & (offs_d[None, :] < D),
-    )
+    _store_tile(DQ, dq, q_start, offs_m, lq, stride_qt, h * stride_qh, offs_d, D)
 
 
 # --------------------------------------------------------------------------- launch
