@@ -349,10 +349,11 @@ def _explain(err: OmegaConfBaseException, source: str, path: Optional[Path] = No
 
 
 def load_config(preset: Optional[str] = None, overrides: Sequence[str] = ()) -> JobConfig:
-    """Defaults ← YAML preset ← ``key=value`` overrides, validated for a single process.
+    """Defaults ← YAML preset ← ``key=value`` overrides, validated.
 
-    World-size dependent checks (batch divisibility) run in :func:`validate` with the
-    real world size; call it again once the process group exists.
+    World-size dependent checks (batch and sharding-group divisibility) are skipped here;
+    the entry point runs :func:`validate` with ``WORLD_SIZE`` and the trainer with the
+    process group's size.
     """
     cfg = OmegaConf.structured(JobConfig)
     if preset:
