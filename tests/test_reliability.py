@@ -383,3 +383,19 @@ def test_fuzzed_rating_files_parse_exactly_or_fail_with_a_location(tmp_path):
             assert list(zip(*[c.tolist() for c in cols])) == expected, f"trial {trial}: skip kept wrong rows"
         except DataError as e:
             assert not expected and "no valid ratings" in str(e)
+
+
+def test_nonfinite_dense_gradient_with_finite_loss_is_caught(tmp_path):
+    from kunlun.trainer.trainer import NonFiniteError
+
+    trainer = make_trainer(tmp_path / "r", "trainer.max_steps=10")
+    try:
+        name, param = next((n, p) for n, p in trainer.model.named_parameters() if "tower.top" in n and n.endswith("weight"))
+        param.register_hook(lambda g: torch.full_like(g, float("inf")))
+        with pytest.raises(NonFiniteError, match="step 0 .*dense_grads"):
+            trainer.train()
+    finally:
+        trainer.close()
+    diag = json.loads((tmp_path / "r" / "diagnostics" / "nonfinite-step00000000.json").read_text())
+    assert "loss" not in diag["nonfinite"] and "dense_grads" in diag["nonfinite"]
+    assert any(name.split("tower.")[-1] in g for r in diag["per_rank"] for g in r["dense_grads"])

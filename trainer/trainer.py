@@ -430,7 +430,15 @@ class Trainer:
             self._previous_sigterm = None
 
     def _nonfinite_dense_grads(self) -> List[str]:
-        return [n for n, p in self.model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+        """Names of dense parameters with NaN/Inf gradients. One device sync for the common
+        all-finite case (this runs every step); names are resolved only on failure."""
+        named = [(n, p.grad) for n, p in self.model.named_parameters() if p.grad is not None]
+        if not named:
+            return []
+        finite = torch.stack([torch.isfinite(g).all() for _, g in named])
+        if bool(finite.all()):
+            return []
+        return [n for (n, _), ok in zip(named, finite.tolist()) if not ok]
 
     def _nonfinite_report(self, batch, loss, logits, grads) -> Dict:
         local = {

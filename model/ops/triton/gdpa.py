@@ -77,6 +77,13 @@ def _act_grad(s, ACT: tl.constexpr, FAST: tl.constexpr):
 
 
 @triton.jit
+def _segment(offsets, b):
+    """Start row and length of sample ``b`` in a jagged tensor with ``offsets [B+1]``."""
+    start = tl.load(offsets + b).to(tl.int64)
+    return start, tl.load(offsets + b + 1).to(tl.int64) - start
+
+
+@triton.jit
 def _load_tile(base, row0, offs, n_valid, stride_t, head_off, offs_d, D: tl.constexpr):
     """Rows ``row0 + offs`` (masked to ``n_valid``) of one head, ``D`` columns (padded to the block)."""
     return tl.load(
@@ -128,13 +135,11 @@ def _gdpa_fwd_kernel(
     pid_m = tl.program_id(0)
     b = tl.program_id(1)
     h = tl.load(heads + tl.program_id(2)).to(tl.int64)
-    q_start = tl.load(q_off + b).to(tl.int64)
-    lq = tl.load(q_off + b + 1).to(tl.int64) - q_start
+    q_start, lq = _segment(q_off, b)
     m0 = pid_m * BLOCK_M
     if m0 >= lq:
         return
-    kv_start = tl.load(kv_off + b).to(tl.int64)
-    lk = tl.load(kv_off + b + 1).to(tl.int64) - kv_start
+    kv_start, lk = _segment(kv_off, b)
 
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -164,13 +169,11 @@ def _gdpa_bwd_dkv_kernel(
     pid_n = tl.program_id(0)
     b = tl.program_id(1)
     h = tl.load(heads + tl.program_id(2)).to(tl.int64)
-    kv_start = tl.load(kv_off + b).to(tl.int64)
-    lk = tl.load(kv_off + b + 1).to(tl.int64) - kv_start
+    kv_start, lk = _segment(kv_off, b)
     n0 = pid_n * BLOCK_N
     if n0 >= lk:
         return
-    q_start = tl.load(q_off + b).to(tl.int64)
-    lq = tl.load(q_off + b + 1).to(tl.int64) - q_start
+    q_start, lq = _segment(q_off, b)
 
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -207,13 +210,11 @@ def _gdpa_bwd_dq_kernel(
     pid_m = tl.program_id(0)
     b = tl.program_id(1)
     h = tl.load(heads + tl.program_id(2)).to(tl.int64)
-    q_start = tl.load(q_off + b).to(tl.int64)
-    lq = tl.load(q_off + b + 1).to(tl.int64) - q_start
+    q_start, lq = _segment(q_off, b)
     m0 = pid_m * BLOCK_M
     if m0 >= lq:
         return
-    kv_start = tl.load(kv_off + b).to(tl.int64)
-    lk = tl.load(kv_off + b + 1).to(tl.int64) - kv_start
+    kv_start, lk = _segment(kv_off, b)
 
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
