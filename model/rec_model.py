@@ -91,7 +91,12 @@ class RecModel(nn.Module):
         return TowerInputs(dense=batch.dense, context=context, events=events, request_time=batch.request_time)
 
     def forward(self, batch: Batch) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
-        logits = self.tower(self.tower_inputs(batch))  # [B, L]
+        # Named ranges so a profile splits the step into lookup vs dense compute (no-ops
+        # unless a profiler is recording).
+        with torch.profiler.record_function("kunlun/embedding_lookup"):
+            inputs = self.tower_inputs(batch)
+        with torch.profiler.record_function("kunlun/dense_tower"):
+            logits = self.tower(inputs)  # [B, L]
         per_example = F.binary_cross_entropy_with_logits(logits, batch.labels, reduction="none").mean(dim=1)
         w = batch.weights
         loss = (per_example * w).sum() / w.sum().clamp(min=1e-12)

@@ -90,10 +90,27 @@ def test_kunlun_tower_trains_checkpoints_and_resumes_on_two_ranks(tmp_path):
     common = [f"run_dir={run}", "checkpoint.every_n_steps=0", "trainer.eval_every_n_steps=0", "logging.progress_bar=false"]
     proc = run_torchrun(2, [*common, "trainer.max_steps=15"], config="kunlun-tiny")
     assert "tower kunlun:" in proc.stdout and "GFLOPs/example" in proc.stdout
-    proc = run_torchrun(2, [*common, "trainer.max_steps=30"], config="kunlun-tiny")
+    profile = ["logging.profile.start_step=18", "logging.profile.num_steps=4"]
+    proc = run_torchrun(2, [*common, "trainer.max_steps=30", *profile], config="kunlun-tiny")
     assert "resumed from" in proc.stdout and "step_00000015" in proc.stdout
     m = final_metrics(run)
     assert m["train/examples_consumed"] == 30 * 64
+    assert m["perf/train_flops"] == pytest.approx(3 * m["perf/forward_flops_per_example"] * 30 * 64)
+    assert m["perf/forward_flops_per_example"] > 0 and m["model/dense_params"] > 0
+
+    # The profiled window (steps 18..21 of the resumed run) on both ranks: a trace with the
+    # trainer's regions and a time split whose categories cover the whole step.
+    for rank in (0, 1):
+        summary = json.loads((run / "profile" / f"summary_rank{rank}.json").read_text())
+        assert summary["steps"] == 4
+        shares = summary["host_share"]
+        assert sum(shares.values()) == pytest.approx(1.0, abs=0.02)
+        for cat in ("data", "embedding", "dense_compute", "optimizer", "communication"):
+            assert shares[cat] > 0, (cat, shares)
+        assert summary["outside_dense_compute_share"] == pytest.approx(1 - shares["dense_compute"])
+        names = {e.get("name") for e in json.loads((run / "profile" / f"trace_rank{rank}.json").read_text())["traceEvents"]}
+        assert {"kunlun/step", "kunlun/data", "kunlun/embedding_lookup", "kunlun/dense_tower", "kunlun/backward", "kunlun/optimizer"} <= names
+    assert m["profile/dense_compute_share"] == pytest.approx(json.loads((run / "profile" / "summary_rank0.json").read_text())["host_share"]["dense_compute"])
     assert m["test/auc"] > 0.55  # the planted signal is learnable (oracle AUC ≈ 0.79)
     state = load_checkpoint_tensors(latest_checkpoint(run))
     assert any(k.startswith("model.tower.events.click.pffn.0") for k in state)

@@ -49,6 +49,9 @@ class SyntheticConfig:
     eval_examples: int = 20_000
     test_examples: int = 20_000
     signal_strength: float = 2.0
+    # basic: category affinity of the history; rich: + action/recency-weighted history,
+    # user x category preference, dense cross term (harder; the scaling-law preset).
+    signal: str = "basic"
 
 
 @dataclass
@@ -232,11 +235,20 @@ class CheckpointConfig:
 
 
 @dataclass
+class ProfileConfig:
+    """torch.profiler over a window of steps (see ``kunlun.trainer.profiling``)."""
+
+    start_step: int = 10  # 0-based step index of the first profiled step (skip warm-up)
+    num_steps: int = 0  # 0: off; else trace + time split under <run_dir>/profile/
+
+
+@dataclass
 class LoggingConfig:
     log_every_n_steps: int = 10  # train scalars to TensorBoard / console
     tensorboard: bool = True
     progress_bar: bool = True  # tqdm on rank 0, and only when stderr is a TTY
     level: str = "INFO"
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
 
 @dataclass
@@ -438,6 +450,8 @@ def validate(cfg: JobConfig, world_size: Optional[int]) -> None:
         "optim.warmup_steps": cfg.optim.warmup_steps,
         "optim.weight_decay": cfg.optim.weight_decay,
         "optim.sparse_eps": cfg.optim.sparse_eps,
+        "logging.profile.start_step": cfg.logging.profile.start_step,
+        "logging.profile.num_steps": cfg.logging.profile.num_steps,
     }
     for key, value in non_negative.items():
         _check(value >= 0, key, value, "a value >= 0")
@@ -447,6 +461,7 @@ def validate(cfg: JobConfig, world_size: Optional[int]) -> None:
         _check(all(w > 0 for w in mlp), key, list(mlp), "a list of layer widths > 0")
     choices = {
         "data.source": (cfg.data.source, ("synthetic", "movielens", "parquet", "csv")),
+        "data.synthetic.signal": (cfg.data.synthetic.signal, ("basic", "rich")),
         "data.bad_row_policy": (cfg.data.bad_row_policy, ("error", "skip")),
         "data.id_policy": (cfg.data.id_policy, ("error", "modulo")),
         "trainer.nonfinite_policy": (cfg.trainer.nonfinite_policy, ("stop", "skip")),

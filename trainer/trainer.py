@@ -40,6 +40,7 @@ from kunlun.trainer.checkpoint import Checkpointer, global_shapes, write_json_at
 from kunlun.trainer.config import ConfigError, JobConfig, flatten, to_yaml, validate
 from kunlun.trainer.metrics import EvalAccumulator
 from kunlun.trainer.monitor import Monitor, setup_logging
+from kunlun.trainer.profiling import StepProfiler
 from kunlun.trainer.perf import TRAIN_FLOPS_FACTOR, average_sequence_lengths, peak_tflops
 
 log = logging.getLogger("kunlun")
@@ -153,6 +154,7 @@ class Trainer:
         log.info("process groups:\n  %s\n  dense: %s", sharded.layout.describe(), cfg.parallel.dense.strategy)
         log.info("sharding plan (%s):\n%s", f"{world} ranks" if not sharded.is_2d else f"per sharding group of {sharded.layout.sharding_group_size}", describe_plan(self.plan))
         log.info("parameters: dense %s, embedding %s", f"{n_dense:,}", f"{n_sparse:,}")
+        self.num_params = {"dense": n_dense, "embedding": n_sparse}
         self.avg_seq_len = average_sequence_lengths(self.source, seed=cfg.seed)
         self.flops_per_example = model.tower.flops_per_example(self.avg_seq_len)
         self.peak = peak_tflops(self.info.device)
@@ -172,6 +174,8 @@ class Trainer:
         self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint, rank, world, comm_device=self.comm_device)
         self.resumed_from: Optional[Path] = None
         self._maybe_resume()
+        p = cfg.logging.profile
+        self.profiler = StepProfiler(self.run_dir, rank, p.start_step, p.num_steps, self.info.device)
         self.monitor = Monitor(self.run_dir, rank, cfg.logging, cfg.trainer.max_steps, self.step)
         self.monitor.text("config", to_yaml(cfg))
         self.monitor.text("sharding_plan", describe_plan(self.plan))
@@ -309,6 +313,7 @@ class Trainer:
         try:
             self._train_loop(it, g, t_cfg, c_cfg, l_cfg, last_saved)
         finally:
+            self.profiler.finish()  # a window cut short by the end of training or a fault
             # Outside the step loop SIGTERM must terminate as usual (e.g. a launcher
             # stopping the workers after another rank failed).
             self._restore_sigterm()
@@ -318,43 +323,47 @@ class Trainer:
         window_loss, window_steps, window_start = 0.0, 0, time.time()
         consecutive_skips = 0
         while self.step < t_cfg.max_steps:
-            batch = next(it).to(self.info.device, non_blocking=True)
-            lrs = self._set_lr(self.step)
-            self.optimizer.zero_grad()
-            loss, (_, logits, _, _) = self.model(batch)
-            # One collective per step, before backward: the fused embedding update runs
-            # inside backward, so a non-finite loss must stop it there; and every rank must
-            # agree on a preemption request (SIGTERM may reach ranks at different times).
-            flags = torch.tensor([float(not torch.isfinite(loss.detach()).item()), float(self._sigterm)], device=self.comm_device)
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            nonfinite = bool(flags[0])
-            if not nonfinite:
-                loss.backward()
-                # DDP has averaged the dense gradients, so every rank sees the same answer.
-                bad_grads = self._nonfinite_dense_grads()
-                nonfinite = bool(bad_grads)
-            if nonfinite:
-                consecutive_skips += 1
-                self.skipped_steps += 1
-                what = self._nonfinite_report(batch, loss, logits, [] if flags[0] else None)
-                if t_cfg.nonfinite_policy == "stop" or consecutive_skips > t_cfg.max_consecutive_skips:
-                    path = self._write_diagnostic(what)
-                    raise NonFiniteError(
-                        f"non-finite values at step {self.step} (global batch {self.examples_consumed // g}): "
-                        f"{what['nonfinite']}; diagnostic: {path} (trainer.nonfinite_policy={t_cfg.nonfinite_policy}, "
-                        f"{consecutive_skips} consecutive)"
-                    )
-                log.warning("skipping step %d: non-finite %s (%d in a row)", self.step, what["nonfinite"], consecutive_skips)
+            with self.profiler.step(self.step):
+                with self.profiler.region("kunlun/data"):
+                    batch = next(it).to(self.info.device, non_blocking=True)
+                lrs = self._set_lr(self.step)
                 self.optimizer.zero_grad()
-                self.monitor.scalars({"train/skipped_steps": float(self.skipped_steps)}, self.step)
-            else:
-                consecutive_skips = 0
-                self.optimizer.step()
-                self.sharded.maybe_sync(self.step + 1)
-                window_loss += float(loss.detach())
-                window_steps += 1
-            self.step += 1
-            self.examples_consumed += g
+                loss, (_, logits, _, _) = self.model(batch)
+                # One collective per step, before backward: the fused embedding update runs
+                # inside backward, so a non-finite loss must stop it there; and every rank must
+                # agree on a preemption request (SIGTERM may reach ranks at different times).
+                flags = torch.tensor([float(not torch.isfinite(loss.detach()).item()), float(self._sigterm)], device=self.comm_device)
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+                nonfinite = bool(flags[0])
+                if not nonfinite:
+                    with self.profiler.region("kunlun/backward"):
+                        loss.backward()
+                    # DDP has averaged the dense gradients, so every rank sees the same answer.
+                    bad_grads = self._nonfinite_dense_grads()
+                    nonfinite = bool(bad_grads)
+                if nonfinite:
+                    consecutive_skips += 1
+                    self.skipped_steps += 1
+                    what = self._nonfinite_report(batch, loss, logits, [] if flags[0] else None)
+                    if t_cfg.nonfinite_policy == "stop" or consecutive_skips > t_cfg.max_consecutive_skips:
+                        path = self._write_diagnostic(what)
+                        raise NonFiniteError(
+                            f"non-finite values at step {self.step} (global batch {self.examples_consumed // g}): "
+                            f"{what['nonfinite']}; diagnostic: {path} (trainer.nonfinite_policy={t_cfg.nonfinite_policy}, "
+                            f"{consecutive_skips} consecutive)"
+                        )
+                    log.warning("skipping step %d: non-finite %s (%d in a row)", self.step, what["nonfinite"], consecutive_skips)
+                    self.optimizer.zero_grad()
+                    self.monitor.scalars({"train/skipped_steps": float(self.skipped_steps)}, self.step)
+                else:
+                    consecutive_skips = 0
+                    with self.profiler.region("kunlun/optimizer"):
+                        self.optimizer.step()
+                        self.sharded.maybe_sync(self.step + 1)
+                    window_loss += float(loss.detach())
+                    window_steps += 1
+                self.step += 1
+                self.examples_consumed += g
             if bool(flags[1]):
                 path = self.checkpointer.root / f"step_{self.step:08d}" if last_saved == self.step else self.save_checkpoint()
                 self.monitor.flush()
@@ -401,6 +410,15 @@ class Trainer:
         final.update({f"test/{k}": v for k, v in test_metrics.items()})
         final["train/step"] = float(self.step)
         final["train/examples_consumed"] = float(self.examples_consumed)
+        # Compute actually spent (analytic, like perf/model_tflops): the x-axis of scaling laws.
+        final["perf/forward_flops_per_example"] = float(self.flops_per_example)
+        final["perf/train_flops"] = TRAIN_FLOPS_FACTOR * self.flops_per_example * self.examples_consumed
+        final["model/dense_params"] = float(self.num_params["dense"])
+        final["model/embedding_params"] = float(self.num_params["embedding"])
+        if self.profiler.summary is not None:
+            for cat, share in self.profiler.summary["host_share"].items():
+                final[f"profile/{cat}_share"] = share
+            self.monitor.text("profile", json.dumps(self.profiler.summary, indent=1))
         self.monitor.hparams(flatten(cfg), {f"hparam/{k}": v for k, v in final.items() if not k.endswith("examples")})
         if self.info.rank == 0:
             write_json_atomic(self.run_dir / "final_metrics.json", final)

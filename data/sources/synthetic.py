@@ -18,6 +18,13 @@ Generative story for one example:
   share of purchased ones (0 without history), ``s = signal_strength``;
 * ``label ~ Bernoulli(sigmoid(logit))``.
 
+``signal="rich"`` (the scaling-law preset) makes the function harder, so that model
+capacity keeps paying off: each history event's category match is weighted by its
+action (``+1, +0.5, -1, 0`` for actions ``0..3``: a "dislike" counts against) and by its
+recency (``exp(-age_rank / 8)``, newest event first, normalised over the history); a
+rank-4 user × category preference ``0.7 · <p_u, q_c> / 2`` is added (a second-order
+interaction of two context ids); and a dense cross term ``0.5 · dense[1] · dense[2]``.
+
 A model must match the target item's category against the history (sequence features)
 and use the item, dense and segment context to approach the Bayes AUC
 (:meth:`SyntheticSource.oracle_logits` exposes the true logits for tests).
@@ -43,6 +50,11 @@ def _mix(x: np.ndarray) -> np.ndarray:
     x = ((x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)).astype(np.uint64)
     x = ((x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)).astype(np.uint64)
     return x ^ (x >> np.uint64(31))
+
+
+_ACTION_WEIGHTS = np.array([1.0, 0.5, -1.0, 0.0])  # rich signal: per-action sign/weight (actions mod 4)
+_RECENCY_SCALE = 8.0  # rich signal: events; weight exp(-(age_rank - 1) / scale)
+_PREF_RANK = 4  # rich signal: rank of the user x category preference
 
 
 class _Hasher:
@@ -71,6 +83,13 @@ def _static_hash(field: int, ids: np.ndarray, n: int) -> np.ndarray:
     """Per-id attribute (a user's favourite category, an item's bias): split independent."""
     with np.errstate(over="ignore"):
         return (_mix(ids.astype(np.uint64) * np.uint64(0x2545F4914F6CDD1D) + np.uint64(field)) % np.uint64(n)).astype(np.int64)
+
+
+def _static_normal(field: int, ids: np.ndarray) -> np.ndarray:
+    """Per-id standard normal (Box-Muller on two static hashes), ``[len(ids)]``."""
+    u1 = (_static_hash(field, ids, 1 << 30) + 0.5) / float(1 << 30)
+    u2 = _static_hash(field + 7919, ids, 1 << 30) / float(1 << 30)
+    return np.sqrt(-2 * np.log(u1)) * np.cos(2 * np.pi * u2)
 
 
 class SyntheticSource:
@@ -172,13 +191,25 @@ class SyntheticSource:
             lengths, ev_items, actions, ts, row = self._history(h, 20 + 10 * k, idx, users, et.max_len, req)
             events[et.name] = EventColumns(lengths, ev_items, actions, ts)
             match = (ev_items % c.num_categories == cats[row]).astype(np.float64)
-            share = np.bincount(row, weights=match, minlength=n) / np.maximum(lengths, 1)
+            if c.signal == "rich":
+                pos = np.arange(len(row)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+                age_rank = np.repeat(lengths, lengths) - pos  # 1 = newest
+                recency = np.exp(-(age_rank - 1) / _RECENCY_SCALE)
+                num = np.bincount(row, weights=match * _ACTION_WEIGHTS[actions % 4] * recency, minlength=n)
+                share = num / np.maximum(np.bincount(row, weights=recency, minlength=n), 1e-12)
+            else:
+                share = np.bincount(row, weights=match, minlength=n) / np.maximum(lengths, 1)
             affinity += weight * share
 
         item_bias = (_static_hash(8, items, 1000) / 1000.0 - 0.5)
         seg_bias = 0.3 * (np.bincount(seg_row, weights=(segments % 4 == 0), minlength=n) > 0)
         dense0 = dense[:, 0] if c.num_dense else 0.0
         logits = c.signal_strength * (affinity - 0.35) + 0.5 * dense0 + item_bias + seg_bias
+        if c.signal == "rich":
+            pref = sum(_static_normal(40 + r, users) * _static_normal(50 + r, cats) for r in range(_PREF_RANK))
+            logits = logits + 0.35 * pref
+            if c.num_dense >= 3:
+                logits = logits + 0.5 * dense[:, 1] * dense[:, 2]
         labels = (h.uniform(9, idx) < 1.0 / (1.0 + np.exp(-logits))).astype(np.float32)
         ones = np.ones(n, dtype=np.int64)
         block = ExampleBlock(
