@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup data train test test-fast clean
+.PHONY: setup data train test test-fast scaling clean
 
 setup: $(STAMP)
 
@@ -40,6 +40,15 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# Scaling laws + ablations + MovieLens points, then fits/CSV/JSON/PNG (benchmarks/scaling.py;
+# about an hour on 2 CPU cores; finished runs are kept, so it resumes).
+SCALING_OUT ?= runs/scaling
+scaling: setup data
+	$(BIN)/python benchmarks/scaling.py sweep --out $(SCALING_OUT)
+	$(BIN)/python benchmarks/scaling.py ablate --out $(SCALING_OUT)
+	$(BIN)/python benchmarks/scaling.py movielens --out $(SCALING_OUT)
+	$(BIN)/python benchmarks/scaling.py report --out $(SCALING_OUT)
 
 clean:
 	rm -rf runs

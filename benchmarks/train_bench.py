@@ -2,6 +2,7 @@
 
     python benchmarks/train_bench.py --tower kunlun            # GPU: bf16, production-like shapes
     python benchmarks/train_bench.py --device cpu --tower kunlun --batch 64   # CPU: ratios only
+    python benchmarks/train_bench.py --e2e --nproc 2     # whole trainer, every tower, CPU/gloo
 
 The tower is fed synthetic *embedded* inputs (pooled context embeddings, jagged event
 embeddings, timestamps), so it runs where TorchRec is not installed; embedding lookups
@@ -9,13 +10,24 @@ and data loading are therefore not in these numbers (the end-to-end trainer logs
 ``perf/mfu`` with them). One step = forward + backward + AdamW. MFU = 3 × analytic forward
 FLOPs/example × examples/s ÷ peak (datasheet bf16 dense peak on known GPUs; on CPU a
 matmul probe measured in the same run). A Chrome/Perfetto trace goes to ``--trace``.
+
+``--e2e`` instead trains every tower through the real trainer (torchrun, TorchRec
+sharded embeddings, the synthetic scaling data of ``configs/scaling.yaml``) at matched
+forward FLOPs per example (``--target-mflops``; each tower's width is searched for the
+closest match), profiles a window of steps with ``logging.profile`` and reports
+examples/s, MFU against a matmul probe of the same dtype and thread count measured in the
+same run, and the share of step time outside dense model compute (data, embedding
+lookup, optimizer, communication, other). Traces land in ``<out>/<tower>/profile/``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -56,8 +68,68 @@ def make_inputs(schema, b: int, emb: int, device, dtype, fill: float, seed: int 
     )
 
 
+def matched_width(tower: str, target_flops: float) -> int:
+    """Width whose forward FLOPs/example is closest to ``target_flops`` (FLOPs grow with w)."""
+    import scaling
+
+    lo, hi = 4, 512
+    while hi - lo > 1:  # smallest w with F(w) >= target, then the closer of it and w - 1
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if scaling.planned_flops(tower, mid)["forward_flops"] < target_flops else (lo, mid)
+    f_lo, f_hi = (scaling.planned_flops(tower, w)["forward_flops"] for w in (lo, hi))
+    return lo if abs(math.log(f_lo / target_flops)) < abs(math.log(f_hi / target_flops)) else hi
+
+
+def e2e(args) -> None:
+    import scaling
+
+    out = Path(args.out or "runs/train_bench").resolve()
+    torch.set_num_threads(1)  # the probe runs like one rank of the job (OMP_NUM_THREADS=1)
+    probe = matmul_probe_tflops(torch.device("cpu"), torch.float32, n=512, repeats=9)
+    warm, prof_steps = 15, 10
+    rows = []
+    for tower in args.towers.split(","):
+        w = matched_width(tower, args.target_mflops * 1e6)
+        run_dir = out / tower
+        cmd = [
+            str(Path(sys.executable).parent / "torchrun"), "--standalone", f"--nproc_per_node={args.nproc}", "-m", "kunlun.launch.main",
+            "--config", "scaling", f"run_dir={run_dir}", "checkpoint.resume=never", f"model.tower={tower}", *scaling.tower_overrides(tower, w),
+            f"trainer.max_steps={warm + prof_steps + 5}", f"logging.profile.start_step={warm}", f"logging.profile.num_steps={prof_steps}",
+            "data.synthetic.eval_examples=2048", "data.synthetic.test_examples=2048", "checkpoint.every_n_steps=0",
+        ]
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        proc = subprocess.run(cmd, cwd=scaling.REPO, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"{tower}: training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        m = json.loads((run_dir / "final_metrics.json").read_text())
+        prof = json.loads((run_dir / "profile" / "summary_rank0.json").read_text())
+        model_tflops = 3 * m["perf/forward_flops_per_example"] * m["perf/examples_per_sec"] / 1e12
+        rows.append(dict(
+            tower=tower, width=w, mflops_per_example_fwd=m["perf/forward_flops_per_example"] / 1e6, dense_params=int(m["model/dense_params"]),
+            examples_per_sec=m["perf/examples_per_sec"], model_gflops=model_tflops * 1e3, mfu_vs_probe=model_tflops / (probe * args.nproc),
+            step_ms=prof["step_ms"], outside_dense_compute=prof["outside_dense_compute_share"], shares=prof["host_share"],
+            trace=str(run_dir / "profile" / "trace_rank0.json"),
+        ))
+        print(json.dumps(rows[-1]), flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_bench_e2e.json").write_text(json.dumps({"probe_tflops_per_rank": probe, "nproc": args.nproc, "rows": rows}, indent=1))
+    print(f"\nmatmul probe (fp32, 1 thread, 512³): {probe * 1e3:.1f} GFLOP/s per rank; {args.nproc} ranks")
+    print("| tower | width | fwd MFLOPs/ex | dense params | examples/s | model GFLOP/s | MFU vs probe | step ms | outside dense compute | data | embedding | optimizer | communication | other |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        sh = r["shares"]
+        print(f"| {r['tower']} | {r['width']} | {r['mflops_per_example_fwd']:.3f} | {r['dense_params']:,} | {r['examples_per_sec']:.0f} | {r['model_gflops']:.2f} | "
+              f"{100 * r['mfu_vs_probe']:.1f}% | {r['step_ms']:.1f} | {100 * r['outside_dense_compute']:.0f}% | "
+              + " | ".join(f"{100 * sh[c]:.0f}%" for c in ("data", "embedding", "optimizer", "communication", "other")) + " |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--e2e", action="store_true", help="whole trainer at matched FLOPs per example (see the module docstring)")
+    ap.add_argument("--towers", default="kunlun,interformer,hstu,wukong,dcnv2,dlrm", help="--e2e: towers to run")
+    ap.add_argument("--target-mflops", type=float, default=1.0, help="--e2e: forward MFLOPs/example every tower is sized to")
+    ap.add_argument("--nproc", type=int, default=2, help="--e2e: ranks (torchrun, gloo on CPU)")
+    ap.add_argument("--out", default="", help="--e2e: run folder (default runs/train_bench)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--tower", default="kunlun")
     ap.add_argument("--batch", type=int, default=None)
@@ -66,6 +138,8 @@ def main() -> None:
     ap.add_argument("--trace", default=os.environ.get("OUT", ""))
     ap.add_argument("--set", nargs="*", default=[], help="model config overrides: kunlun.dim=256 ...")
     args = ap.parse_args()
+    if args.e2e:
+        return e2e(args)
     dev = torch.device(args.device)
     gpu = dev.type == "cuda"
     dtype = torch.bfloat16 if gpu else torch.float32

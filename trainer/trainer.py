@@ -170,6 +170,8 @@ class Trainer:
         self.step = 0
         self.examples_consumed = 0
         self.skipped_steps = 0
+        self.train_seconds = 0.0  # wall time inside training steps of this process (no eval/saves)
+        self.examples_this_attempt = 0
         self._sigterm = False
         self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint, rank, world, comm_device=self.comm_device)
         self.resumed_from: Optional[Path] = None
@@ -323,6 +325,7 @@ class Trainer:
         window_loss, window_steps, window_start = 0.0, 0, time.time()
         consecutive_skips = 0
         while self.step < t_cfg.max_steps:
+            t_step = time.perf_counter()
             with self.profiler.step(self.step):
                 with self.profiler.region("kunlun/data"):
                     batch = next(it).to(self.info.device, non_blocking=True)
@@ -364,6 +367,8 @@ class Trainer:
                     window_steps += 1
                 self.step += 1
                 self.examples_consumed += g
+            self.train_seconds += time.perf_counter() - t_step
+            self.examples_this_attempt += g
             if bool(flags[1]):
                 path = self.checkpointer.root / f"step_{self.step:08d}" if last_saved == self.step else self.save_checkpoint()
                 self.monitor.flush()
@@ -414,6 +419,8 @@ class Trainer:
         final["perf/forward_flops_per_example"] = float(self.flops_per_example)
         final["perf/train_flops"] = TRAIN_FLOPS_FACTOR * self.flops_per_example * self.examples_consumed
         final["model/dense_params"] = float(self.num_params["dense"])
+        if self.train_seconds > 0:
+            final["perf/examples_per_sec"] = self.examples_this_attempt / self.train_seconds
         final["model/embedding_params"] = float(self.num_params["embedding"])
         if self.profiler.summary is not None:
             for cat, share in self.profiler.summary["host_share"].items():
