@@ -3,6 +3,7 @@
     python benchmarks/scaling.py plan                       # sizes and FLOPs, no training
     python benchmarks/scaling.py sweep  --out runs/scaling  # train every tower x width
     python benchmarks/scaling.py ablate --out runs/scaling  # Kunlun ablations at one width
+    python benchmarks/scaling.py saturation --out runs/scaling  # Kunlun on 2x and 4x the data
     python benchmarks/scaling.py movielens --out runs/scaling   # real-data points
     python benchmarks/scaling.py report --out runs/scaling  # fits, CSV/JSON, PNG, tables
 
@@ -26,7 +27,8 @@ Scaling efficiency = η_Kunlun / η_InterFormer (delta-method interval).
 
 Is the synthetic signal saturated? ``report`` prints the Bayes floor (NE of the true
 logits on the same eval split) next to every tower's best NE, and whether each tower's
-NE still falls from its second-largest to its largest size.
+NE still falls from its second-largest to its largest size; ``saturation`` trains one
+Kunlun size on 2x and 4x the examples to show the data still has signal to give.
 """
 
 from __future__ import annotations
@@ -63,8 +65,12 @@ MIN_DECADES = 1.5
 
 
 # ----------------------------------------------------------------------------- sizes
-def tower_overrides(tower: str, w: int) -> List[str]:
-    """Config overrides that size ``tower`` at width ``w`` (every hidden size follows w)."""
+def tower_overrides(tower: str, w: int, low_value_event: str = "purchase") -> List[str]:
+    """Config overrides that size ``tower`` at width ``w`` (every hidden size follows w).
+
+    ``low_value_event``: the event type Kunlun gives half the capacity (event-level
+    personalisation): ``purchase`` on the synthetic data, ``dislike`` on MovieLens.
+    """
     if tower == "kunlun":
         h = max(8, w // 2)
         return [
@@ -73,7 +79,7 @@ def tower_overrides(tower: str, w: int) -> List[str]:
             "model.kunlun.num_summary_tokens=4",
             # Event-level personalisation: clicks get the full width, purchases half of it.
             f"model.kunlun.default_event={{dim: {w}, heads: 2, layers: 3, window: 4, num_tokens: 4, num_seeds: 8}}",
-            f"model.kunlun.events={{purchase: {{dim: {h}, heads: 2, layers: 1, window: 2, num_tokens: 2, num_seeds: 4}}}}",
+            f"model.kunlun.events={{{low_value_event}: {{dim: {h}, heads: 2, layers: 1, window: 2, num_tokens: 2, num_seeds: 4}}}}",
         ]
     if tower == "interformer":
         return [
@@ -183,10 +189,31 @@ def ablation_runs(common: Sequence[str] = (), cuda: bool = False) -> List[Run]:
     return [Run(f"ablate/{_slug(n)}", ["model.tower=kunlun", *ablation_overrides(n), *common]) for n in names]
 
 
+def saturation_runs(factors: Sequence[int] = (2, 4)) -> List[Run]:
+    """Kunlun at ABLATION_WIDTH on k x the training examples (still one pass): if NE keeps
+    falling with data at a fixed model, the planted signal is not exhausted at this budget."""
+    base = load_scaling_config()
+    n, b = base.data.synthetic.train_examples, base.data.batch_size
+    return [
+        Run(f"saturation/kunlun-w{ABLATION_WIDTH}-x{k}", ["model.tower=kunlun", *tower_overrides("kunlun", ABLATION_WIDTH),
+            f"data.synthetic.train_examples={k * n}", f"trainer.max_steps={k * n // b}"])
+        for k in factors
+    ]
+
+
+def load_scaling_config(overrides: Sequence[str] = ()):
+    from kunlun.trainer.config import load_config
+
+    return load_config("scaling", list(overrides))
+
+
 def movielens_runs(towers: Sequence[str], widths: Sequence[int]) -> List[Run]:
-    # One pass over MovieLens-100K's ~80k training examples (it overfits after ~1.5 epochs).
-    common = ["trainer.max_steps=300", "data.batch_size=256", "trainer.eval_every_n_steps=0", "checkpoint.every_n_steps=0", "logging.progress_bar=false"]
-    return [Run(f"movielens/{t}-w{w}", [f"model.tower={t}", "model.embedding_dim=16", *tower_overrides(t, w), *common], config="movielens") for t in towers for w in widths]
+    # One pass over MovieLens-100K's 81,140 training examples (it overfits after ~1.5 epochs).
+    common = ["trainer.max_steps=317", "data.batch_size=256", "trainer.eval_every_n_steps=0", "checkpoint.every_n_steps=0", "logging.progress_bar=false"]
+    return [
+        Run(f"movielens/{t}-w{w}", [f"model.tower={t}", "model.embedding_dim=16", *tower_overrides(t, w, "dislike"), *common], config="movielens")
+        for t in towers for w in widths
+    ]
 
 
 def _slug(name: str) -> str:
@@ -356,6 +383,12 @@ def report(out: Path, common: Sequence[str] = ()) -> Dict:
         write_table(ablations, out / "ablations.csv")
         summary["ablations"] = ablations
     summary["rows"] = all_rows
+    base = out / "sweep" / f"kunlun-w{ABLATION_WIDTH}" / "final_metrics.json"
+    more = sorted((out / "saturation").glob(f"kunlun-w{ABLATION_WIDTH}-x*/final_metrics.json"), key=lambda p: int(p.parent.name.rsplit("-x", 1)[1]))
+    if base.exists() and more:
+        summary["more_data"] = [{"data_factor": 1, "eval_ne": json.loads(base.read_text())["eval/ne"]}] + [
+            {"data_factor": int(p.parent.name.rsplit("-x", 1)[1]), "eval_ne": json.loads(p.read_text())["eval/ne"]} for p in more
+        ]
     (out / "scaling.json").write_text(json.dumps(summary, indent=1))
     plot(rows, fits, floor, out / "scaling.png")
     print(markdown(summary))
@@ -391,6 +424,8 @@ def markdown(summary: Dict) -> str:
             lines.append(f"\nScaling efficiency Kunlun/InterFormer ({key.split('_', 1)[1]}): {e['ratio']:.2f} [95% CI {e['ci95'][0]:.2f}, {e['ci95'][1]:.2f}]")
     if summary.get("bayes_floor_eval_ne") is not None:
         lines.append(f"\nBayes floor (eval NE of the true logits): {summary['bayes_floor_eval_ne']:.4f}")
+    if summary.get("more_data"):
+        lines.append(f"\nKunlun w{ABLATION_WIDTH} with more training examples (one pass each): " + ", ".join(f"{d['data_factor']}x → eval NE {d['eval_ne']:.4f}" for d in summary["more_data"]))
     lines.append("\n| data | tower | width | dense params | fwd GFLOPs/ex | train FLOPs | ex/s | eval NE | eval AUC | test NE | test AUC |\n|---|---|---|---|---|---|---|---|---|---|---|")
     for r in summary["rows"]:
         lines.append(
@@ -410,7 +445,7 @@ def markdown(summary: Dict) -> str:
 # ----------------------------------------------------------------------------- CLI
 def main(argv: Optional[Sequence[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("command", choices=("plan", "sweep", "ablate", "movielens", "report"))
+    ap.add_argument("command", choices=("plan", "sweep", "ablate", "saturation", "movielens", "report"))
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "scaling")
     ap.add_argument("--towers", default=",".join(TOWERS))
     ap.add_argument("--widths", default="", help="comma-separated widths for every tower (default: WIDTHS per tower)")
@@ -439,6 +474,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         import torch
 
         execute_all(ablation_runs(args.set, cuda=torch.cuda.is_available()), out, args.jobs, args.timeout)
+    elif args.command == "saturation":
+        execute_all(saturation_runs(), out, args.jobs, args.timeout)
     elif args.command == "movielens":
         execute_all(movielens_runs(towers, fixed or [ABLATION_WIDTH]), out, args.jobs, args.timeout)
     else:

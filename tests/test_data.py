@@ -328,9 +328,11 @@ def test_synthetic_oracle_auc_and_history_signal():
 
 
 def _rich_affinity(block: ExampleBlock, num_categories: int) -> np.ndarray:
-    """Action-signed, recency-weighted version of ``_affinity``, written event by event."""
+    """Action-signed, recency-weighted version of ``_affinity`` where the target item itself
+    counts 3x, written event by event."""
     weights = {0: 1.0, 1: 0.5, 2: -1.0, 3: 0.0}
     cats = block.context["item_category"].values
+    targets = block.context["item_id"].values
     out = np.zeros(len(block))
     for name, scale in (("click", 1.0), ("purchase", 2.0)):
         ev = block.events[name]
@@ -339,7 +341,9 @@ def _rich_affinity(block: ExampleBlock, num_categories: int) -> np.ndarray:
             num = den = 0.0
             for p in range(n):  # oldest first: the newest event (p = n - 1) weighs exp(0)
                 r = np.exp(-(n - 1 - p) / 8.0)
-                num += r * weights[int(ev.actions[start + p]) % 4] * float(ev.items[start + p] % num_categories == cats[i])
+                item = ev.items[start + p]
+                match = float(item % num_categories == cats[i]) + 2.0 * float(item == targets[i])
+                num += r * weights[int(ev.actions[start + p]) % 4] * match
                 den += r
             out[i] += scale * (num / den if n else 0.0)
             start += n
@@ -356,7 +360,11 @@ def test_synthetic_rich_signal_weights_history_by_action_and_recency():
     flat = SyntheticSource(_syn_cfg(signal="rich", signal_strength=0.0), seed=0)
     diff = rich.oracle_logits("eval", idx) - flat.oracle_logits("eval", idx)
     np.testing.assert_allclose(diff, 2.0 * (_rich_affinity(block, 20) - 0.35), atol=1e-9)
-    # The rich terms without history (preference, dense cross) vary too and move the labels.
+    # Histories and target share one item table, so a model can match them id for id.
+    assert {e.item_table for e in rich.schema.event_types} == {"item"} and "seq_item" not in {t.name for t in rich.schema.tables}
+    clicks = block.events["click"]
+    assert np.any(clicks.items == np.repeat(block.context["item_id"].values, clicks.lengths))  # repeats happen
+    # The rich terms without history (preference, dense teacher) vary too and move the labels.
     assert flat.oracle_logits("eval", idx).std() > SyntheticSource(_syn_cfg(signal_strength=0.0), seed=0).oracle_logits("eval", idx).std()
     labels = torch.from_numpy(rich.read("eval", np.arange(20000)).labels[:, 0])
     assert auc(torch.from_numpy(rich.oracle_logits("eval", np.arange(20000))), labels) > 0.7

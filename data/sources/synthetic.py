@@ -22,8 +22,11 @@ Generative story for one example:
 capacity keeps paying off: each history event's category match is weighted by its
 action (``+1, +0.5, -1, 0`` for actions ``0..3``: a "dislike" counts against) and by its
 recency (``exp(-age_rank / 8)``, newest event first, normalised over the history); a
-rank-4 user × category preference ``0.7 · <p_u, q_c> / 2`` is added (a second-order
-interaction of two context ids); and a dense cross term ``0.5 · dense[1] · dense[2]``.
+history event on the target item itself counts 3× (repeat engagement; histories and
+target share the ``item`` table); a rank-4 user × category preference ``0.35 · <p_u, q_c>``
+is added (a second-order interaction of two context ids); and a fixed random 2-layer tanh
+network of the dense features with standard deviation 1.5 (``_teacher``: a smooth function that
+wider towers fit better).
 
 A model must match the target item's category against the history (sequence features)
 and use the item, dense and segment context to approach the Bayes AUC
@@ -55,6 +58,9 @@ def _mix(x: np.ndarray) -> np.ndarray:
 _ACTION_WEIGHTS = np.array([1.0, 0.5, -1.0, 0.0])  # rich signal: per-action sign/weight (actions mod 4)
 _RECENCY_SCALE = 8.0  # rich signal: events; weight exp(-(age_rank - 1) / scale)
 _PREF_RANK = 4  # rich signal: rank of the user x category preference
+_TEACHER_WIDTH = 64  # rich signal: hidden units of the dense-feature teacher network
+_TEACHER_SCALE = 1.5  # rich signal: standard deviation of the teacher term (logits)
+_REPEAT_WEIGHT = 2.0  # rich signal: extra match weight of a history event on the target item itself
 
 
 class _Hasher:
@@ -85,6 +91,23 @@ def _static_hash(field: int, ids: np.ndarray, n: int) -> np.ndarray:
         return (_mix(ids.astype(np.uint64) * np.uint64(0x2545F4914F6CDD1D) + np.uint64(field)) % np.uint64(n)).astype(np.int64)
 
 
+def _teacher(dense: np.ndarray) -> np.ndarray:
+    """Rich signal: a fixed random 2-layer tanh network of the dense features, ``[N]``.
+
+    A smooth nonlinear function that a wider dense tower fits better (student-teacher), so
+    capacity keeps paying off; scaled to unit standard deviation over standard-normal
+    inputs. Its weights depend only on the number of dense features, not on the seed.
+    """
+    n_dense = dense.shape[1]
+    rng = np.random.default_rng(20261122 + n_dense)
+    w1 = rng.normal(size=(n_dense, _TEACHER_WIDTH)) * (2.0 / np.sqrt(n_dense))
+    b1 = rng.normal(size=_TEACHER_WIDTH) * 0.5
+    w2 = rng.normal(size=_TEACHER_WIDTH)
+    probe = np.random.default_rng(0).normal(size=(4096, n_dense))
+    scale = np.std(np.tanh(probe @ w1 + b1) @ w2)
+    return (np.tanh(dense.astype(np.float64) @ w1 + b1) @ w2) / scale
+
+
 def _static_normal(field: int, ids: np.ndarray) -> np.ndarray:
     """Per-id standard normal (Box-Muller on two static hashes), ``[len(ids)]``."""
     u1 = (_static_hash(field, ids, 1 << 30) + 0.5) / float(1 << 30)
@@ -100,13 +123,16 @@ class SyntheticSource:
         self.seed = seed
         self.bad_rows = 0
         c = cfg
+        # Rich: histories and the target share the item table (as in production), so a
+        # model can match a history event against the target id directly.
+        hist_table = "item" if c.signal == "rich" else "seq_item"
         self.schema = FeatureSchema(
             tables=[
                 TableSpec("user", c.num_users),
                 TableSpec("item", c.num_items),
                 TableSpec("category", c.num_categories),
                 TableSpec("segment", NUM_SEGMENTS),
-                TableSpec("seq_item", c.num_items),
+                *([] if c.signal == "rich" else [TableSpec("seq_item", c.num_items)]),
                 TableSpec("action", c.num_actions),
             ],
             dense_features=[f"dense_{i}" for i in range(c.num_dense)],
@@ -117,8 +143,8 @@ class SyntheticSource:
                 ContextFeature("user_segments", "segment", max_ids=3),
             ],
             event_types=[
-                EventType("click", "seq_item", "action", c.max_seq_len),
-                EventType("purchase", "seq_item", "action", max(1, c.max_seq_len // 4)),
+                EventType("click", hist_table, "action", c.max_seq_len),
+                EventType("purchase", hist_table, "action", max(1, c.max_seq_len // 4)),
             ],
             labels=["label"],
         )
@@ -195,6 +221,7 @@ class SyntheticSource:
                 pos = np.arange(len(row)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
                 age_rank = np.repeat(lengths, lengths) - pos  # 1 = newest
                 recency = np.exp(-(age_rank - 1) / _RECENCY_SCALE)
+                match = match + _REPEAT_WEIGHT * (ev_items == items[row])  # the very item again
                 num = np.bincount(row, weights=match * _ACTION_WEIGHTS[actions % 4] * recency, minlength=n)
                 share = num / np.maximum(np.bincount(row, weights=recency, minlength=n), 1e-12)
             else:
@@ -208,8 +235,8 @@ class SyntheticSource:
         if c.signal == "rich":
             pref = sum(_static_normal(40 + r, users) * _static_normal(50 + r, cats) for r in range(_PREF_RANK))
             logits = logits + 0.35 * pref
-            if c.num_dense >= 3:
-                logits = logits + 0.5 * dense[:, 1] * dense[:, 2]
+            if c.num_dense:
+                logits = logits + _TEACHER_SCALE * _teacher(dense)
         labels = (h.uniform(9, idx) < 1.0 / (1.0 + np.exp(-logits))).astype(np.float32)
         ones = np.ones(n, dtype=np.int64)
         block = ExampleBlock(
