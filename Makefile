@@ -47,6 +47,7 @@ SCALING_OUT ?= runs/scaling
 scaling: setup data
 	$(BIN)/python benchmarks/scaling.py sweep --out $(SCALING_OUT)
 	$(BIN)/python benchmarks/scaling.py ablate --out $(SCALING_OUT)
+	$(BIN)/python benchmarks/scaling.py throughput --out $(SCALING_OUT)
 	$(BIN)/python benchmarks/scaling.py saturation --out $(SCALING_OUT)
 	$(BIN)/python benchmarks/scaling.py movielens --out $(SCALING_OUT)
 	$(BIN)/python benchmarks/scaling.py report --out $(SCALING_OUT)
