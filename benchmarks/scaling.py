@@ -99,15 +99,16 @@ def tower_overrides(tower: str, w: int, low_value_event: str = "purchase") -> Li
     raise ValueError(f"unknown tower {tower!r}; expected one of {TOWERS}")
 
 
-# Ablations of Kunlun at ABLATION_WIDTH: name → (overrides on top of the sized config,
-# the paper's reported delta for the same change, docs/kunlun-architecture.md §8).
-ABLATIONS: Dict[str, Tuple[List[str], str]] = {
-    "kunlun (all on)": ([], ""),
-    "CompSkip off": (["model.kunlun.compskip=false"], "CompSkip: −43.1% FLOPs, +35% QPS, NE-neutral"),
-    "full attention (no window)": (["model.kunlun.default_event.window=-1", "model.kunlun.events.purchase.window=-1"], "SWA: −29.5% FLOPs, +31.1% QPS, NE-neutral"),
-    "PMA instead of HSP": (["model.kunlun.summary=pma"], "HSP vs PMA: +0.08% NE"),
-    "event personalisation off": (None, "−11% FLOPs, +13% QPS"),  # filled in by ablation_overrides
-    "unfused PFFN (reference GDPA)": (["model.kunlun.gdpa_impl=reference"], "GDPA removed: MFU 37→34%, −0.04% NE"),
+# Ablations of Kunlun at ABLATION_WIDTH: variant → (overrides on top of the sized config,
+# the feature the variant removes, the paper's reported effect of that feature,
+# docs/kunlun-architecture.md §8).
+ABLATIONS: Dict[str, Tuple[Optional[List[str]], str, str]] = {
+    "kunlun (all on)": ([], "", ""),
+    "CompSkip off": (["model.kunlun.compskip=false"], "CompSkip", "−43.1% FLOPs, +35% QPS, NE-neutral"),
+    "full attention (no window)": (["model.kunlun.default_event.window=-1", "model.kunlun.events.purchase.window=-1"], "sliding window", "−29.5% FLOPs, +31.1% QPS, NE-neutral"),
+    "PMA instead of HSP": (["model.kunlun.summary=pma"], "HSP (vs PMA)", "+0.08% NE gain"),
+    "event personalisation off": (None, "event personalisation", "−11% FLOPs, +13% QPS"),  # see ablation_overrides
+    "unfused PFFN (reference GDPA)": (["model.kunlun.gdpa_impl=reference"], "fused GDPA", "MFU 34→37%, +0.04% NE gain"),
 }
 
 
@@ -115,7 +116,7 @@ def ablation_overrides(name: str, w: int = ABLATION_WIDTH) -> List[str]:
     base = tower_overrides("kunlun", w)
     if name == "event personalisation off":  # purchases get the clicks' config too
         return [o for o in base if not o.startswith("model.kunlun.events=")] + ["model.kunlun.events={}"]
-    return base + ABLATIONS[name][0]
+    return base + list(ABLATIONS[name][0] or [])
 
 
 def planned_flops(tower: str, w: int, extra: Sequence[str] = (), config: str = "scaling") -> Dict[str, float]:
@@ -242,9 +243,14 @@ def sweep_runs(towers: Sequence[str], widths: Dict[str, Sequence[int]], common: 
 GPU_ONLY_ABLATIONS = ("unfused PFFN (reference GDPA)",)  # on CPU "auto" already is the reference
 
 
+NOISE_SEEDS = (1, 2)  # the full model again with other seeds: the run-to-run spread of NE
+
+
 def ablation_runs(common: Sequence[str] = (), cuda: bool = False) -> List[Run]:
     names = [n for n in ABLATIONS if cuda or n not in GPU_ONLY_ABLATIONS]
-    return [Run(f"ablate/{_slug(n)}", ["model.tower=kunlun", *ablation_overrides(n), *common]) for n in names]
+    runs = [Run(f"ablate/{_slug(n)}", ["model.tower=kunlun", *ablation_overrides(n), *common]) for n in names]
+    base = ablation_overrides(next(iter(ABLATIONS)))
+    return runs + [Run(f"ablate/seed{s}", ["model.tower=kunlun", *base, f"seed={s}", *common]) for s in NOISE_SEEDS]
 
 
 def saturation_runs(factors: Sequence[int] = (2, 4)) -> List[Run]:
@@ -443,6 +449,9 @@ def report(out: Path, common: Sequence[str] = ()) -> Dict:
     if ablations:
         write_table(ablations, out / "ablations.csv")
         summary["ablations"] = ablations
+        seeds = [ablations[0]["eval_ne"]] + [json.loads(p.read_text())["eval/ne"] for p in sorted((out / "ablate").glob("seed*/final_metrics.json"))]
+        if len(seeds) >= 2:  # seed changes data order, eval examples and init: the whole-run spread
+            summary["seed_spread"] = {"eval_ne": seeds, "std": float(np.std(seeds, ddof=1)), "std_pct": float(100 * np.std(seeds, ddof=1) / np.mean(seeds))}
     summary["rows"] = all_rows
     base = out / "sweep" / f"kunlun-w{ABLATION_WIDTH}" / "final_metrics.json"
     more = sorted((out / "saturation").glob(f"kunlun-w{ABLATION_WIDTH}-x*/final_metrics.json"), key=lambda p: int(p.parent.name.rsplit("-x", 1)[1]))
@@ -460,18 +469,20 @@ def collect_ablations(out: Path) -> List[Dict]:
     rows, base = [], None
     tput_file = out / "ablation_throughput.json"
     tput = json.loads(tput_file.read_text()) if tput_file.exists() else {}
-    for name, (_, paper) in ABLATIONS.items():
+    for name, (_, feature, paper) in ABLATIONS.items():
         rec = out / "ablate" / _slug(name) / "final_metrics.json"
         if not rec.exists():
             continue
         r = _row("kunlun", ABLATION_WIDTH, json.loads(rec.read_text()), "ablate")
-        r["variant"], r["paper"] = name, paper
+        r["variant"], r["feature"], r["paper"] = name, feature, paper
         if name in tput:  # the sequential, same-conditions measurement beats the run's own
             r["examples_per_sec"] = tput[name]
         base = base or r
-        for k, label in (("gflops_per_example_fwd", "d_flops_pct"), ("examples_per_sec", "d_examples_per_sec_pct")):
-            r[label] = 100 * (r[k] / base[k] - 1)
-        r["d_eval_ne_pct"] = 100 * (r["eval_ne"] / base["eval_ne"] - 1)
+        # The feature's effect, in the paper's convention: the full model relative to this
+        # variant without it (FLOPs and examples/s ratios; NE gain > 0 = the feature helps).
+        r["feature_flops_pct"] = 100 * (base["gflops_per_example_fwd"] / r["gflops_per_example_fwd"] - 1)
+        r["feature_examples_per_sec_pct"] = 100 * (base["examples_per_sec"] / r["examples_per_sec"] - 1)
+        r["feature_ne_gain_pct"] = 100 * (r["eval_ne"] - base["eval_ne"]) / r["eval_ne"]
         rows.append(r)
     return rows
 
@@ -497,12 +508,17 @@ def markdown(summary: Dict) -> str:
             f"| {r['data']} | {r['tower']} | {r['width']} | {r['dense_params']:,} | {r['gflops_per_example_fwd']:.5f} | {r['train_flops']:.3g} | {r['examples_per_sec']:.0f} | "
             f"{r['eval_ne']:.4f} | {r['eval_auc']:.4f} | {r['test_ne']:.4f} | {r['test_auc']:.4f} |"
         )
+    if summary.get("seed_spread"):
+        sp = summary["seed_spread"]
+        lines.append(f"\nKunlun (all on) over {len(sp['eval_ne'])} seeds: eval NE " + ", ".join(f"{v:.4f}" for v in sp["eval_ne"]) + f" (std {sp['std']:.4f} = {sp['std_pct']:.2f}%)")
     if summary.get("ablations"):
-        lines.append("\n| variant | fwd GFLOPs/ex | ΔFLOPs | ex/s | Δex/s | eval NE | ΔNE | paper |\n|---|---|---|---|---|---|---|---|")
+        lines.append(
+            "\n| variant | fwd GFLOPs/ex | ex/s | eval NE | feature | its ΔFLOPs | its Δex/s | its NE gain | paper (same feature) |\n|---|---|---|---|---|---|---|---|---|"
+        )
         for r in summary["ablations"]:
+            effect = f"{r['feature_flops_pct']:+.1f}% | {r['feature_examples_per_sec_pct']:+.1f}% | {r['feature_ne_gain_pct']:+.2f}%" if r["feature"] else "— | — | —"
             lines.append(
-                f"| {r['variant']} | {r['gflops_per_example_fwd']:.5f} | {r['d_flops_pct']:+.1f}% | {r['examples_per_sec']:.0f} | {r['d_examples_per_sec_pct']:+.1f}% | "
-                f"{r['eval_ne']:.4f} | {r['d_eval_ne_pct']:+.2f}% | {r['paper']} |"
+                f"| {r['variant']} | {r['gflops_per_example_fwd']:.5f} | {r['examples_per_sec']:.0f} | {r['eval_ne']:.4f} | {r['feature'] or '—'} | {effect} | {r['paper'] or '—'} |"
             )
     return "\n".join(lines)
 

@@ -82,14 +82,16 @@ def test_miniature_sweep_ablations_and_report(tmp_path):
     assert set(summary["fits"]) == {"kunlun", "interformer"}
     assert all(math.isfinite(f["power_b_se"]) for f in summary["fits"].values())
     assert "efficiency_loglin_eta" in summary and 0 < summary["bayes_floor_eval_ne"] < 1
+    assert len(summary["seed_spread"]["eval_ne"]) == 1 + len(scaling.NOISE_SEEDS) and summary["seed_spread"]["std"] > 0
     png = tmp_path / "scaling.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size < 300_000
     ablations = {r["variant"]: r for r in csv.DictReader(open(tmp_path / "ablations.csv"))}
     assert set(ablations) == set(scaling.ABLATIONS) - set(scaling.GPU_ONLY_ABLATIONS)
     base = ablations["kunlun (all on)"]
     assert all(float(r["examples_per_sec"]) == pytest.approx(tput[name]) for name, r in ablations.items())
-    assert float(base["d_flops_pct"]) == 0.0
-    # CompSkip and the window remove work; personalisation off adds it (purchases at full width).
-    assert float(ablations["CompSkip off"]["d_flops_pct"]) > 0
-    assert float(ablations["full attention (no window)"]["d_flops_pct"]) > 0
-    assert float(ablations["event personalisation off"]["d_flops_pct"]) > 0
+    assert float(base["feature_flops_pct"]) == 0.0 and float(base["feature_ne_gain_pct"]) == 0.0
+    # CompSkip, the window and event personalisation each save FLOPs (the paper's direction).
+    for variant in ("CompSkip off", "full attention (no window)", "event personalisation off"):
+        assert float(ablations[variant]["feature_flops_pct"]) < 0, variant
+    ne_gain = float(ablations["PMA instead of HSP"]["feature_ne_gain_pct"])
+    assert ne_gain == pytest.approx(100 * (float(ablations["PMA instead of HSP"]["eval_ne"]) - float(base["eval_ne"])) / float(ablations["PMA instead of HSP"]["eval_ne"]))
