@@ -72,12 +72,13 @@ def matched_width(tower: str, target_flops: float) -> int:
     """Width whose forward FLOPs/example is closest to ``target_flops`` (FLOPs grow with w)."""
     import scaling
 
-    lo, hi = 4, 512
-    while hi - lo > 1:  # smallest w with F(w) >= target, then the closer of it and w - 1
+    # Widths in steps of 4 (2 heads on the width and on half of it must divide evenly).
+    lo, hi = 1, 128
+    while hi - lo > 1:  # smallest k with F(4k) >= target, then the closer of 4k and 4(k - 1)
         mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if scaling.planned_flops(tower, mid)["forward_flops"] < target_flops else (lo, mid)
-    f_lo, f_hi = (scaling.planned_flops(tower, w)["forward_flops"] for w in (lo, hi))
-    return lo if abs(math.log(f_lo / target_flops)) < abs(math.log(f_hi / target_flops)) else hi
+        lo, hi = (mid, hi) if scaling.planned_flops(tower, 4 * mid)["forward_flops"] < target_flops else (lo, mid)
+    f_lo, f_hi = (scaling.planned_flops(tower, 4 * k)["forward_flops"] for k in (lo, hi))
+    return 4 * (lo if abs(math.log(f_lo / target_flops)) < abs(math.log(f_hi / target_flops)) else hi)
 
 
 def e2e(args) -> None:
@@ -103,10 +104,15 @@ def e2e(args) -> None:
             raise SystemExit(f"{tower}: training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
         m = json.loads((run_dir / "final_metrics.json").read_text())
         prof = json.loads((run_dir / "profile" / "summary_rank0.json").read_text())
-        model_tflops = 3 * m["perf/forward_flops_per_example"] * m["perf/examples_per_sec"] / 1e12
+        # Throughput of the profiled steps (after warm-up; includes the profiler's own
+        # overhead, so a slight underestimate): a 25-step run's average would be dominated
+        # by the first steps' one-off costs.
+        global_batch = m["train/examples_consumed"] / m["train/step"]
+        ex_s = global_batch / (prof["step_ms"] / 1e3)
+        model_tflops = 3 * m["perf/forward_flops_per_example"] * ex_s / 1e12
         rows.append(dict(
             tower=tower, width=w, mflops_per_example_fwd=m["perf/forward_flops_per_example"] / 1e6, dense_params=int(m["model/dense_params"]),
-            examples_per_sec=m["perf/examples_per_sec"], model_gflops=model_tflops * 1e3, mfu_vs_probe=model_tflops / (probe * args.nproc),
+            examples_per_sec=ex_s, examples_per_sec_whole_run=m["perf/examples_per_sec"], model_gflops=model_tflops * 1e3, mfu_vs_probe=model_tflops / (probe * args.nproc),
             step_ms=prof["step_ms"], outside_dense_compute=prof["outside_dense_compute_share"], shares=prof["host_share"],
             trace=str(run_dir / "profile" / "trace_rank0.json"),
         ))
