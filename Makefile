@@ -46,6 +46,7 @@ test-fast: setup
 SCALING_OUT ?= runs/scaling
 scaling: setup data
 	$(BIN)/python benchmarks/scaling.py sweep --out $(SCALING_OUT)
+	$(BIN)/python benchmarks/scaling.py layers --out $(SCALING_OUT)
 	$(BIN)/python benchmarks/scaling.py ablate --out $(SCALING_OUT)
 	$(BIN)/python benchmarks/scaling.py throughput --out $(SCALING_OUT)
 	$(BIN)/python benchmarks/scaling.py saturation --out $(SCALING_OUT)

@@ -2,6 +2,7 @@
 
     python benchmarks/scaling.py plan                       # sizes and FLOPs, no training
     python benchmarks/scaling.py sweep  --out runs/scaling  # train every tower x width
+    python benchmarks/scaling.py layers --out runs/scaling  # Kunlun NE vs number of layers
     python benchmarks/scaling.py ablate --out runs/scaling  # Kunlun ablations at one width
     python benchmarks/scaling.py throughput --out runs/scaling  # their examples/s, one at a time
     python benchmarks/scaling.py saturation --out runs/scaling  # Kunlun on 2x and 4x the data
@@ -209,7 +210,6 @@ def _job_env() -> Dict[str, str]:
     env = dict(os.environ)
     env["OMP_NUM_THREADS"] = "1"  # --jobs processes share the cores
     env["PYTHONUNBUFFERED"] = "1"
-    env.pop("KUNLUN_DATA_CACHE", None)
     return env
 
 
@@ -263,6 +263,29 @@ def saturation_runs(factors: Sequence[int] = (2, 4)) -> List[Run]:
             f"data.synthetic.train_examples={k * n}", f"trainer.max_steps={k * n // b}"])
         for k in factors
     ]
+
+
+LAYERS = (1, 2, 3, 4, 6)
+
+
+def layer_runs(common: Sequence[str] = (), layers: Sequence[int] = LAYERS) -> List[Run]:
+    """Kunlun at ABLATION_WIDTH with L Kunlun layers and L-layer click towers (NE vs depth)."""
+    base = tower_overrides("kunlun", ABLATION_WIDTH)
+    return [Run(f"layers/kunlun-L{n}", ["model.tower=kunlun", *base, f"model.kunlun.num_layers={n}", f"model.kunlun.default_event.layers={n}", *common]) for n in layers]
+
+
+def collect_layers(out: Path) -> Optional[Dict]:
+    recs = sorted((out / "layers").glob("kunlun-L*/final_metrics.json"), key=lambda p: int(p.parent.name.rsplit("-L", 1)[1]))
+    if len(recs) < 3:
+        return None
+    rows = []
+    for rec in recs:
+        m = json.loads(rec.read_text())
+        rows.append({"layers": int(rec.parent.name.rsplit("-L", 1)[1]), "gflops_per_example_fwd": m["perf/forward_flops_per_example"] / 1e9,
+                     "train_flops": m["perf/train_flops"], "eval_ne": m["eval/ne"], "test_ne": m["test/ne"]})
+    fit = fit_line(np.log10([r["layers"] for r in rows]), [r["eval_ne"] for r in rows])
+    lo, hi = fit.slope_ci
+    return {"rows": rows, "ne_per_decade_of_layers": -fit.slope, "ci95": [-hi, -lo], "r2": fit.r2, "vs_flops": fit_scaling([r["train_flops"] for r in rows], [r["eval_ne"] for r in rows])}
 
 
 def load_scaling_config(overrides: Sequence[str] = ()):
@@ -453,6 +476,9 @@ def report(out: Path, common: Sequence[str] = ()) -> Dict:
         if len(seeds) >= 2:  # seed changes data order, eval examples and init: the whole-run spread
             summary["seed_spread"] = {"eval_ne": seeds, "std": float(np.std(seeds, ddof=1)), "std_pct": float(100 * np.std(seeds, ddof=1) / np.mean(seeds))}
     summary["rows"] = all_rows
+    depth = collect_layers(out)
+    if depth:
+        summary["layers"] = depth
     base = out / "sweep" / f"kunlun-w{ABLATION_WIDTH}" / "final_metrics.json"
     more = sorted((out / "saturation").glob(f"kunlun-w{ABLATION_WIDTH}-x*/final_metrics.json"), key=lambda p: int(p.parent.name.rsplit("-x", 1)[1]))
     if base.exists() and more:
@@ -508,6 +534,12 @@ def markdown(summary: Dict) -> str:
             f"| {r['data']} | {r['tower']} | {r['width']} | {r['dense_params']:,} | {r['gflops_per_example_fwd']:.5f} | {r['train_flops']:.3g} | {r['examples_per_sec']:.0f} | "
             f"{r['eval_ne']:.4f} | {r['eval_auc']:.4f} | {r['test_ne']:.4f} | {r['test_auc']:.4f} |"
         )
+    if summary.get("layers"):
+        d = summary["layers"]
+        lines.append(f"\nNE vs number of layers (Kunlun w{ABLATION_WIDTH}): η = {d['ne_per_decade_of_layers']:.4f} NE per decade of layers [95% CI {d['ci95'][0]:.4f}, {d['ci95'][1]:.4f}], R² {d['r2']:.2f}; "
+                     f"vs FLOPs b = {d['vs_flops']['power_b']:.4f} [{d['vs_flops']['power_b_ci95'][0]:.4f}, {d['vs_flops']['power_b_ci95'][1]:.4f}]")
+        lines.append("\n| layers | fwd GFLOPs/ex | train FLOPs | eval NE | test NE |\n|---|---|---|---|---|")
+        lines += [f"| {r['layers']} | {r['gflops_per_example_fwd']:.5f} | {r['train_flops']:.3g} | {r['eval_ne']:.4f} | {r['test_ne']:.4f} |" for r in d["rows"]]
     if summary.get("seed_spread"):
         sp = summary["seed_spread"]
         lines.append(f"\nKunlun (all on) over {len(sp['eval_ne'])} seeds: eval NE " + ", ".join(f"{v:.4f}" for v in sp["eval_ne"]) + f" (std {sp['std']:.4f} = {sp['std_pct']:.2f}%)")
@@ -526,7 +558,7 @@ def markdown(summary: Dict) -> str:
 # ----------------------------------------------------------------------------- CLI
 def main(argv: Optional[Sequence[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("command", choices=("plan", "sweep", "ablate", "throughput", "saturation", "movielens", "report"))
+    ap.add_argument("command", choices=("plan", "sweep", "layers", "ablate", "throughput", "saturation", "movielens", "report"))
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "scaling")
     ap.add_argument("--towers", default=",".join(TOWERS))
     ap.add_argument("--widths", default="", help="comma-separated widths for every tower (default: WIDTHS per tower)")
@@ -556,6 +588,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         import torch
 
         execute_all(ablation_runs(args.set, cuda=torch.cuda.is_available()), out, args.jobs, args.timeout)
+    elif args.command == "layers":
+        execute_all(layer_runs(args.set), out, args.jobs, args.timeout)
     elif args.command == "throughput":
         names = [n for n in ABLATIONS if n not in GPU_ONLY_ABLATIONS]
         result = {}

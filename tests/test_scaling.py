@@ -66,6 +66,7 @@ def test_miniature_sweep_ablations_and_report(tmp_path):
     args = ["--out", str(tmp_path), "--towers", "kunlun,interformer", "--widths", "8,12,16", "--min-decades", "0.3", "--set", *small]
     scaling.main(["sweep", *args])
     scaling.main(["ablate", *args])
+    scaling.main(["layers", *args])
     scaling.main(["throughput", *args, "--throughput-steps", "2"])
     tput = json.loads((tmp_path / "ablation_throughput.json").read_text())
     mtime = (tmp_path / "sweep" / "kunlun-w8" / "final_metrics.json").stat().st_mtime
@@ -83,6 +84,9 @@ def test_miniature_sweep_ablations_and_report(tmp_path):
     assert all(math.isfinite(f["power_b_se"]) for f in summary["fits"].values())
     assert "efficiency_loglin_eta" in summary and 0 < summary["bayes_floor_eval_ne"] < 1
     assert len(summary["seed_spread"]["eval_ne"]) == 1 + len(scaling.NOISE_SEEDS) and summary["seed_spread"]["std"] > 0
+    depth = summary["layers"]
+    assert [r["layers"] for r in depth["rows"]] == list(scaling.LAYERS) and len(depth["ci95"]) == 2
+    assert depth["rows"][-1]["gflops_per_example_fwd"] > depth["rows"][0]["gflops_per_example_fwd"]
     png = tmp_path / "scaling.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size < 300_000
     ablations = {r["variant"]: r for r in csv.DictReader(open(tmp_path / "ablations.csv"))}
