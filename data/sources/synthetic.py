@@ -24,9 +24,9 @@ action (``+1, +0.5, -1, 0`` for actions ``0..3``: a "dislike" counts against) an
 recency (``exp(-age_rank / 8)``, newest event first, normalised over the history); a
 history event on the target item itself counts 3× (repeat engagement; histories and
 target share the ``item`` table); a rank-4 user × category preference ``0.35 · <p_u, q_c>``
-is added (a second-order interaction of two context ids); and a fixed random 2-layer tanh
-network of the dense features with standard deviation 1.5 (``_teacher``: a smooth function that
-wider towers fit better).
+is added (a second-order interaction of two context ids); and a fixed random 2-layer
+tanh network of the dense features with standard deviation 1.5 (``_teacher``: a smooth
+function that wider towers fit better).
 
 A model must match the target item's category against the history (sequence features)
 and use the item, dense and segment context to approach the Bayes AUC
