@@ -42,10 +42,11 @@ test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 # Scaling laws + ablations + MovieLens points, then fits/CSV/JSON/PNG (benchmarks/scaling.py;
-# about an hour on 2 CPU cores; finished runs are kept, so it resumes).
+# about 75 minutes on 2 CPU cores; finished runs are kept, so it resumes).
 SCALING_OUT ?= runs/scaling
 scaling: setup data
 	$(BIN)/python benchmarks/scaling.py sweep --out $(SCALING_OUT)
+	$(BIN)/python benchmarks/scaling.py sweep --out $(SCALING_OUT) --towers kunlun,interformer --seeds 0,1,2
 	$(BIN)/python benchmarks/scaling.py layers --out $(SCALING_OUT)
 	$(BIN)/python benchmarks/scaling.py ablate --out $(SCALING_OUT)
 	$(BIN)/python benchmarks/scaling.py throughput --out $(SCALING_OUT)

@@ -234,10 +234,14 @@ def execute_all(runs: Sequence[Run], out: Path, jobs: int, timeout: int) -> List
         return list(pool.map(lambda r: execute(r, out, timeout), runs))
 
 
-def sweep_runs(towers: Sequence[str], widths: Dict[str, Sequence[int]], common: Sequence[str] = ()) -> List[Run]:
+def sweep_runs(towers: Sequence[str], widths: Dict[str, Sequence[int]], common: Sequence[str] = (), seeds: Sequence[int] = (0,)) -> List[Run]:
+    """One run per tower x width x seed (seed 0 is the config's; others add ``-s<seed>``)."""
     # Largest first: the long runs start early, so parallel jobs finish together.
-    pairs = sorted(((t, w) for t in towers for w in widths[t]), key=lambda tw: -tw[1])
-    return [Run(f"sweep/{t}-w{w}", [f"model.tower={t}", *tower_overrides(t, w), *common]) for t, w in pairs]
+    triples = sorted(((t, w, s) for t in towers for w in widths[t] for s in seeds), key=lambda tws: -tws[1])
+    return [
+        Run(f"sweep/{t}-w{w}" + (f"-s{s}" if s else ""), [f"model.tower={t}", *tower_overrides(t, w), *([f"seed={s}"] if s else []), *common])
+        for t, w, s in triples
+    ]
 
 
 GPU_ONLY_ABLATIONS = ("unfused PFFN (reference GDPA)",)  # on CPU "auto" already is the reference
@@ -405,10 +409,13 @@ def _row(tower: str, width: int, m: Dict, data: str) -> Dict:
 def collect(out: Path, kind: str) -> List[Dict]:
     rows = []
     for rec in sorted((out / kind).glob("*/final_metrics.json")):
-        tower, w = rec.parent.name.rsplit("-w", 1)
-        rows.append(_row(tower, int(w), json.loads(rec.read_text()), kind))
+        tower, rest = rec.parent.name.rsplit("-w", 1)
+        w, _, seed = rest.partition("-s")
+        row = _row(tower, int(w), json.loads(rec.read_text()), kind)
+        row["seed"] = int(seed or 0)
+        rows.append(row)
     order = {t: i for i, t in enumerate(TOWERS)}
-    return sorted(rows, key=lambda r: (order.get(r["tower"], len(order)), r["width"]))
+    return sorted(rows, key=lambda r: (order.get(r["tower"], len(order)), r["width"], r["seed"]))
 
 
 def write_table(rows: List[Dict], path: Path) -> None:
@@ -424,7 +431,7 @@ def plot(rows: List[Dict], fits: Dict[str, Dict], floor: Optional[float], path: 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    fig, ax = plt.subplots(figsize=(9.5, 4.5), dpi=100)
     for i, tower in enumerate(t for t in TOWERS if t in fits):
         pts = sorted((r["train_flops"], r["eval_ne"]) for r in rows if r["tower"] == tower)
         c = np.array([p[0] for p in pts])
@@ -439,7 +446,7 @@ def plot(rows: List[Dict], fits: Dict[str, Dict], floor: Optional[float], path: 
     ax.set_xlabel("training FLOPs (3 × forward FLOPs/example × examples)")
     ax.set_ylabel("eval NE")
     ax.set_title("NE vs training compute (synthetic rich signal, one pass over the same examples)", fontsize=10)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
@@ -454,10 +461,18 @@ def report(out: Path, common: Sequence[str] = ()) -> Dict:
     fits = {}
     for tower in TOWERS:
         pts = sorted((r["train_flops"], r["eval_ne"]) for r in rows if r["tower"] == tower)
-        if len(pts) >= 3:
+        # Every run is a point of the fit (several seeds per size tighten it); the
+        # size-level checks use the mean over seeds.
+        by_size: Dict[int, List[float]] = {}
+        for r in rows:
+            if r["tower"] == tower:
+                by_size.setdefault(r["width"], []).append(r["eval_ne"])
+        means = [float(np.mean(by_size[w])) for w in sorted(by_size)]
+        if len(by_size) >= 3:
             fits[tower] = fit_scaling([p[0] for p in pts], [p[1] for p in pts])
-            fits[tower]["still_improving"] = bool(pts[-1][1] < pts[-2][1])
-            fits[tower]["best_eval_ne"] = min(p[1] for p in pts)
+            fits[tower]["sizes"] = len(by_size)
+            fits[tower]["still_improving"] = bool(means[-1] < means[-2])
+            fits[tower]["best_eval_ne"] = min(means)
     summary: Dict = {"fits": fits}
     if "kunlun" in fits and "interformer" in fits:
         for key in ("power_b", "loglin_eta"):
@@ -514,10 +529,10 @@ def collect_ablations(out: Path) -> List[Dict]:
 
 
 def markdown(summary: Dict) -> str:
-    lines = ["| tower | points | decades of C | b (NE = a·C^-b) [95% CI] | η (NE per decade) [95% CI] | R² (power) | best eval NE | largest size still better |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| tower | runs | decades of C | b (NE = a·C^-b) [95% CI] | η (NE per decade) [95% CI] | R² (power) | best eval NE (size mean) | largest size still better |", "|---|---|---|---|---|---|---|---|"]
     for tower, f in summary["fits"].items():
         lines.append(
-            f"| {tower} | {f['points']} | {f['decades']:.2f} | {f['power_b']:.4f} [{f['power_b_ci95'][0]:.4f}, {f['power_b_ci95'][1]:.4f}] | "
+            f"| {tower} | {f['points']} ({f['sizes']} sizes) | {f['decades']:.2f} | {f['power_b']:.4f} [{f['power_b_ci95'][0]:.4f}, {f['power_b_ci95'][1]:.4f}] | "
             f"{f['loglin_eta']:.4f} [{f['loglin_eta_ci95'][0]:.4f}, {f['loglin_eta_ci95'][1]:.4f}] | {f['power_r2']:.3f} | {f['best_eval_ne']:.4f} | {'yes' if f['still_improving'] else 'no'} |"
         )
     for key in ("efficiency_power_b", "efficiency_loglin_eta"):
@@ -528,10 +543,10 @@ def markdown(summary: Dict) -> str:
         lines.append(f"\nBayes floor (eval NE of the true logits): {summary['bayes_floor_eval_ne']:.4f}")
     if summary.get("more_data"):
         lines.append(f"\nKunlun w{ABLATION_WIDTH} with more training examples (one pass each): " + ", ".join(f"{d['data_factor']}x → eval NE {d['eval_ne']:.4f}" for d in summary["more_data"]))
-    lines.append("\n| data | tower | width | dense params | fwd GFLOPs/ex | train FLOPs | ex/s | eval NE | eval AUC | test NE | test AUC |\n|---|---|---|---|---|---|---|---|---|---|---|")
+    lines.append("\n| data | tower | width | seed | dense params | fwd GFLOPs/ex | train FLOPs | ex/s | eval NE | eval AUC | test NE | test AUC |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in summary["rows"]:
         lines.append(
-            f"| {r['data']} | {r['tower']} | {r['width']} | {r['dense_params']:,} | {r['gflops_per_example_fwd']:.5f} | {r['train_flops']:.3g} | {r['examples_per_sec']:.0f} | "
+            f"| {r['data']} | {r['tower']} | {r['width']} | {r['seed']} | {r['dense_params']:,} | {r['gflops_per_example_fwd']:.5f} | {r['train_flops']:.3g} | {r['examples_per_sec']:.0f} | "
             f"{r['eval_ne']:.4f} | {r['eval_auc']:.4f} | {r['test_ne']:.4f} | {r['test_auc']:.4f} |"
         )
     if summary.get("layers"):
@@ -565,6 +580,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--jobs", type=int, default=2, help="training processes at a time")
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per run")
     ap.add_argument("--set", nargs="*", default=[], help="extra overrides for every run (e.g. trainer.max_steps=50); give report the same ones")
+    ap.add_argument("--seeds", default="0", help="sweep: comma-separated seeds per size (e.g. 0,1,2 to tighten the fits)")
     ap.add_argument("--throughput-steps", type=int, default=30, help="throughput: timed steps per variant and round")
     ap.add_argument("--min-decades", type=float, default=MIN_DECADES, help="sweep refuses width ladders spanning fewer decades of FLOPs")
     args = ap.parse_args(argv)
@@ -583,7 +599,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     elif args.command == "sweep":
         for t in towers:
             check_span([planned_flops(t, w, args.set)["forward_flops"] for w in widths[t]], t, args.min_decades)
-        execute_all(sweep_runs(towers, widths, args.set), out, args.jobs, args.timeout)
+        execute_all(sweep_runs(towers, widths, args.set, [int(x) for x in args.seeds.split(",")]), out, args.jobs, args.timeout)
     elif args.command == "ablate":
         import torch
 
