@@ -161,10 +161,7 @@ class Decoder:
             ok = np.ones(n, dtype=bool)
             actions = np.zeros(len(items), dtype=np.int64)
             if ev.action is not None:
-                a_arr = _col(table, ev.action.name)
-                a_len, a_flat = _list_parts(a_arr)
-                mismatch = a_len != lengths
-                issues.flag(mismatch, ev.action.name, lambda i: _py(a_arr[i]), f"a list as long as {ev.item.name!r} ({int(lengths[issues_first(mismatch)])} events)")
+                a_arr, a_len, a_flat, mismatch = _attribute_list(table, ev.action, ev.item, lengths, issues)
                 ok &= ~mismatch
                 if not mismatch.any():
                     actions = self._ids(ev.action, a_flat, issues, row_of, n, a_arr)
@@ -172,10 +169,7 @@ class Decoder:
                     a_rows = self._ids(ev.action, a_flat, issues, np.repeat(np.arange(n), a_len), n, a_arr)
                     actions = _align(a_rows, a_len, lengths, ok)
             if ev.timestamp is not None:
-                t_arr = _col(table, ev.timestamp.name)
-                t_len, t_flat = _list_parts(t_arr)
-                mismatch = t_len != lengths
-                issues.flag(mismatch, ev.timestamp.name, lambda i: _py(t_arr[i]), f"a list as long as {ev.item.name!r} ({int(lengths[issues_first(mismatch)])} events)")
+                t_arr, t_len, t_flat, mismatch = _attribute_list(table, ev.timestamp, ev.item, lengths, issues)
                 ok &= ~mismatch
                 t_vals, t_valid = _seconds(t_flat, ev.timestamp)
                 if not t_valid.all():
@@ -207,6 +201,16 @@ class Decoder:
 def issues_first(mask: np.ndarray) -> int:
     idx = np.flatnonzero(mask)
     return int(idx[0]) if len(idx) else 0
+
+
+def _attribute_list(table: pa.Table, column, item_column, lengths: np.ndarray, issues):
+    """An event attribute's list column: (array, lengths, flat values, rows whose list length
+    differs from the item list's — flagged as issues)."""
+    arr = _col(table, column.name)
+    have, flat = _list_parts(arr)
+    mismatch = have != lengths
+    issues.flag(mismatch, column.name, lambda i: _py(arr[i]), f"a list as long as {item_column.name!r} ({int(lengths[issues_first(mismatch)])} events)")
+    return arr, have, flat, mismatch
 
 
 def _align(values: np.ndarray, have: np.ndarray, want: np.ndarray, ok: np.ndarray) -> np.ndarray:

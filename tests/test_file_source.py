@@ -31,6 +31,19 @@ def _cfg(path: Path, overrides=()):
     return load_config(str(path), list(overrides))
 
 
+def _same_table_job(tmp_path: Path, table: pa.Table, schema: str) -> Path:
+    """``table`` as all three Parquet splits plus a job YAML declaring ``schema`` (indented
+    under ``data.files.schema``); returns the YAML's path."""
+    for s in ("train", "eval", "test"):
+        pq.write_table(table, tmp_path / f"{s}.parquet")
+    job = tmp_path / "j.yaml"
+    job.write_text(
+        f"data:\n  source: parquet\n  files:\n    train: {tmp_path}/train.parquet\n    eval: {tmp_path}/eval.parquet\n"
+        f"    test: {tmp_path}/test.parquet\n    schema:{schema}"
+    )
+    return job
+
+
 def _hash_row(raw, n: int) -> int:
     return 1 + fnv1a64_reference(str(raw)) % (n - 1)
 
@@ -150,23 +163,13 @@ def test_newest_first_lists_are_reversed_and_the_most_recent_kept(tmp_path):
         "hist": pa.array([["c", "b", "a"], ["z"]]),  # newest first
         "hist_ts": pa.array([[30, 20, 10], [5]], pa.list_(pa.int64())),
     })
-    for s in ("train", "eval", "test"):
-        pq.write_table(t, tmp_path / f"{s}.parquet")
-    (tmp_path / "j.yaml").write_text(f"""
-data:
-  source: parquet
-  files:
-    train: {tmp_path}/train.parquet
-    eval: {tmp_path}/eval.parquet
-    test: {tmp_path}/test.parquet
-    schema:
-      events: [{{name: view, max_len: 2, order: newest_first}}]
+    src = FileSource(_cfg(_same_table_job(tmp_path, t, """
+      events: [{name: view, max_len: 2, order: newest_first}]
       columns:
-        - {{name: label, role: label, dtype: int64}}
-        - {{name: hist, role: sequence, dtype: list<string>, event: view, table: item}}
-        - {{name: hist_ts, role: sequence, dtype: list<int64>, event: view, attribute: timestamp}}
-""")
-    src = FileSource(_cfg(tmp_path / "j.yaml").data)
+        - {name: label, role: label, dtype: int64}
+        - {name: hist, role: sequence, dtype: list<string>, event: view, table: item}
+        - {name: hist_ts, role: sequence, dtype: list<int64>, event: view, attribute: timestamp}
+""")).data)
     # no action column: actions are 0 from the 1-row table _no_action; no request_time column: 0
     assert src.schema.table_sizes == {"item": 100_000, "_no_action": 1}
     b = src.read("train", np.arange(2))
@@ -262,21 +265,11 @@ def test_sharded_epoch_exactly_once_with_window_shuffle_and_resume(dataset):
 
 def test_eval_split_weights_multiply_padding(tmp_path):
     t = pa.table({"y": pa.array([1, 0, 1], pa.int64()), "w": pa.array([2.0, 0.5, 1.0])})
-    for s in ("train", "eval", "test"):
-        pq.write_table(t, tmp_path / f"{s}.parquet")
-    (tmp_path / "j.yaml").write_text(f"""
-data:
-  source: parquet
-  files:
-    train: {tmp_path}/train.parquet
-    eval: {tmp_path}/eval.parquet
-    test: {tmp_path}/test.parquet
-    schema:
+    src = FileSource(_cfg(_same_table_job(tmp_path, t, """
       columns:
-        - {{name: y, role: label, dtype: int64}}
-        - {{name: w, role: weight, dtype: float32}}
-""")
-    src = FileSource(_cfg(tmp_path / "j.yaml").data)
+        - {name: y, role: label, dtype: int64}
+        - {name: w, role: weight, dtype: float32}
+""")).data)
     ds = ShardedBatches(src, "eval", 4)
     assert ds.batch(0).weights.tolist() == [2.0, 0.5, 1.0, 0.0]  # example weights, padding 0
     assert ShardedBatches(src, "train", 2, shuffle=False).batch(0).weights.tolist() == [2.0, 0.5]

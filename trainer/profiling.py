@@ -50,10 +50,8 @@ STEP_REGION = "kunlun/step"
 
 
 def _category(event) -> Optional[str]:
-    """Category of one profiled op's self time; None outside a profiled step."""
-    name = event.name.lower()
-    if any(m in name for m in _COMM_MARKERS):
-        return "communication"
+    """Category of one profiled op's self time; None outside a profiled step (e.g. the
+    logging all-reduce between steps, recorded while the profiler runs)."""
     parent, region = event, None
     while parent is not None:
         if parent.name in _REGION_CATEGORY and region is None:
@@ -63,6 +61,9 @@ def _category(event) -> Optional[str]:
         parent = parent.cpu_parent
     if parent is None:
         return None
+    name = event.name.lower()
+    if any(m in name for m in _COMM_MARKERS):
+        return "communication"
     if region is None:
         return "other"
     if region == "kunlun/backward" and any(m in name for m in _EMBEDDING_MARKERS):
