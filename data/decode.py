@@ -74,6 +74,9 @@ class Decoder:
     def __init__(self, plan: FilePlan, mappers: Dict[str, object]):
         self.plan = plan
         self.mappers = mappers
+        # (table, column) → identity ids decoded so far that land on row 0 ("missing"): a real
+        # id 0 there is silently merged with nulls, so the source warns about it.
+        self.zero_ids: Dict[Tuple[str, str], int] = {}
 
     def _ids(self, spec: ColumnSpec, values: pa.Array, issues: RowIssues, rows_of: Optional[np.ndarray], n: int, raw) -> np.ndarray:
         mapper = self.mappers[spec.table]
@@ -85,7 +88,16 @@ class Decoder:
             row_mask[bad if rows_of is None else rows_of[bad]] = True
             expected = f"an id in [0, {mapper.num_embeddings}) (table {spec.table!r}, id_mapping=identity; or data.id_policy=modulo)"  # type: ignore[attr-defined]
             issues.flag(row_mask, spec.name, lambda i: _py(raw[i]), expected)
+        if mapper.kind == "identity":  # type: ignore[attr-defined]
+            self._count_zero_ids(spec, values, rows, bad)
         return rows
+
+    def _count_zero_ids(self, spec: ColumnSpec, values: pa.Array, rows: np.ndarray, bad: np.ndarray) -> None:
+        """Add the non-null, in-range ids of ``values [N]`` mapped to row 0 to :attr:`zero_ids`."""
+        zero = int(np.count_nonzero((rows == 0) & _valid(values) & ~bad))
+        if zero:
+            key = (spec.table, spec.name)
+            self.zero_ids[key] = self.zero_ids.get(key, 0) + zero
 
     def decode(self, table: pa.Table, issues: RowIssues) -> ExampleBlock:
         plan = self.plan

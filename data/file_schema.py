@@ -213,11 +213,13 @@ def resolve(files, source: str = "parquet") -> FilePlan:
     _check(files.shuffle_window >= 0, f"{p}.shuffle_window", files.shuffle_window, "an integer >= 0 (0 = global shuffle)")
     if source == "csv":
         c = files.csv
-        _check(len(c.delimiter) == 1, f"{p}.csv.delimiter", c.delimiter, "one character (use \"\\t\" for TSV)")
-        _check(len(c.list_separator) == 1 and c.list_separator != c.delimiter, f"{p}.csv.list_separator", c.list_separator,
-               f"one character other than the delimiter {c.delimiter!r}")
-        _check(len(c.quote_char) <= 1 and c.quote_char not in (c.delimiter, c.list_separator) if c.quote_char else True,
-               f"{p}.csv.quote_char", c.quote_char, "one character other than the delimiter and list separator, or '' for none")
+        _check(bool(c.delimiter), f"{p}.csv.delimiter", c.delimiter,
+               "a non-empty delimiter: one character (\",\", \"\\t\" for TSV) or several (\"::\" as in MovieLens' ratings.dat)")
+        _check("\n" not in c.delimiter and "\r" not in c.delimiter, f"{p}.csv.delimiter", c.delimiter, "a delimiter without line breaks")
+        _check(len(c.list_separator) == 1 and c.list_separator not in c.delimiter, f"{p}.csv.list_separator", c.list_separator,
+               f"one character that does not occur in the delimiter {c.delimiter!r}")
+        _check(len(c.quote_char) <= 1 and c.quote_char not in c.delimiter and c.quote_char != c.list_separator if c.quote_char else True,
+               f"{p}.csv.quote_char", c.quote_char, "one character other than the list separator and not in the delimiter, or '' for none")
         _check(c.rows_per_block >= 1, f"{p}.csv.rows_per_block", c.rows_per_block, "an integer >= 1")
 
     sk = f"{p}.schema"

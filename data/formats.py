@@ -2,7 +2,10 @@
 
 A file is cut into **chunks**, the unit of reading and caching: a Parquet row group, or a
 block of ``data.files.csv.rows_per_block`` CSV lines (found by one scan for newlines, so
-a block can be read with one seek; quoted fields must not contain newlines). A reader
+a block can be read with one seek; quoted fields must not contain newlines). The CSV
+delimiter may have several characters (MovieLens' ``::``): pyarrow's parser takes one byte,
+so such a delimiter is replaced by a control byte absent from the block first (and put back
+inside quoted values). A reader
 
 * lists a file's chunks (``chunks``) after checking its structure against the schema:
   empty files, missing columns, wrong Parquet types, list columns that are not lists, a CSV
@@ -201,6 +204,16 @@ def _parse_scalars(strings: pa.Array, dtype: str) -> Tuple[pa.Array, np.ndarray]
     return pc.cast(s, target), bad
 
 
+# Stand-ins for a delimiter that is not one byte (pyarrow's parser needs one byte): control
+# characters, which text data practically never contains; a block holding them all is refused.
+_STAND_INS = [bytes([b]) for b in (0x1F, 0x1E, 0x1D, 0x1C, *range(0x01, 0x09), *range(0x0E, 0x1C))]
+
+
+def _free_byte(data: bytes, taken: str = "") -> Optional[bytes]:
+    """The first stand-in byte that occurs neither in ``data`` nor in ``taken`` (None if none is free)."""
+    return next((b for b in _STAND_INS if b not in data and b.decode() not in taken), None)
+
+
 class CsvReader:
     """CSV/TSV files in blocks of lines (see the module docstring)."""
 
@@ -213,14 +226,39 @@ class CsvReader:
         self._blocks: Dict[str, np.ndarray] = {}  # path → byte offsets [num_blocks + 1]
         self._names: Dict[str, List[str]] = {}  # path → column names of the file
         self._header_lines = 1 if csv_cfg.header else 0
+        self._delimiter = csv_cfg.delimiter.encode("utf-8")
+        self._one_byte = len(self._delimiter) == 1  # else the stand-in path (see _STAND_INS)
+        self._taken = csv_cfg.list_separator + csv_cfg.quote_char  # never a stand-in
 
     def where(self, path: str, row0: int) -> Callable[[int], str]:
         return lambda i: f"{path}:{row0 + i + 1 + self._header_lines}"
 
     def _split_line(self, line: str) -> List[str]:
+        """One line (the header) → fields, with the quoting rules of the data lines."""
         quote = self.cfg.quote_char or None
-        reader = csv.reader([line], delimiter=self.cfg.delimiter, quotechar=quote or '"', quoting=csv.QUOTE_MINIMAL if quote else csv.QUOTE_NONE)
-        return next(reader, [])
+        delimiter, stand_in = self.cfg.delimiter, None
+        if not self._one_byte:  # the csv module also takes one character only
+            stand_in = (_free_byte(line.encode("utf-8"), self._taken) or b"\x1f").decode()
+            line, delimiter = line.replace(delimiter, stand_in), stand_in
+        reader = csv.reader([line], delimiter=delimiter, quotechar=quote or '"', quoting=csv.QUOTE_MINIMAL if quote else csv.QUOTE_NONE)
+        fields = next(reader, [])
+        return [f.replace(stand_in, self.cfg.delimiter) for f in fields] if stand_in else fields
+
+    def _one_byte_delimiter(self, data: bytes, lines: str) -> Tuple[bytes, str, Optional[str]]:
+        """``(data, delimiter for pyarrow, stand-in or None)``: a delimiter of several bytes is
+        replaced by a byte absent from ``data`` (``lines`` names the block in errors)."""
+        if self._one_byte:
+            return data, self.cfg.delimiter, None
+        stand_in = _free_byte(data, self._taken)
+        if stand_in is None:
+            raise DataError(f"{lines}: every control character (\\x01-\\x08, \\x0e-\\x1f) occurs in these lines; "
+                            f"the delimiter {self.cfg.delimiter!r} ({len(self._delimiter)} bytes) needs one of them free (or use a one-byte delimiter)")
+        return data.replace(self._delimiter, stand_in), stand_in.decode(), stand_in.decode()
+
+    def _restore_delimiter(self, table: pa.Table, stand_in: str) -> pa.Table:
+        """Put the delimiter back where the stand-in ended up inside (quoted) values."""
+        cols = [pc.replace_substring(col, stand_in, self.cfg.delimiter) for col in table.columns]
+        return pa.table(cols, names=table.column_names)
 
     def chunks(self, path: str) -> List[ChunkInfo]:
         size = os.path.getsize(path)
@@ -302,6 +340,8 @@ class CsvReader:
             data = f.read(end - start)
         names = self._names[path]
         read_names = list(dict.fromkeys(s.name for s in self.plan.read_columns))
+        lines = f"{path}: lines {row0 + 1 + self._header_lines}..{row0 + num_rows + self._header_lines}"
+        data, delimiter, stand_in = self._one_byte_delimiter(data, lines)
         invalid: List[Tuple[Optional[int], int, int, str]] = []
 
         def handler(row) -> str:
@@ -313,7 +353,7 @@ class CsvReader:
                 io.BytesIO(data),
                 read_options=pacsv.ReadOptions(column_names=names, use_threads=False, block_size=max(len(data) + 1, 1 << 20)),
                 parse_options=pacsv.ParseOptions(
-                    delimiter=self.cfg.delimiter, quote_char=self.cfg.quote_char or False,
+                    delimiter=delimiter, quote_char=self.cfg.quote_char or False,
                     newlines_in_values=False, ignore_empty_lines=False, invalid_row_handler=handler,
                 ),
                 convert_options=pacsv.ConvertOptions(
@@ -322,13 +362,18 @@ class CsvReader:
                 ),
             )
         except pa.ArrowInvalid as e:
-            raise DataError(f"{path}: lines {row0 + 1 + self._header_lines}..{row0 + num_rows + self._header_lines}: cannot be parsed as CSV ({e})") from e
+            msg = str(e).replace(stand_in, self.cfg.delimiter) if stand_in else str(e)
+            raise DataError(f"{lines}: cannot be parsed as CSV ({msg})") from e
+        if stand_in and self.cfg.quote_char and self.cfg.quote_char.encode("utf-8") in data:
+            # outside quotes every stand-in split fields; one left in a value was a quoted delimiter
+            table = self._restore_delimiter(table, stand_in)
         if invalid:
             keep = np.ones(num_rows, dtype=bool)
             for number, expected, actual, text in invalid:
                 i = (number - 1) if number is not None else self._find_line(data, text)
                 keep[i] = False
-                issues.fail(i, f"row has {actual} fields: expected {expected} separated by {self.cfg.delimiter!r} ({text[:60]!r})")
+                shown = text.replace(stand_in, self.cfg.delimiter) if stand_in else text
+                issues.fail(i, f"row has {actual} fields: expected {expected} separated by {self.cfg.delimiter!r} ({shown[:60]!r})")
             take = np.full(num_rows, -1, dtype=np.int64)
             take[keep] = np.arange(int(keep.sum()))
             idx = pa.array(take, mask=~keep)

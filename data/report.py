@@ -11,8 +11,12 @@ Reads every row of the requested splits through the same readers and decoder as 
   the share of histories longer than ``max_len``, and events stamped at or after their
   example's request time (a leak of the future into the features);
 * per table: its mapping and rows, distinct ids over every column that reads it, rows
-  actually used, ids that share a row with another id (hash collisions) and, for vocab
-  tables, the share of ids that are out of vocabulary.
+  actually used; for hash tables the ids that share a row with another id (collisions),
+  their share of the distinct ids and the ``num_embeddings`` that keeps the expected share
+  under 1%; for identity tables the ids equal to 0 (they share row 0 with missing ids); for
+  vocab tables the share of ids that are out of vocabulary;
+* warnings (``report["warnings"]``, printed last): hash tables with more than 1% colliding
+  ids, identity columns holding id 0.
 
 Distinct counts are exact (64-bit fingerprints, 8 bytes per distinct id in memory).
 """
@@ -20,6 +24,7 @@ Distinct counts are exact (64-bit fingerprints, 8 bytes per distinct id in memor
 from __future__ import annotations
 
 import datetime as _dt
+import math
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -27,7 +32,47 @@ import pyarrow as pa
 
 from kunlun.data.block import take_block
 from kunlun.data.decode import _floats, _list_parts
-from kunlun.data.ids import canonical_text, fingerprint
+from kunlun.data.ids import canonical_text, fingerprint, zero_id_warning
+
+COLLISION_TARGET = 0.01  # share of a hash table's ids that may share a row before inspect warns
+
+
+def hash_collisions(fingerprints: np.ndarray, num_embeddings: int) -> int:
+    """How many of the distinct ids (``fingerprints [n]``, unique uint64) share their hash row
+    (``1 + fingerprint % (num_embeddings - 1)``, as ``HashMapper``) with another id."""
+    rows = fingerprints % np.uint64(num_embeddings - 1)
+    _, counts = np.unique(rows, return_counts=True)
+    return int(counts[counts > 1].sum())
+
+
+def suggested_num_embeddings(num_ids: int, target: float = COLLISION_TARGET) -> int:
+    """The smallest hash table (rows, row 0 included; rounded up to two significant digits)
+    whose expected share of colliding ids is at most ``target`` for ``num_ids`` distinct ids.
+
+    With n ids hashed uniformly into m rows an id shares its row unless the n - 1 others all
+    miss it: expected share ≈ 1 - (1 - 1/m)^(n-1) ≈ 1 - exp(-(n-1)/m). So
+    m >= (n - 1) / -ln(1 - target), about 100 (n - 1) rows for 1%.
+    """
+    if num_ids <= 1:
+        return 2
+    need = 1 + math.ceil((num_ids - 1) / -math.log1p(-target))
+    scale = 10 ** max(0, len(str(need)) - 2)
+    return -(-need // scale) * scale
+
+
+def _table_warnings(name: str, entry: Dict, zero_by_column: Dict[str, int], id_policy: str) -> List[str]:
+    """Warning lines for one table's report entry."""
+    out = []
+    if entry.get("collision_rate", 0.0) > COLLISION_TARGET:
+        out.append(
+            f"table {name!r}: {entry['collision_rate']:.1%} of its {entry['distinct_ids']:,} distinct ids share an embedding row "
+            f"with another id (id_mapping=hash, num_embeddings={entry['rows']:,}); set num_embeddings: {entry['suggested_rows']:,} "
+            f"(< {COLLISION_TARGET:.0%} expected), or use id_mapping: vocab (`kunlun data vocab`: one row per id, no collisions)"
+        )
+    for column, count in zero_by_column.items():
+        if count:
+            out.append(zero_id_warning(name, column, count, id_policy))
+    return out
 
 
 def _percentile_from_counts(counts: np.ndarray, q: float) -> int:
@@ -48,13 +93,14 @@ def inspect(data_cfg, splits: Sequence[str] = ("train", "eval", "test")) -> Dict
 
     src = FileSource(data_cfg, validate=False, splits=tuple(splits))
     plan = src.plan
-    report: Dict = {"source": src.source, "num_files": len(src.files), "splits": {}, "columns": {}, "events": {}, "tables": {}}
+    report: Dict = {"source": src.source, "num_files": len(src.files), "splits": {}, "columns": {}, "events": {}, "tables": {}, "warnings": []}
     col_stats: Dict[str, Dict] = {c.name: {"role": c.role, "dtype": c.dtype, "nulls": 0, "values": 0} for c in plan.read_columns}
     col_fp: Dict[str, Optional[np.ndarray]] = {}
     dense_acc: Dict[str, List[float]] = {c.name: [np.inf, -np.inf, 0.0, 0] for c in plan.dense}
     table_fp: Dict[str, Optional[np.ndarray]] = {t: None for t in plan.tables}
     table_rows: Dict[str, Optional[np.ndarray]] = {t: None for t in plan.tables}
     table_oov = {t: [0, 0] for t in plan.tables}
+    table_zero: Dict[str, Dict[str, int]] = {t: {} for t in plan.tables}  # identity: column → ids mapped to row 0
     ev_counts = {e.name: np.zeros(1, dtype=np.int64) for e in plan.events}
     ev_future = {e.name: 0 for e in plan.events}
 
@@ -105,8 +151,11 @@ def inspect(data_cfg, splits: Sequence[str] = ("train", "eval", "test")) -> Dict
                     fp, valid = fingerprint(canonical_text(values))
                     col_fp[spec.name] = _union(col_fp.get(spec.name), fp[valid])
                     table_fp[spec.table] = _union(table_fp[spec.table], fp[valid])
-                    mapped, _ = src.mappers[spec.table].map(values)  # type: ignore[attr-defined]
+                    mapped, bad_ids = src.mappers[spec.table].map(values)  # type: ignore[attr-defined]
                     table_rows[spec.table] = _union(table_rows[spec.table], mapped[valid])
+                    if plan.tables[spec.table].id_mapping == "identity":
+                        zero = int(((mapped == 0) & valid & ~bad_ids).sum())
+                        table_zero[spec.table][spec.name] = table_zero[spec.table].get(spec.name, 0) + zero
                     if plan.tables[spec.table].id_mapping == "vocab":
                         oov = src.mappers[spec.table].oov_buckets  # type: ignore[attr-defined]
                         table_oov[spec.table][0] += int(((mapped >= 1) & (mapped <= oov) & valid).sum())
@@ -157,11 +206,16 @@ def inspect(data_cfg, splits: Sequence[str] = ("train", "eval", "test")) -> Dict
         used = 0 if table_rows[name] is None else int(len(table_rows[name]))
         entry = {"id_mapping": t.id_mapping, "rows": int(src.table_sizes[name]), "distinct_ids": distinct, "rows_used": used}
         if t.id_mapping == "hash":
-            entry["colliding_ids"] = distinct - used
+            colliding = 0 if table_fp[name] is None else hash_collisions(table_fp[name], entry["rows"])
+            entry.update(colliding_ids=colliding, collision_rate=colliding / distinct if distinct else 0.0,
+                         suggested_rows=suggested_num_embeddings(distinct))
+        if t.id_mapping == "identity":
+            entry["zero_ids"] = sum(table_zero[name].values())
         if t.id_mapping == "vocab":
             oov, total = table_oov[name]
             entry["oov_share"] = oov / total if total else 0.0
         report["tables"][name] = entry
+        report["warnings"] += _table_warnings(name, entry, table_zero[name], getattr(src.mappers[name], "id_policy", "error"))
     return report
 
 
@@ -206,10 +260,18 @@ def format_report(report: Dict) -> str:
         ))
     out.append("\ntables")
     out.append(_table(
-        ["table", "id_mapping", "rows", "distinct ids", "rows used", "colliding ids", "oov"],
+        ["table", "id_mapping", "rows", "distinct ids", "rows used", "colliding ids", "collision rate", "suggested rows", "id 0", "oov"],
         [[t, v["id_mapping"], f"{v['rows']:,}", f"{v['distinct_ids']:,}", f"{v['rows_used']:,}",
-          f"{v['colliding_ids']:,}" if "colliding_ids" in v else "-", f"{100 * v['oov_share']:.1f}%" if "oov_share" in v else "-"]
+          f"{v['colliding_ids']:,}" if "colliding_ids" in v else "-", f"{100 * v['collision_rate']:.1f}%" if "collision_rate" in v else "-",
+          f"{v['suggested_rows']:,}" if "suggested_rows" in v else "-", f"{v['zero_ids']:,}" if "zero_ids" in v else "-",
+          f"{100 * v['oov_share']:.1f}%" if "oov_share" in v else "-"]
          for t, v in report["tables"].items()],
     ))
+    if any("suggested_rows" in v for v in report["tables"].values()):
+        out.append(f"(colliding ids: ids sharing a hash row with another id; suggested rows: the num_embeddings keeping the expected "
+                   f"share under {COLLISION_TARGET:.0%}, 1 - exp(-(ids - 1) / rows); id_mapping: vocab (`kunlun data vocab`) has no collisions)")
+    if report.get("warnings"):
+        out.append("\nwarnings")
+        out += [f"WARNING: {w}" for w in report["warnings"]]
     return "\n".join(out)
 

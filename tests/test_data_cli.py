@@ -61,11 +61,54 @@ def test_inspect_reports_counts_rates_lengths_cardinalities_and_nulls(dataset, t
     assert rep["events"]["purchase"]["at_or_after_request"] is None  # no timestamp column
     items = set(every["item_id"]) | {x for k in ("click_items", "buy_items") for xs in every[k] for x in xs}
     t = rep["tables"]["item"]
-    rows_used = {1 + fnv1a64_reference(str(i)) % 1999 for i in items}
-    assert (t["distinct_ids"], t["rows_used"], t["colliding_ids"]) == (len(items), len(rows_used), len(items) - len(rows_used))
-    assert rep["tables"]["category"] == {"id_mapping": "identity", "rows": 8, "distinct_ids": 8, "rows_used": 8}
-    for header in ("splits", "columns", "sequence lengths (before truncation)", "tables", "click_items", "colliding ids"):
+    per_row = Counter(1 + fnv1a64_reference(str(i)) % 1999 for i in items)
+    colliding = sum(c for c in per_row.values() if c > 1)  # ids sharing their row with another id
+    assert (t["distinct_ids"], t["rows_used"], t["colliding_ids"]) == (len(items), len(per_row), colliding)
+    assert t["collision_rate"] == pytest.approx(colliding / len(items)) and t["suggested_rows"] >= 99 * len(items)
+    # identity ids equal to 0 share row 0 with missing ids: counted per table, warned per column
+    zeros = {k: sum(x == 0 for v in every[k] for x in (v if isinstance(v, list) else [v])) for k in ("item_cat", "click_cats", "buy_cats")}
+    assert min(zeros.values()) > 0
+    assert rep["tables"]["category"] == {"id_mapping": "identity", "rows": 8, "distinct_ids": 8, "rows_used": 8, "zero_ids": sum(zeros.values())}
+    for column, count in zeros.items():
+        line = f"table 'category' (id_mapping=identity): column {column!r} has {count:,} ids equal to 0"
+        assert any(w.startswith(line) for w in rep["warnings"]) and f"WARNING: {line}" in text
+    for header in ("splits", "columns", "sequence lengths (before truncation)", "tables", "click_items", "colliding ids", "suggested rows", "id 0"):
         assert header in text
+
+
+def test_inspect_reports_hash_collisions_and_suggests_a_table_size(tmp_path, capsys):
+    """16,500 users hashed into 40,000 rows: a third of them share a row (a real job lost ~0.01 AUC)."""
+    n = 16_500
+    users = [f"user{i}" for i in range(n)]
+    table = pa.table({"y": pa.array(np.arange(n) % 2, pa.int64()), "user": pa.array(users), "item": pa.array([f"i{i % 50}" for i in range(n)])})
+    for s in ("train", "eval", "test"):
+        pq.write_table(table, tmp_path / f"{s}.parquet")
+    (tmp_path / "j.yaml").write_text(
+        f"data:\n  source: parquet\n  files:\n    train: {tmp_path}/train.parquet\n    eval: {tmp_path}/eval.parquet\n"
+        f"    test: {tmp_path}/test.parquet\n    schema:\n      tables: [{{name: user, num_embeddings: 40000}}, {{name: item, num_embeddings: 1000000}}]\n"
+        "      columns:\n        - {name: y, role: label, dtype: int64}\n"
+        "        - {name: user, role: categorical, dtype: string, table: user}\n        - {name: item, role: categorical, dtype: string, table: item}\n"
+    )
+    out_json = tmp_path / "report.json"
+    assert data_main(["inspect", "--config", str(tmp_path / "j.yaml"), "--split", "train", "--json", str(out_json)]) == 0
+    text = capsys.readouterr().out
+    rep = json.loads(out_json.read_text())
+    per_row = Counter(1 + fnv1a64_reference(u) % 39_999 for u in users)
+    colliding = sum(c for c in per_row.values() if c > 1)
+    user = rep["tables"]["user"]
+    assert (user["distinct_ids"], user["colliding_ids"]) == (n, colliding)
+    assert user["collision_rate"] == pytest.approx(colliding / n) and 0.3 < user["collision_rate"] < 0.37  # 1 - exp(-16499/39999) = 0.34
+    # the smallest 2-significant-digit size with an expected share under 1%: 1 - exp(-(n-1)/(rows-1))
+    assert user["suggested_rows"] == 1_700_000
+    assert 1 - np.exp(-(n - 1) / (1_700_000 - 1)) < 0.01 < 1 - np.exp(-(n - 1) / (1_600_000 - 1))
+    warning = (f"table 'user': {user['collision_rate']:.1%} of its 16,500 distinct ids share an embedding row with another id "
+               "(id_mapping=hash, num_embeddings=40,000); set num_embeddings: 1,700,000")
+    assert [w for w in rep["warnings"] if w.startswith(warning)] == rep["warnings"] and "kunlun data vocab" in rep["warnings"][0]
+    assert f"WARNING: {warning}" in text
+    # 50 ids in a million rows: no collisions, no warning, a small suggestion
+    assert rep["tables"]["item"]["colliding_ids"] == 0 and rep["tables"]["item"]["suggested_rows"] == 4_900
+    row = next(line.split() for line in text.split("\ntables\n")[1].splitlines() if line.startswith("user "))
+    assert row[1:] == ["hash", "40,000", "16,500", f"{len(per_row):,}", f"{colliding:,}", f"{100 * colliding / n:.1f}%", "1,700,000", "-", "-"]
 
 
 def test_console_script_and_module_entry_points(dataset):

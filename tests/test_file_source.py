@@ -7,6 +7,7 @@ of history, a label that depends on the histories).
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -31,11 +32,11 @@ def _cfg(path: Path, overrides=()):
     return load_config(str(path), list(overrides))
 
 
-def _same_table_job(tmp_path: Path, table: pa.Table, schema: str) -> Path:
+def _same_table_job(tmp_path: Path, table: pa.Table, schema: str, row_group_size=None) -> Path:
     """``table`` as all three Parquet splits plus a job YAML declaring ``schema`` (indented
     under ``data.files.schema``); returns the YAML's path."""
     for s in ("train", "eval", "test"):
-        pq.write_table(table, tmp_path / f"{s}.parquet")
+        pq.write_table(table, tmp_path / f"{s}.parquet", row_group_size=row_group_size)
     job = tmp_path / "j.yaml"
     job.write_text(
         f"data:\n  source: parquet\n  files:\n    train: {tmp_path}/train.parquet\n    eval: {tmp_path}/eval.parquet\n"
@@ -46,6 +47,20 @@ def _same_table_job(tmp_path: Path, table: pa.Table, schema: str) -> Path:
 
 def _hash_row(raw, n: int) -> int:
     return 1 + fnv1a64_reference(str(raw)) % (n - 1)
+
+
+def _assert_same_examples(a, b) -> None:
+    """Two decoded blocks hold the same examples, field by field."""
+    np.testing.assert_array_equal(a.labels, b.labels)
+    np.testing.assert_array_equal(a.request_time, b.request_time)
+    np.testing.assert_allclose(a.dense, b.dense, rtol=1e-6)
+    assert list(a.context) == list(b.context) and list(a.events) == list(b.events)
+    for k in a.context:
+        np.testing.assert_array_equal(a.context[k].lengths, b.context[k].lengths)
+        np.testing.assert_array_equal(a.context[k].values, b.context[k].values)
+    for k in a.events:
+        for f in ("lengths", "items", "actions", "timestamps"):
+            np.testing.assert_array_equal(getattr(a.events[k], f), getattr(b.events[k], f))
 
 
 @pytest.fixture(scope="module")
@@ -145,16 +160,57 @@ def test_csv_source_gives_the_same_examples_as_parquet(tmp_path):
     assert [ch.num_rows for ch in c.chunks[:3]] == [333, 333, 234]
     for split in ("train", "eval", "test"):
         idx = np.random.default_rng(0).permutation(p.num_examples(split))
-        a, b = p.read(split, idx), c.read(split, idx)
-        np.testing.assert_array_equal(a.labels, b.labels)
-        np.testing.assert_array_equal(a.request_time, b.request_time)
-        np.testing.assert_allclose(a.dense, b.dense, rtol=1e-6)
-        for k in a.context:
-            np.testing.assert_array_equal(a.context[k].lengths, b.context[k].lengths)
-            np.testing.assert_array_equal(a.context[k].values, b.context[k].values)
-        for k in a.events:
-            for f in ("lengths", "items", "actions", "timestamps"):
-                np.testing.assert_array_equal(getattr(a.events[k], f), getattr(b.events[k], f))
+        _assert_same_examples(p.read(split, idx), c.read(split, idx))
+
+
+@pytest.mark.parametrize("header", [True, False])
+def test_multi_character_delimiter_reads_like_commas(tmp_path, header):
+    """MovieLens-1M's ``ratings.dat`` separates fields by ``::``; pyarrow's parser takes one byte."""
+    paths = {}
+    for split, n, seed in (("train", 700, 1), ("eval", 150, 2), ("test", 150, 3)):
+        cols = make_rows(n, seed)
+        names = [c for c in cols if c != "affinity"]  # the declared columns, in order (no header: by position)
+        for delimiter, tag in ((",", "comma"), ("::", "colons")):
+            paths[tag, split] = tmp_path / f"{split}.{tag}.csv"
+            paths[tag, split].write_text(csv_text(cols, names, delimiter=delimiter, header=header))
+    sources = {}
+    for delimiter, tag in ((",", "comma"), ("::", "colons")):
+        text = csv_yaml(paths[tag, "train"], paths[tag, "eval"], paths[tag, "test"], rows_per_block=256).replace(
+            "csv: {rows_per_block: 256}", f'csv: {{rows_per_block: 256, delimiter: "{delimiter}", header: {str(header).lower()}}}')
+        (tmp_path / f"{tag}.yaml").write_text(text)
+        sources[tag] = FileSource(_cfg(tmp_path / f"{tag}.yaml").data)
+    assert "::" in paths["colons", "train"].read_text() and [ch.num_rows for ch in sources["colons"].chunks[:3]] == [256, 256, 188]
+    for split in ("train", "eval", "test"):
+        idx = np.random.default_rng(0).permutation(sources["comma"].num_examples(split))
+        _assert_same_examples(sources["comma"].read(split, idx), sources["colons"].read(split, idx))
+
+
+def test_multi_character_delimiter_keeps_quoting_and_located_errors(tmp_path):
+    cols = {k: v.to_pylist() for k, v in GOOD.items()}
+    cols["item_id"][1] = '"b::x"'  # a quoted delimiter is part of the value
+    lines = csv_text(cols, list(cols), delimiter="::").splitlines()
+    good = tmp_path / "train.csv"
+    good.write_text("\n".join(lines) + "\n")
+    src = _mini(tmp_path, source="csv", train_file=good, delimiter="::")
+    assert src.read("train", np.arange(6)).context["item_id"].values.tolist() == [_hash_row(x, 100) for x in "a b::x c d e f".split()]
+    lines[5] = "1::e::0"  # line 6: 3 fields
+    bad = tmp_path / "fields.csv"
+    bad.write_text("\n".join(lines) + "\n")
+    msg = _data_error(lambda: _mini(tmp_path, source="csv", train_file=bad, delimiter="::"))
+    assert f"{bad}:6: row has 3 fields: expected 6 separated by '::' ('1::e::0')" in msg
+
+
+@pytest.mark.parametrize("csv_cfg, expected", [
+    ('{delimiter: ""}', ["'data.files.csv.delimiter' = ''", "a non-empty delimiter", '"::"']),
+    ('{delimiter: "::", list_separator: ":"}', ["'data.files.csv.list_separator' = ':'", "does not occur in the delimiter '::'"]),
+])
+def test_csv_delimiter_validation(tmp_path, csv_cfg, expected):
+    text = csv_yaml(tmp_path / "t.csv", tmp_path / "e.csv", tmp_path / "s.csv").replace("csv: {rows_per_block: 700}", f"csv: {csv_cfg}")
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(ConfigError) as ei:
+        _cfg(tmp_path / "c.yaml")
+    for part in expected:
+        assert part in str(ei.value), (part, str(ei.value))
 
 
 def test_newest_first_lists_are_reversed_and_the_most_recent_kept(tmp_path):
@@ -394,7 +450,8 @@ GOOD: Dict[str, pa.Array] = {
 }
 
 
-def _mini(tmp_path: Path, train: Dict[str, pa.Array] = None, source: str = "parquet", policy: str = "error", train_file: Path = None, validate=None):
+def _mini(tmp_path: Path, train: Dict[str, pa.Array] = None, source: str = "parquet", policy: str = "error", train_file: Path = None, validate=None,
+          delimiter: str = ","):
     good = tmp_path / "good.parquet"
     pq.write_table(pa.table(GOOD), good)
     if train_file is None:
@@ -402,9 +459,9 @@ def _mini(tmp_path: Path, train: Dict[str, pa.Array] = None, source: str = "parq
         pq.write_table(pa.table(train), train_file, row_group_size=3)
     if source == "csv":
         good = tmp_path / "good.csv"
-        good.write_text(csv_text({k: v.to_pylist() for k, v in GOOD.items()}, list(GOOD)))
+        good.write_text(csv_text({k: v.to_pylist() for k, v in GOOD.items()}, list(GOOD), delimiter=delimiter))
     p = tmp_path / "mini.yaml"
-    p.write_text(MINI.format(source=source, train=train_file, good=good))
+    p.write_text(MINI.format(source=source, train=train_file, good=good).replace("rows_per_block: 4}", f'rows_per_block: 4, delimiter: "{delimiter}"}}'))
     cfg = load_config(str(p), [f"data.bad_row_policy={policy}"])
     return FileSource(cfg.data, validate=validate)
 
@@ -534,3 +591,62 @@ def test_dataloader_workers_read_the_same_batches(dataset):
     ref = [b.request_time.tolist() + b.context.values().tolist() for b in make_loader(ShardedBatches(src, "train", **kw), num_workers=0)]
     got = [b.request_time.tolist() + b.context.values().tolist() for b in make_loader(ShardedBatches(src, "train", **kw), num_workers=2)]
     assert len(ref) == 6 and got == ref
+
+
+def _zero_id_warnings(caplog) -> List[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "kunlun.data" and r.levelno == logging.WARNING and "equal to 0" in r.getMessage()]
+
+
+def test_identity_id_zero_is_warned_at_start(tmp_path, caplog, monkeypatch):
+    """Row 0 of every table is 'missing': a real identity id 0 silently shares it with nulls."""
+    monkeypatch.setattr(logging.getLogger("kunlun"), "propagate", True)  # a trainer run in this process may have turned it off
+    caplog.set_level(logging.WARNING, logger="kunlun.data")
+    # validate=true: one warning per column after the pass, with the count over every row
+    # (train.parquet and good.parquet each hold GOOD: cat has two 0s, click_cats one)
+    _mini(tmp_path, _replace())
+    got = _zero_id_warnings(caplog)
+    assert len(got) == 2
+    assert "table 'cat' (id_mapping=identity): column 'cat' has 4 ids equal to 0" in got[0] and "counted over all 12 rows" in got[0]
+    assert "column 'click_cats' has 2 ids equal to 0" in got[1]
+    assert "row 0 is reserved for missing" in got[0] and "Shift the ids by one" in got[0] and "hash or vocab" in got[0]
+    # validation off: at the first chunk that shows them, once per column; nulls are missing ids, not id 0
+    caplog.clear()
+    src = _mini(tmp_path, _replace(cat=pa.array([None, 1, 2, 3, 0, 1], pa.int64())), validate=False)
+    assert _zero_id_warnings(caplog) == []
+    src.read("train", np.arange(3))  # row group 0: a null cat, no 0
+    assert _zero_id_warnings(caplog) == []
+    src.read("train", np.arange(6))  # row group 1: cat 0 in row 4, click_cats [0] in row 3
+    got = _zero_id_warnings(caplog)
+    assert len(got) == 2 and all(f"first in the chunk starting at {tmp_path / 'train.parquet'}: row 3;" in g for g in got)
+    assert "column 'cat' has 1 ids equal to 0" in got[0] and "column 'click_cats' has 1 ids" in got[1]
+    src.read("eval", np.arange(6))
+    assert len(_zero_id_warnings(caplog)) == 2  # once per column
+
+
+# ====================================================================== FLOPs sample
+def test_average_sequence_lengths_spread_over_a_time_sorted_split(tmp_path):
+    """Histories grow with time and files are often time-sorted: the mean history length
+    for FLOPs accounting must come from the whole split, reading only a few chunks."""
+    from kunlun.trainer.perf import average_sequence_lengths
+
+    n, max_len = 40_000, 50
+    lengths = np.arange(n) * 40 // n  # 0 .. 39 events, growing with the row
+    offsets = np.zeros(n + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    hist = pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.arange(offsets[-1]) % 1000, pa.int64()))
+    table = pa.table({"label": pa.array(np.arange(n) % 2, pa.int64()), "hist": hist})
+    job = _same_table_job(tmp_path, table, f"""
+      events: [{{name: view, max_len: {max_len}}}]
+      columns:
+        - {{name: label, role: label, dtype: int64}}
+        - {{name: hist, role: sequence, dtype: list<int64>, event: view, table: item}}
+""", row_group_size=200)
+    true_mean = float(np.minimum(lengths, max_len).mean())
+    for seed in range(3):
+        src = FileSource(_cfg(job).data, validate=False)
+        got = average_sequence_lengths(src, seed=seed)["view"]
+        assert abs(got - true_mean) < 0.015 * true_mean, (seed, got, true_mean)
+        assert len(src._bad_by_chunk) <= 2 * 32 < len(src.chunks) // 3  # decoded chunks: ~2 per window, not all 600
+        # one 4,096-row window at a random offset (the former sample) would miss that tolerance
+        start = int(np.random.default_rng(seed).integers(0, n - 4096 + 1))
+        assert abs(lengths[start:start + 4096].mean() - true_mean) > 0.015 * true_mean

@@ -6,7 +6,10 @@ Layout under ``run_dir/checkpoints/``::
         dcp/            DCP shards + .metadata: model (sharded tables, dense), optimizers
         rng/rank<r>.pt  each rank's RNG state (tensors only; loaded with weights_only=True)
         manifest.json   every file with size and sha256
-        meta.json       step, data position, world size, parameter shapes; written last
+        meta.json       step, data position, world size, parameter shapes, early-stopping
+                        state; written last
+    best.json           the best validation step (``checkpoint.keep_best``): step, folder,
+                        metric and value; that folder is exempt from retention
 
 A checkpoint is written to ``.tmp-step_…`` and renamed to ``step_…`` by rank 0 only after
 every rank finished and the manifest and ``meta.json`` are fsynced, so a directory named
@@ -98,6 +101,7 @@ class Checkpointer:
         self.rank = rank
         self.world_size = world_size
         self.comm_device = comm_device  # NCCL collectives need GPU tensors
+        self.best_step: Optional[int] = None  # exempt from retention (checkpoint.keep_best)
         if rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
             for stale in self.root.glob(".tmp-step_*"):
@@ -193,11 +197,32 @@ class Checkpointer:
         _fsync_dir(self.root)
         shutil.rmtree(replaced, ignore_errors=True)
 
+    def path_of(self, step: int) -> Path:
+        return self.root / f"step_{step:08d}"
+
     def _retain(self) -> None:
-        ckpts = self.complete()
+        """Keep the newest ``keep`` checkpoints, plus the best one (kept apart, not counted)."""
+        best = self.path_of(self.best_step) if self.best_step is not None else None
+        ckpts = [p for p in self.complete() if p != best]
         for old in ckpts[: max(0, len(ckpts) - self.cfg.keep)]:
             log.info("deleting old checkpoint %s (checkpoint.keep=%d)", old, self.cfg.keep)
             shutil.rmtree(old, ignore_errors=True)
+
+    def mark_best(self, step: int, info: Dict[str, Any]) -> None:
+        """Record the committed checkpoint of ``step`` as the best one (``best.json``) and
+        exempt it from retention from now on. Called on every rank; rank 0 writes."""
+        self.best_step = step
+        if self.rank == 0:
+            write_json_atomic(self.root / "best.json", {**info, "step": step, "checkpoint": self.path_of(step).name})
+
+    def best(self) -> Optional[Path]:
+        """The best checkpoint recorded in ``best.json``, if it still exists complete."""
+        try:
+            info = json.loads((self.root / "best.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        path = self.root / str(info.get("checkpoint", ""))
+        return path if path in self.complete() else None
 
     # --------------------------------------------------------------------- load
     def verify(self, path: Path) -> None:

@@ -215,6 +215,16 @@ class OptimizerConfig:
 
 # ------------------------------------------------------------------------ trainer
 @dataclass
+class EarlyStoppingConfig:
+    """Best step and early stopping on a validation metric (``kunlun.trainer.early_stopping``)."""
+
+    metric: str = "eval/ne"  # eval/<auc|ne|logloss>, or eval/<metric>/<label> with several labels
+    mode: str = "auto"  # auto (lower is better for ne/logloss, higher for auc) | min | max
+    patience: int = 0  # stop after this many evaluations in a row without improvement; 0 = never stop early
+    min_delta: float = 0.0  # smallest change of the metric that counts as an improvement
+
+
+@dataclass
 class TrainerConfig:
     max_steps: int = 1000
     eval_every_n_steps: int = 200  # 0 = only the final evaluation
@@ -223,6 +233,7 @@ class TrainerConfig:
     # Non-finite loss or dense gradients: "stop" (write a diagnostic, exit 3) or "skip" the step.
     nonfinite_policy: str = "stop"
     max_consecutive_skips: int = 10  # with "skip": stop after this many non-finite steps in a row
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     # Epochs are implicit: training loops over the train split until max_steps.
 
 
@@ -230,6 +241,9 @@ class TrainerConfig:
 class CheckpointConfig:
     every_n_steps: int = 200  # 0 = only at the end
     keep: int = 3  # newest complete checkpoints kept; older ones are deleted
+    # Also keep the checkpoint of the best validation step (trainer.early_stopping.metric),
+    # saving one at every improving evaluation, and run the final test on it.
+    keep_best: bool = True
     resume: str = "auto"  # auto | never | <path of a checkpoint directory>
     verify: bool = True  # check the manifest's sizes and sha256 before loading
 
@@ -448,6 +462,8 @@ def validate(cfg: JobConfig, world_size: Optional[int]) -> None:
         "trainer.eval_max_batches": cfg.trainer.eval_max_batches,
         "checkpoint.every_n_steps": cfg.checkpoint.every_n_steps,
         "optim.warmup_steps": cfg.optim.warmup_steps,
+        "trainer.early_stopping.patience": cfg.trainer.early_stopping.patience,
+        "trainer.early_stopping.min_delta": cfg.trainer.early_stopping.min_delta,
         "optim.weight_decay": cfg.optim.weight_decay,
         "optim.sparse_eps": cfg.optim.sparse_eps,
         "logging.profile.start_step": cfg.logging.profile.start_step,
@@ -470,6 +486,7 @@ def validate(cfg: JobConfig, world_size: Optional[int]) -> None:
         "optim.dense": (cfg.optim.dense, ("adam", "adamw", "adagrad", "sgd")),
         "optim.schedule": (cfg.optim.schedule, ("constant", "linear", "cosine")),
         "trainer.device": (cfg.trainer.device, ("auto", "cpu", "cuda")),
+        "trainer.early_stopping.mode": (cfg.trainer.early_stopping.mode, ("auto", "min", "max")),
         "logging.level": (cfg.logging.level, ("DEBUG", "INFO", "WARNING", "ERROR")),
     }
     for key, (value, allowed) in choices.items():
@@ -521,6 +538,7 @@ def validate(cfg: JobConfig, world_size: Optional[int]) -> None:
     if sp.strategy == "2d" and sp.sharding_group_size and world_size is not None:
         _check(world_size % sp.sharding_group_size == 0, "parallel.sparse.sharding_group_size", sp.sharding_group_size,
                f"a divisor of the world size ({world_size} processes)")
+    _validate_early_stopping(cfg)
     _check(cfg.data.synthetic.signal_strength >= 0, "data.synthetic.signal_strength", cfg.data.synthetic.signal_strength, "a value >= 0")
     _check(1.0 <= cfg.data.movielens.like_threshold <= 5.0, "data.movielens.like_threshold", cfg.data.movielens.like_threshold, "a rating in [1, 5]")
     for key, batch in {"data.batch_size": cfg.data.batch_size, "data.eval_batch_size": cfg.data.eval_batch_size}.items():
@@ -534,6 +552,24 @@ def validate(cfg: JobConfig, world_size: Optional[int]) -> None:
     resume = cfg.checkpoint.resume
     if resume not in ("auto", "never"):
         _check(Path(resume).expanduser().is_dir(), "checkpoint.resume", resume, "'auto', 'never' or an existing checkpoint directory")
+
+
+def _validate_early_stopping(cfg: JobConfig) -> None:
+    """The metric must be a validation metric the evaluator reports (never a test metric:
+    the test split must not choose the model it then scores)."""
+    from kunlun.trainer.early_stopping import METRIC_MODES
+
+    es = cfg.trainer.early_stopping
+    parts = es.metric.split("/")
+    _check(
+        len(parts) in (2, 3) and parts[0] == "eval" and parts[1] in METRIC_MODES and all(parts),
+        "trainer.early_stopping.metric", es.metric,
+        f"eval/<metric> or eval/<metric>/<label> with <metric> one of {sorted(METRIC_MODES)} (validation split only)",
+    )
+    # A label name (third part) is checked by the trainer, once the data schema is known.
+    if es.patience:
+        _check(cfg.trainer.eval_every_n_steps > 0, "trainer.early_stopping.patience", es.patience,
+               "0 when trainer.eval_every_n_steps=0 (early stopping needs periodic evaluations)")
 
 
 def _validate_files(data: DataConfig) -> None:

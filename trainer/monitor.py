@@ -16,9 +16,17 @@ from tqdm import tqdm
 log = logging.getLogger("kunlun")
 
 
+def _is_console(handler: logging.Handler) -> bool:
+    return type(handler) is logging.StreamHandler and handler.stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)
+
+
 def setup_logging(run_dir: Path, rank: int, level: str = "INFO") -> None:
     """``kunlun`` messages at ``level`` to the console (rank 0) and ``run_dir/logs/rank<r>.log``
-    (every rank, appended on resume); other libraries' warnings go to the file too."""
+    (every rank, appended on resume).
+
+    Other libraries' warnings (and Python ``warnings``) go to the file only: TorchRec's
+    planner and torch.fx warn on every healthy run ("...otherwise, the job will fail"),
+    which a user can do nothing about. Their errors still reach the console (stderr)."""
     logs = run_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     root = logging.getLogger()
@@ -28,12 +36,31 @@ def setup_logging(run_dir: Path, rank: int, level: str = "INFO") -> None:
             if getattr(h, "_kunlun", False):
                 lg.removeHandler(h)
     root.setLevel(logging.WARNING)  # TorchRec/FBGEMM are chatty at INFO
+    # A library's logging.basicConfig() put a console handler on the root logger; torch has
+    # its own (torch._logging, not propagating). Replace both by our file + errors-only console.
+    torch_logger = logging.getLogger("torch")
+    for h in list(root.handlers):
+        if _is_console(h):
+            root.removeHandler(h)
+    for h in list(torch_logger.handlers):
+        if getattr(h, "_kunlun", False):
+            torch_logger.removeHandler(h)
+        elif _is_console(h):
+            h.setLevel(logging.ERROR)
+    errors = logging.StreamHandler(sys.stderr)
+    errors.setLevel(logging.ERROR)
+    errors.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    errors._kunlun = True  # type: ignore[attr-defined]
+    root.addHandler(errors)
+    logging.captureWarnings(True)  # warnings.warn → logger "py.warnings" → the file
     ours.setLevel(level)
     # Modules log as kunlun.<package>.<module>; keep them under the "kunlun" logger.
     fh = logging.FileHandler(logs / f"rank{rank}.log")
     fh.setFormatter(logging.Formatter(f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s"))
     fh._kunlun = True  # type: ignore[attr-defined]
     root.addHandler(fh)
+    if not torch_logger.propagate:
+        torch_logger.addHandler(fh)
     # Our records go to our handlers only: a library may have called logging.basicConfig,
     # whose root console handler would print every line twice.
     ours.propagate = False

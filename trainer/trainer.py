@@ -36,12 +36,13 @@ from kunlun.data.sources import build_source
 from kunlun.model.rec_model import RecModel
 from kunlun.parallel.planner import describe_plan
 from kunlun.parallel.sparse import shard_model
-from kunlun.trainer.checkpoint import Checkpointer, global_shapes, write_json_atomic
+from kunlun.trainer.checkpoint import CheckpointError, Checkpointer, global_shapes, write_json_atomic
 from kunlun.trainer.config import ConfigError, JobConfig, flatten, to_yaml, validate
+from kunlun.trainer.early_stopping import BestTracker
 from kunlun.trainer.metrics import EvalAccumulator
 from kunlun.trainer.monitor import Monitor, setup_logging
 from kunlun.trainer.profiling import StepProfiler
-from kunlun.trainer.perf import TRAIN_FLOPS_FACTOR, average_sequence_lengths, peak_tflops
+from kunlun.trainer.perf import TRAIN_FLOPS_FACTOR, average_sequence_lengths, format_flops, peak_tflops
 
 log = logging.getLogger("kunlun")
 
@@ -159,9 +160,9 @@ class Trainer:
         self.flops_per_example = model.tower.flops_per_example(self.avg_seq_len)
         self.peak = peak_tflops(self.info.device)
         log.info(
-            "tower %s: %.4f GFLOPs/example forward, %.4f training (x%.0f) at mean history lengths %s; "
+            "tower %s: %s/example forward, %s training (x%.0f) at mean history lengths %s; "
             "peak %.3g TFLOP/s per rank (%s)",
-            cfg.model.tower, self.flops_per_example / 1e9, TRAIN_FLOPS_FACTOR * self.flops_per_example / 1e9, TRAIN_FLOPS_FACTOR,
+            cfg.model.tower, format_flops(self.flops_per_example), format_flops(TRAIN_FLOPS_FACTOR * self.flops_per_example), TRAIN_FLOPS_FACTOR,
             {k: round(v, 1) for k, v in self.avg_seq_len.items()}, self.peak["peak"],
             "datasheet" if self.info.device.type == "cuda" and self.peak["peak"] != self.peak["probe"] else "matmul probe",
         )
@@ -174,6 +175,9 @@ class Trainer:
         self.examples_this_attempt = 0
         self._sigterm = False
         self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint, rank, world, comm_device=self.comm_device)
+        es = cfg.trainer.early_stopping
+        self.best = BestTracker(self._tracked_metric(), es.mode, es.patience, es.min_delta)
+        self._last_eval: Optional[tuple] = None  # (step, metrics) of the latest validation
         self.resumed_from: Optional[Path] = None
         self._maybe_resume()
         p = cfg.logging.profile
@@ -181,11 +185,27 @@ class Trainer:
         self.monitor = Monitor(self.run_dir, rank, cfg.logging, cfg.trainer.max_steps, self.step)
         self.monitor.text("config", to_yaml(cfg))
         self.monitor.text("sharding_plan", describe_plan(self.plan))
-        self.monitor.text("flops", f"forward GFLOPs/example: {self.flops_per_example / 1e9:.6f}\nmean history lengths: {self.avg_seq_len}")
+        self.monitor.text("flops", f"forward FLOPs/example: {self.flops_per_example:.6g}\nmean history lengths: {self.avg_seq_len}")
         if self.source.bad_rows:
             self.monitor.scalars({"data/bad_rows_skipped": float(self.source.bad_rows)}, self.step)
 
     # ---------------------------------------------------------------- building
+    def _tracked_metric(self) -> str:
+        """``trainer.early_stopping.metric`` checked against this data's labels. With one
+        label the evaluator reports ``auc``, not ``auc/<label>``: accept both spellings."""
+        metric = self.cfg.trainer.early_stopping.metric
+        parts = metric.split("/")
+        if len(parts) == 3:
+            labels = list(self.schema.labels)
+            if parts[2] not in labels:
+                raise ConfigError(
+                    f"config key 'trainer.early_stopping.metric' = {metric!r} is invalid: label {parts[2]!r} is not "
+                    f"one of the data's labels {labels}", key="trainer.early_stopping.metric",
+                )
+            if len(labels) == 1:
+                return "/".join(parts[:2])
+        return metric
+
     def _build_optimizer(self) -> CombinedOptimizer:
         o = self.cfg.optim
         dense_params = dict(in_backward_optimizer_filter(self.model.named_parameters()))
@@ -232,6 +252,7 @@ class Trainer:
             "sparse_strategy": self.sharded.layout.strategy,
             "sharding_group_size": self.sharded.layout.sharding_group_size,
             "seed": self.cfg.seed,
+            "early_stopping": self.best.state_dict(),
         }
 
     def save_checkpoint(self) -> Path:
@@ -257,6 +278,11 @@ class Trainer:
         self.step = int(meta["step"])
         self.examples_consumed = int(meta["examples_consumed"])
         self.resumed_from = path
+        if "early_stopping" in meta:
+            self.best.load_state_dict(meta["early_stopping"])
+            if self.cfg.checkpoint.keep_best and self.best.best_step is not None:
+                self.checkpointer.best_step = self.best.best_step
+            log.info("validation history: %s", self.best.describe())
         log.info(
             "resumed from %s: step %d, %d examples consumed (saved at %d ranks, now %d)",
             path, self.step, self.examples_consumed, meta.get("world_size", -1), self.info.world_size,
@@ -310,7 +336,11 @@ class Trainer:
         it = iter(loader)
         self.model.train()
         last_saved = self.step if self.resumed_from is not None else -1
-        log.info("training steps %d → %d, global batch %d", self.step, t_cfg.max_steps, g)
+        n_train = self.source.num_examples("train")
+        log.info(
+            "training steps %d → %d, global batch %d; one epoch = %s train examples = %.1f steps (%d steps = %.2f epochs)",
+            self.step, t_cfg.max_steps, g, f"{n_train:,}", n_train / g, t_cfg.max_steps, t_cfg.max_steps * g / n_train,
+        )
         self._install_sigterm()
         try:
             self._train_loop(it, g, t_cfg, c_cfg, l_cfg, last_saved)
@@ -324,7 +354,7 @@ class Trainer:
     def _train_loop(self, it, g, t_cfg, c_cfg, l_cfg, last_saved) -> None:
         window_loss, window_steps, window_start = 0.0, 0, time.time()
         consecutive_skips = 0
-        while self.step < t_cfg.max_steps:
+        while self.step < t_cfg.max_steps and not self.best.stopped:
             t_step = time.perf_counter()
             with self.profiler.step(self.step):
                 with self.profiler.region("kunlun/data"):
@@ -392,27 +422,97 @@ class Trainer:
                 self.monitor.scalars(scalars, self.step)
                 self.monitor.progress(self.step, {"loss": mean_loss, "ex/s": scalars["train/examples_per_sec"]})
                 if self.monitor.bar is None:
-                    log.info("step %d | loss %.5f | %.0f examples/s | lr %.3g", self.step, mean_loss, scalars["train/examples_per_sec"], lrs["dense"])
+                    log.info(
+                        "step %d | epoch %s | loss %.5f | %.0f examples/s | lr %.3g",
+                        self.step, self._epoch_text(), mean_loss, scalars["train/examples_per_sec"], lrs["dense"],
+                    )
                 window_loss, window_steps, window_start = 0.0, 0, time.time()
 
-            if t_cfg.eval_every_n_steps and self.step % t_cfg.eval_every_n_steps == 0 and self.step < t_cfg.max_steps:
-                self._log_eval("eval")
+            # The last step is always validated (before its checkpoint, so that the saved
+            # validation history includes it).
+            final_step = self.step >= t_cfg.max_steps
+            improved = False
+            if final_step or (t_cfg.eval_every_n_steps and self.step % t_cfg.eval_every_n_steps == 0):
+                improved = self._validate()
                 window_start = time.time()
-            if c_cfg.every_n_steps and self.step % c_cfg.every_n_steps == 0 and self.step < t_cfg.max_steps:
+            keep_as_best = improved and c_cfg.keep_best
+            periodic_save = c_cfg.every_n_steps and self.step % c_cfg.every_n_steps == 0
+            if (periodic_save or final_step or keep_as_best or self.best.stopped) and last_saved != self.step:
+                if keep_as_best:
+                    self.checkpointer.best_step = self.step  # retention after this save spares it
                 self.save_checkpoint()
                 last_saved = self.step
                 window_start = time.time()
+            if keep_as_best:
+                self.checkpointer.mark_best(self.step, {"metric": self.best.metric, "value": self.best.best_value})
+            if self.best.stopped:
+                log.info(
+                    "early stopping at step %d (epoch %s): %s", self.step, self._epoch_text(), self.best.describe(),
+                )
 
         if last_saved != self.step:
             self.save_checkpoint()
 
+    def _epoch_text(self) -> str:
+        """``2 (1.37)``: the epoch a step is in (1-based), and epochs completed so far."""
+        epochs = self.examples_consumed / self.source.num_examples("train")
+        return f"{math.floor(epochs) + 1 if epochs % 1 else int(epochs)} ({epochs:.2f})"
+
+    def _validate(self) -> bool:
+        """Evaluate the validation split, log it, update the best-step tracker; True when
+        this step is the new best."""
+        metrics = self._log_eval("eval")
+        self._last_eval = (self.step, metrics)
+        improved = self.best.update(self.step, metrics)
+        if self.best.best_value is not None:
+            self.monitor.scalars({f"best/{self.best.metric}": self.best.best_value}, self.step)
+        if improved:
+            log.info("new best %s %.5f at step %d", self.best.metric, self.best.best_value, self.step)
+        return improved
+
+    def _load_best_weights(self) -> Optional[int]:
+        """Load the model weights of the best checkpoint (``checkpoint.keep_best``) for the
+        final test; the step loaded, or None to test the last step's weights."""
+        best_step = self.best.best_step
+        if not self.cfg.checkpoint.keep_best or best_step is None or best_step == self.step:
+            return None
+        path = self.checkpointer.path_of(best_step)
+        try:
+            self.checkpointer.choose(str(path))  # verifies the manifest (rank 0), same answer everywhere
+            state = {"model": self.model.state_dict()}
+            self.checkpointer.load(path, state, global_shapes(state["model"]))
+        except CheckpointError as e:
+            log.error("cannot load the best checkpoint (%s); testing the weights of the last step %d instead", e, self.step)
+            return None
+        self.model.load_state_dict(state["model"])
+        return best_step
+
     def _finish(self) -> Dict[str, float]:
-        """Final evaluation on the validation and test splits, hparams, summary."""
+        """Final validation and test, hparams, summary. With ``checkpoint.keep_best`` the test
+        runs on the best validation step's weights (its validation metrics are reported as
+        ``eval/*``; the last step's as ``last_eval/*``)."""
         cfg = self.cfg
-        eval_metrics = self._log_eval("eval")
-        test_metrics = self._log_eval("test")
+        if self._last_eval is not None and self._last_eval[0] == self.step:
+            last_eval = self._last_eval[1]
+        else:  # resumed at the end (a finished or early-stopped run): weights as saved
+            last_eval = self._log_eval("eval")
+            self.best.update(self.step, last_eval)
+        eval_metrics, tested_step = last_eval, self.step
+        best_step = self._load_best_weights()
+        if best_step is not None:
+            eval_metrics, tested_step = self.best.best_metrics, best_step
+        label = f"test @ best step {tested_step}" if cfg.checkpoint.keep_best and self.best.best_step == tested_step else None
+        test_metrics = self._log_eval("test", label=label)
         final = {f"eval/{k}": v for k, v in eval_metrics.items()}
         final.update({f"test/{k}": v for k, v in test_metrics.items()})
+        if tested_step != self.step:
+            final.update({f"last_eval/{k}": v for k, v in last_eval.items()})
+        final["test/step"] = float(tested_step)
+        if self.best.best_step is not None:
+            final["best/step"] = float(self.best.best_step)
+            final[f"best/{self.best.metric}"] = float(self.best.best_value)
+        final["train/stopped_early"] = float(self.best.stopped)
+        final["train/epochs"] = self.examples_consumed / self.source.num_examples("train")
         final["train/step"] = float(self.step)
         final["train/examples_consumed"] = float(self.examples_consumed)
         # Compute actually spent (analytic, like perf/model_tflops): the x-axis of scaling laws.
@@ -430,7 +530,9 @@ class Trainer:
         if self.info.rank == 0:
             write_json_atomic(self.run_dir / "final_metrics.json", final)
             log.info(
-                "done: test auc %.4f | test ne %.4f | test logloss %.4f\n  TensorBoard: tensorboard --logdir %s\n  checkpoints: %s",
+                "done (%s step %d of %d%s): test auc %.4f | test ne %.4f | test logloss %.4f\n"
+                "  TensorBoard: tensorboard --logdir %s\n  checkpoints: %s",
+                "best" if label else "last", tested_step, self.step, ", stopped early" if self.best.stopped else "",
                 test_metrics["auc"], test_metrics["ne"], test_metrics["logloss"],
                 self.run_dir / "tensorboard", self.checkpointer.root,
             )
@@ -492,14 +594,16 @@ class Trainer:
             write_json_atomic(path, report)
         return path
 
-    def _log_eval(self, split: str) -> Dict[str, float]:
+    def _log_eval(self, split: str, label: Optional[str] = None) -> Dict[str, float]:
+        """Evaluate ``split``, log it to TensorBoard (at the current step) and the console
+        (as ``label``, default ``<split> @ step N``)."""
         t0 = time.time()
         metrics = self.evaluate(split)
         self.monitor.scalars({f"{split}/{k}": v for k, v in metrics.items() if k != "examples"}, self.step)
         self.monitor.flush()
         log.info(
-            "%s @ step %d: auc %.4f | ne %.4f | logloss %.4f (%d examples, %.1fs)",
-            split, self.step, metrics["auc"], metrics["ne"], metrics["logloss"], metrics["examples"], time.time() - t0,
+            "%s: auc %.4f | ne %.4f | logloss %.4f (%d examples, %.1fs)",
+            label or f"{split} @ step {self.step}", metrics["auc"], metrics["ne"], metrics["logloss"], metrics["examples"], time.time() - t0,
         )
         return metrics
 

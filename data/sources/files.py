@@ -43,7 +43,10 @@ start, and with ``data.files.validate=true`` (default) every row is decoded once
 so value errors (unparsable numbers, null labels, mismatched sequence lengths, identity
 ids outside a table) stop the job before training with file, row (or line), column, value
 and what was expected. ``data.bad_row_policy=skip`` keeps such rows in place with weight 0
-(they count in ``bad_rows``). ``kunlun data inspect`` runs the same checks offline.
+(they count in ``bad_rows``). Identity ids equal to 0, which share row 0 with missing ids,
+are logged as a warning naming the table, column and count: after the validation pass, or
+(validation off) when a chunk first shows them. ``kunlun data inspect`` runs the same checks
+offline.
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ from kunlun.data.decode import Decoder, _seconds
 from kunlun.data.errors import BadRowTracker, DataError, RowIssues
 from kunlun.data.file_schema import FilePlan, FileSchemaError, expand, resolve, split_paths
 from kunlun.data.formats import make_reader
-from kunlun.data.ids import build_mappers
+from kunlun.data.ids import build_mappers, zero_id_warning
 
 log = logging.getLogger("kunlun.data")
 
@@ -151,6 +154,8 @@ class FileSource:
         self._cache: "OrderedDict[int, ExampleBlock]" = OrderedDict()
         self._cache_bytes = 0
         self._bad_by_chunk: Dict[int, int] = {}
+        self._validating = False
+        self._zero_ids_warned: set = set()  # (table, column) pairs warned about id 0
         self.files: List[str] = []
         self.chunks: List[Chunk] = []
         self._file_chunks: Dict[int, List[int]] = {}
@@ -281,6 +286,8 @@ class FileSource:
             raise DataError(f"{path}: chunk {ch.part} has {table.num_rows} rows, the index says {ch.num_rows}; the file changed while in use")
         block = self.decoder.decode(table, issues)
         self._bad_by_chunk[c] = int(issues.bad.sum())
+        if not self._validating:  # validate_all warns once with the totals
+            self._warn_zero_ids(f"so far, first in the chunk starting at {issues.where(0)}; `kunlun data inspect` counts every row")
         self._cache[c] = block
         self._cache_bytes += block_nbytes(block)
         while self._cache_bytes > self.cache_limit and len(self._cache) > 1:
@@ -354,13 +361,26 @@ class FileSource:
         t0 = time.time()
         used = sorted({c for s in self._segments.values() for c in s.chunk.tolist()})
         rows = 0
-        for c in used:
-            self._chunk(c)
-            rows += self.chunks[c].num_rows
+        self._validating = True
+        try:
+            for c in used:
+                self._chunk(c)
+                rows += self.chunks[c].num_rows
+        finally:
+            self._validating = False
         log.info(
             "validated %d rows in %d chunks (%.1fs)%s", rows, len(used), time.time() - t0,
             f"; {self.bad_rows} bad rows kept with weight 0 (data.bad_row_policy=skip)" if self.bad_rows else "",
         )
+        self._warn_zero_ids(f"counted over all {rows:,} rows")
+
+    def _warn_zero_ids(self, scope: str) -> None:
+        """Warn once per identity column whose decoded ids include 0 (``scope``: which rows were counted)."""
+        for (table, column), count in self.decoder.zero_ids.items():
+            if (table, column) not in self._zero_ids_warned:
+                self._zero_ids_warned.add((table, column))
+                policy = self.mappers[table].id_policy  # type: ignore[attr-defined]
+                log.warning("%s (%s)", zero_id_warning(table, column, count, policy), scope)
 
     def describe(self) -> str:
         """Files, examples per split and each table's id mapping (logged at start)."""

@@ -14,7 +14,12 @@ so nothing leaks from the same session), split into two event types:
 ``like`` (rating >= threshold) and ``dislike``; each event has item id, action = the
 rating, and timestamp. Context: user id, target item, age bucket, gender, occupation,
 zip region, genres (multi-valued), release-decade, hour of day, weekday.
-Dense: log(1 + #history), mean history rating / 5, share of likes, years since release.
+Dense: the user's log(1 + #history), mean history rating / 5 and share of likes; years
+since release; and the target item's log(1 + #earlier ratings), its smoothed mean rating / 5
+and smoothed share of likes, from every user's ratings of it *strictly earlier* than the
+example (a Bayesian average: ``(sum + k * prior) / (count + k)`` with ``k`` =
+:data:`ITEM_PRIOR_COUNT` and the train split's mean as prior, so a new item reads as
+average rather than as 0/0).
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ RECBOLE_WHEEL = "recbole==1.2.1"
 RECBOLE_SHA256 = "9c9948202011f37eb0a7c6768129313f00d6403ad221ec940d5e2d5d5f33a407"
 _MEMBERS = ("ml-100k.inter", "ml-100k.user", "ml-100k.item")
 HOLDOUT = 10  # events per user in each of test and eval
+ITEM_PRIOR_COUNT = 10.0  # pseudo-ratings at the prior mean in the item statistics
 _AGE_BUCKETS = np.array([18, 25, 35, 45, 50, 56])
 _MAX_GENRES = 19
 
@@ -308,6 +314,7 @@ class MovieLensSource:
 
         self._ex = {"user": users, "item": items, "rating": ratings, "ts": ts}
         self._split_rows = {name: np.flatnonzero(split == code) for name, code in (("train", 1), ("eval", 2), ("test", 3))}
+        self._item_stats = _item_statistics(items, ratings, ts, thr, train=split == 1)
 
         self.schema = FeatureSchema(
             tables=[
@@ -324,7 +331,10 @@ class MovieLensSource:
                 TableSpec("seq_item", num_items),
                 TableSpec("rating", 6),
             ],
-            dense_features=["log_history_len", "mean_history_rating", "like_share", "years_since_release"],
+            dense_features=[
+                "log_history_len", "mean_history_rating", "like_share", "years_since_release",
+                "item_log_count", "item_mean_rating", "item_like_share",
+            ],
             context_features=[
                 ContextFeature("user_id", "user"),
                 ContextFeature("item_id", "item"),
@@ -379,6 +389,7 @@ class MovieLensSource:
                 rating_sum / np.maximum(hist_len, 1) / 5.0,
                 likes / np.maximum(hist_len, 1),
                 np.clip(years, 0, 80) / 10.0,
+                *(self._item_stats[:, j][rows] for j in range(self._item_stats.shape[1])),
             ],
             axis=1,
         ).astype(np.float32)
@@ -401,6 +412,30 @@ class MovieLensSource:
             request_time=ts,
             labels=(ratings >= self.cfg.like_threshold).astype(np.float32)[:, None],
         )
+
+
+def _item_statistics(items: np.ndarray, ratings: np.ndarray, ts: np.ndarray, like_threshold: float, train: np.ndarray) -> np.ndarray:
+    """``[N, 3]`` per rating: the item's log(1 + count), smoothed mean rating / 5 and smoothed
+    like share over all ratings of that item with a timestamp strictly earlier.
+
+    Ratings are sorted by (item, timestamp); for each rating, the earlier ones of its item
+    are the range from the item's first rating to the first one at its own timestamp
+    (``searchsorted``), summed with prefix sums. Priors: means of the train split.
+    """
+    order = np.lexsort((ts, items))
+    key = items * 10**10 + ts  # (item, ts) as one sortable int64; ts < 1e10 s
+    sorted_key = key[order]
+    lo = np.searchsorted(sorted_key, items * 10**10, side="left")
+    hi = np.searchsorted(sorted_key, key, side="left")  # first rating not strictly earlier
+    likes = (ratings >= like_threshold).astype(np.float64)
+    rating_sum = np.concatenate([[0.0], np.cumsum(ratings[order].astype(np.float64))])
+    like_sum = np.concatenate([[0.0], np.cumsum(likes[order])])
+    count = (hi - lo).astype(np.float64)
+    k = ITEM_PRIOR_COUNT
+    mean_prior, like_prior = float(ratings[train].mean()), float(likes[train].mean())
+    mean_rating = (rating_sum[hi] - rating_sum[lo] + k * mean_prior) / (count + k)
+    like_share = (like_sum[hi] - like_sum[lo] + k * like_prior) / (count + k)
+    return np.stack([np.log1p(count), mean_rating / 5.0, like_share], axis=1)
 
 
 def _default_cache() -> Path:
