@@ -287,6 +287,9 @@ class MovieLensSource:
         gvals = [g or [0] for g in gvals]
         self.i_genre_len = glen
         self.i_genre_val = np.concatenate([np.asarray(g, dtype=np.int64) for g in gvals])
+        genre_hot = np.zeros((num_items, len(genres) + 1))  # [items, genres + 1]: row 0 = unknown
+        for iid, gs in enumerate(gvals):
+            genre_hot[iid, gs] = 1.0
 
         # Chronological order per user: (user, timestamp, file position).
         order = np.lexsort((np.arange(len(raw.users)), raw.timestamps, raw.users))
@@ -315,6 +318,7 @@ class MovieLensSource:
         self._ex = {"user": users, "item": items, "rating": ratings, "ts": ts}
         self._split_rows = {name: np.flatnonzero(split == code) for name, code in (("train", 1), ("eval", 2), ("test", 3))}
         self._item_stats = _item_statistics(items, ratings, ts, thr, train=split == 1)
+        self._genre_affinity = _genre_affinity(genre_hot[items], ratings >= thr, user_start, np.searchsorted(key, key, side="left"))
 
         self.schema = FeatureSchema(
             tables=[
@@ -334,6 +338,7 @@ class MovieLensSource:
             dense_features=[
                 "log_history_len", "mean_history_rating", "like_share", "years_since_release",
                 "item_log_count", "item_mean_rating", "item_like_share",
+                "genre_log_count", "genre_like_share",
             ],
             context_features=[
                 ContextFeature("user_id", "user"),
@@ -390,6 +395,7 @@ class MovieLensSource:
                 likes / np.maximum(hist_len, 1),
                 np.clip(years, 0, 80) / 10.0,
                 *(self._item_stats[:, j][rows] for j in range(self._item_stats.shape[1])),
+                *(self._genre_affinity[:, j][rows] for j in range(self._genre_affinity.shape[1])),
             ],
             axis=1,
         ).astype(np.float32)
@@ -436,6 +442,29 @@ def _item_statistics(items: np.ndarray, ratings: np.ndarray, ts: np.ndarray, lik
     mean_rating = (rating_sum[hi] - rating_sum[lo] + k * mean_prior) / (count + k)
     like_share = (like_sum[hi] - like_sum[lo] + k * like_prior) / (count + k)
     return np.stack([np.log1p(count), mean_rating / 5.0, like_share], axis=1)
+
+
+def _genre_affinity(genres: np.ndarray, liked: np.ndarray, user_start: np.ndarray, earlier_end: np.ndarray) -> np.ndarray:
+    """``[N, 2]`` per rating: how the user rated the target's genres before, from their events
+    strictly earlier than the rating: log(1 + #events sharing a genre with the target, counted
+    once per shared genre) and the like share over them, smoothed toward the user's overall
+    earlier like share (itself smoothed toward 0.5) with ``ITEM_PRIOR_COUNT`` pseudo-events.
+
+    ``genres [N, G]`` is the multi-hot genres of each rating's item and ``liked [N]`` its
+    label, both in (user, time) order; the user's earlier events are the rows
+    ``[user_start, earlier_end)``, summed with per-genre prefix sums (``[N + 1, G]``).
+    """
+    liked = liked.astype(np.float64)
+    cum_all = np.concatenate([np.zeros((1, genres.shape[1])), np.cumsum(genres, axis=0)])
+    cum_liked = np.concatenate([np.zeros((1, genres.shape[1])), np.cumsum(genres * liked[:, None], axis=0)])
+    matched = ((cum_all[earlier_end] - cum_all[user_start]) * genres).sum(axis=1)
+    matched_liked = ((cum_liked[earlier_end] - cum_liked[user_start]) * genres).sum(axis=1)
+    like_prefix = np.concatenate([[0.0], np.cumsum(liked)])
+    earlier = (earlier_end - user_start).astype(np.float64)
+    k = ITEM_PRIOR_COUNT
+    user_share = (like_prefix[earlier_end] - like_prefix[user_start] + k * 0.5) / (earlier + k)
+    share = (matched_liked + k * user_share) / (matched + k)
+    return np.stack([np.log1p(matched), share], axis=1)
 
 
 def _default_cache() -> Path:
