@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 
 import pytest
@@ -37,8 +38,10 @@ def test_torchx_local_two_processes_trains_checkpoints_and_logs(tmp_path):
     # Outputs all under run_dir.
     assert (run / "config.yaml").is_file()
     assert (run / "logs" / "rank0.log").is_file() and (run / "logs" / "rank1.log").is_file()
-    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
-    assert ckpts == ["step_00000020", "step_00000030"], ckpts  # keep=2 dropped step 10
+    ckpts = sorted(p.name for p in (run / "checkpoints").glob("step_*"))
+    best = json.loads((run / "checkpoints" / "best.json").read_text())["checkpoint"]
+    # keep=2 dropped step 10, unless it is the best validation step (kept apart)
+    assert ckpts == sorted({"step_00000020", "step_00000030", best}), ckpts
     dcp_files = {p.name for p in (latest_checkpoint(run) / "dcp").iterdir()}
     assert {"__0_0.distcp", "__1_0.distcp", ".metadata"} <= dcp_files
 

@@ -402,41 +402,28 @@ def test_real_movielens_100k():
 
 
 @pytest.mark.network
-def test_real_movielens_item_and_genre_statistics_use_only_strictly_earlier_ratings():
-    """The item statistics (every user's earlier ratings of the target) and the user's genre
-    affinity, recomputed by brute force from the raw files for a sample of examples."""
-    from kunlun.data.sources.movielens import ITEM_PRIOR_COUNT
+def test_real_movielens_history_statistics_are_the_standardised_leak_free_features():
+    """The dense columns after the first four are ``movielens_history.history_features`` of
+    each example's own rating (whose leak-freeness tests/test_movielens_baseline.py checks
+    against the raw file), standardised with train-split constants."""
+    from kunlun.data.sources.movielens_history import HISTORY_FEATURES, genre_matrix, history_features
 
-    folder = ensure_movielens(default_cache_dir())
-    src = load(folder)
-    names = src.schema.dense_features
-    col = {n: names.index(n) for n in ("item_log_count", "item_mean_rating", "item_like_share", "genre_log_count", "genre_like_share")}
-    raw = np.loadtxt(folder / "ml-100k.inter", skiprows=1, dtype=np.int64)  # user, item, rating, ts
-    genres = {}
-    for line in (folder / "ml-100k.item").read_text(encoding="utf-8", errors="replace").splitlines()[1:]:
-        f = line.split("\t")
-        genres[int(f[0])] = set(f[3].split())
-    k = ITEM_PRIOR_COUNT
+    src = load(ensure_movielens(default_cache_dir()))
+    assert src.schema.dense_features[4:] == list(HISTORY_FEATURES)
+    ex, rows = src._ex, {s: src._split_rows[s] for s in ("train", "eval", "test")}
+    train = rows["train"]
+    _, feats = history_features(
+        ex["user"], ex["item"], ex["rating"], ex["ts"], genre_matrix(src.i_genre_len, src.i_genre_val, src.schema.table_sizes["genre"]),
+        4.0, mean_rating=float(ex["rating"][train].mean()), mean_like=float((ex["rating"][train] >= 4).mean()),
+    )
+    train_block = src.read("train", np.arange(len(train)))
+    np.testing.assert_allclose(train_block.dense[:, 4:].mean(0), 0, atol=1e-4)  # standardised on train
+    np.testing.assert_allclose(train_block.dense[:, 4:].std(0), 1, atol=1e-3)
     rng = np.random.default_rng(0)
-    for split in ("train", "test"):
-        idx = rng.choice(src.num_examples(split), 150, replace=False)
+    for split in ("eval", "test"):
+        idx = rng.choice(len(rows[split]), 200, replace=False)
         b = src.read(split, idx)
-        d = b.dense
-        users, items, times = b.context["user_id"].values, b.context["item_id"].values, b.request_time
-        # An item never rated before reads as the prior: the same constant for every such example.
-        first = d[np.exp(d[:, col["item_log_count"]]) - 1 < 0.5]
-        prior_mean, prior_like = float(first[0, col["item_mean_rating"]]) * 5, float(first[0, col["item_like_share"]])
-        for i in range(len(b)):
-            earlier = raw[(raw[:, 1] == items[i]) & (raw[:, 3] < times[i])]
-            assert d[i, col["item_log_count"]] == pytest.approx(np.log1p(len(earlier)), rel=1e-5)
-            mean = (earlier[:, 2].sum() + k * prior_mean) / (len(earlier) + k)
-            assert d[i, col["item_mean_rating"]] == pytest.approx(mean / 5, rel=1e-4)
-            like = ((earlier[:, 2] >= 4).sum() + k * prior_like) / (len(earlier) + k)
-            assert d[i, col["item_like_share"]] == pytest.approx(like, rel=1e-4)
-            mine = raw[(raw[:, 0] == users[i]) & (raw[:, 3] < times[i])]
-            shared = np.array([len(genres[int(it)] & genres[int(items[i])]) for it in mine[:, 1]], dtype=float)
-            liked = (mine[:, 2] >= 4).astype(float)
-            user_share = (liked.sum() + k * 0.5) / (len(mine) + k)
-            assert d[i, col["genre_log_count"]] == pytest.approx(np.log1p(shared.sum()), rel=1e-5)
-            share = ((shared * liked).sum() + k * user_share) / (shared.sum() + k)
-            assert d[i, col["genre_like_share"]] == pytest.approx(share, rel=1e-4)
+        for j, name in enumerate(HISTORY_FEATURES):
+            values = feats[name]
+            expect = (values[rows[split][idx]] - values[train].mean()) / max(values[train].std(), 1e-6)
+            np.testing.assert_allclose(b.dense[:, 4 + j], expect, rtol=1e-4, atol=1e-4, err_msg=name)

@@ -15,11 +15,9 @@ so nothing leaks from the same session), split into two event types:
 rating, and timestamp. Context: user id, target item, age bucket, gender, occupation,
 zip region, genres (multi-valued), release-decade, hour of day, weekday.
 Dense: the user's log(1 + #history), mean history rating / 5 and share of likes; years
-since release; and the target item's log(1 + #earlier ratings), its smoothed mean rating / 5
-and smoothed share of likes, from every user's ratings of it *strictly earlier* than the
-example (a Bayesian average: ``(sum + k * prior) / (count + k)`` with ``k`` =
-:data:`ITEM_PRIOR_COUNT` and the train split's mean as prior, so a new item reads as
-average rather than as 0/0).
+since release; then the standardised statistics of ``movielens_history`` (user and item
+rates, recent windows, genre affinity, residuals), all from ratings *strictly earlier* than
+the example, by any user for the item's.
 """
 
 from __future__ import annotations
@@ -42,6 +40,7 @@ import numpy as np
 from kunlun.data.batch import EventColumns, ExampleBlock, Jagged, gather_jagged, ranges
 from kunlun.data.errors import BadRowTracker, DataError
 from kunlun.data.schema import ContextFeature, EventType, FeatureSchema, TableSpec
+from kunlun.data.sources.movielens_history import HISTORY_FEATURES, genre_matrix, history_features
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +48,6 @@ RECBOLE_WHEEL = "recbole==1.2.1"
 RECBOLE_SHA256 = "9c9948202011f37eb0a7c6768129313f00d6403ad221ec940d5e2d5d5f33a407"
 _MEMBERS = ("ml-100k.inter", "ml-100k.user", "ml-100k.item")
 HOLDOUT = 10  # events per user in each of test and eval
-ITEM_PRIOR_COUNT = 10.0  # pseudo-ratings at the prior mean in the item statistics
 _AGE_BUCKETS = np.array([18, 25, 35, 45, 50, 56])
 _MAX_GENRES = 19
 
@@ -287,9 +285,6 @@ class MovieLensSource:
         gvals = [g or [0] for g in gvals]
         self.i_genre_len = glen
         self.i_genre_val = np.concatenate([np.asarray(g, dtype=np.int64) for g in gvals])
-        genre_hot = np.zeros((num_items, len(genres) + 1))  # [items, genres + 1]: row 0 = unknown
-        for iid, gs in enumerate(gvals):
-            genre_hot[iid, gs] = 1.0
 
         # Chronological order per user: (user, timestamp, file position).
         order = np.lexsort((np.arange(len(raw.users)), raw.timestamps, raw.users))
@@ -317,8 +312,9 @@ class MovieLensSource:
 
         self._ex = {"user": users, "item": items, "rating": ratings, "ts": ts}
         self._split_rows = {name: np.flatnonzero(split == code) for name, code in (("train", 1), ("eval", 2), ("test", 3))}
-        self._item_stats = _item_statistics(items, ratings, ts, thr, train=split == 1)
-        self._genre_affinity = _genre_affinity(genre_hot[items], ratings >= thr, user_start, np.searchsorted(key, key, side="left"))
+        self._history_dense = _standardised_history_features(
+            users, items, ratings, ts, genre_matrix(glen, self.i_genre_val, len(genres) + 1), thr, train=split == 1
+        )
 
         self.schema = FeatureSchema(
             tables=[
@@ -335,11 +331,7 @@ class MovieLensSource:
                 TableSpec("seq_item", num_items),
                 TableSpec("rating", 6),
             ],
-            dense_features=[
-                "log_history_len", "mean_history_rating", "like_share", "years_since_release",
-                "item_log_count", "item_mean_rating", "item_like_share",
-                "genre_log_count", "genre_like_share",
-            ],
+            dense_features=["log_history_len", "mean_history_rating", "like_share", "years_since_release", *HISTORY_FEATURES],
             context_features=[
                 ContextFeature("user_id", "user"),
                 ContextFeature("item_id", "item"),
@@ -394,11 +386,10 @@ class MovieLensSource:
                 rating_sum / np.maximum(hist_len, 1) / 5.0,
                 likes / np.maximum(hist_len, 1),
                 np.clip(years, 0, 80) / 10.0,
-                *(self._item_stats[:, j][rows] for j in range(self._item_stats.shape[1])),
-                *(self._genre_affinity[:, j][rows] for j in range(self._genre_affinity.shape[1])),
             ],
             axis=1,
         ).astype(np.float32)
+        dense = np.concatenate([dense, self._history_dense[rows]], axis=1)
         genres = gather_jagged(self.i_genre_len, self.i_genre_val, items)
         return ExampleBlock(
             dense=dense,
@@ -420,51 +411,17 @@ class MovieLensSource:
         )
 
 
-def _item_statistics(items: np.ndarray, ratings: np.ndarray, ts: np.ndarray, like_threshold: float, train: np.ndarray) -> np.ndarray:
-    """``[N, 3]`` per rating: the item's log(1 + count), smoothed mean rating / 5 and smoothed
-    like share over all ratings of that item with a timestamp strictly earlier.
-
-    Ratings are sorted by (item, timestamp); for each rating, the earlier ones of its item
-    are the range from the item's first rating to the first one at its own timestamp
-    (``searchsorted``), summed with prefix sums. Priors: means of the train split.
-    """
-    order = np.lexsort((ts, items))
-    key = items * 10**10 + ts  # (item, ts) as one sortable int64; ts < 1e10 s
-    sorted_key = key[order]
-    lo = np.searchsorted(sorted_key, items * 10**10, side="left")
-    hi = np.searchsorted(sorted_key, key, side="left")  # first rating not strictly earlier
-    likes = (ratings >= like_threshold).astype(np.float64)
-    rating_sum = np.concatenate([[0.0], np.cumsum(ratings[order].astype(np.float64))])
-    like_sum = np.concatenate([[0.0], np.cumsum(likes[order])])
-    count = (hi - lo).astype(np.float64)
-    k = ITEM_PRIOR_COUNT
-    mean_prior, like_prior = float(ratings[train].mean()), float(likes[train].mean())
-    mean_rating = (rating_sum[hi] - rating_sum[lo] + k * mean_prior) / (count + k)
-    like_share = (like_sum[hi] - like_sum[lo] + k * like_prior) / (count + k)
-    return np.stack([np.log1p(count), mean_rating / 5.0, like_share], axis=1)
-
-
-def _genre_affinity(genres: np.ndarray, liked: np.ndarray, user_start: np.ndarray, earlier_end: np.ndarray) -> np.ndarray:
-    """``[N, 2]`` per rating: how the user rated the target's genres before, from their events
-    strictly earlier than the rating: log(1 + #events sharing a genre with the target, counted
-    once per shared genre) and the like share over them, smoothed toward the user's overall
-    earlier like share (itself smoothed toward 0.5) with ``ITEM_PRIOR_COUNT`` pseudo-events.
-
-    ``genres [N, G]`` is the multi-hot genres of each rating's item and ``liked [N]`` its
-    label, both in (user, time) order; the user's earlier events are the rows
-    ``[user_start, earlier_end)``, summed with per-genre prefix sums (``[N + 1, G]``).
-    """
-    liked = liked.astype(np.float64)
-    cum_all = np.concatenate([np.zeros((1, genres.shape[1])), np.cumsum(genres, axis=0)])
-    cum_liked = np.concatenate([np.zeros((1, genres.shape[1])), np.cumsum(genres * liked[:, None], axis=0)])
-    matched = ((cum_all[earlier_end] - cum_all[user_start]) * genres).sum(axis=1)
-    matched_liked = ((cum_liked[earlier_end] - cum_liked[user_start]) * genres).sum(axis=1)
-    like_prefix = np.concatenate([[0.0], np.cumsum(liked)])
-    earlier = (earlier_end - user_start).astype(np.float64)
-    k = ITEM_PRIOR_COUNT
-    user_share = (like_prefix[earlier_end] - like_prefix[user_start] + k * 0.5) / (earlier + k)
-    share = (matched_liked + k * user_share) / (matched + k)
-    return np.stack([np.log1p(matched), share], axis=1)
+def _standardised_history_features(users, items, ratings, ts, genres, like_threshold: float, train: np.ndarray) -> np.ndarray:
+    """``[N, len(HISTORY_FEATURES)]`` float32: :func:`history_features` of every rating (in
+    (user, time) order), standardised with the train split's mean and std (so the towers
+    see unit-scale inputs); priors and scaling constants come from the train split only."""
+    _, feats = history_features(
+        users, items, ratings, ts, genres, like_threshold,
+        mean_rating=float(ratings[train].mean()), mean_like=float((ratings[train] >= like_threshold).mean()),
+    )
+    values = np.stack([feats[name] for name in HISTORY_FEATURES], axis=1)
+    mean, std = values[train].mean(axis=0), values[train].std(axis=0)
+    return ((values - mean) / np.maximum(std, 1e-6)).astype(np.float32)
 
 
 def _default_cache() -> Path:
