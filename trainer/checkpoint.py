@@ -201,10 +201,12 @@ class Checkpointer:
         return self.root / f"step_{step:08d}"
 
     def _retain(self) -> None:
-        """Keep the newest ``keep`` checkpoints, plus the best one (kept apart, not counted)."""
+        """Keep the newest ``keep`` checkpoints, and the best one when it is older than those."""
         best = self.path_of(self.best_step) if self.best_step is not None else None
-        ckpts = [p for p in self.complete() if p != best]
+        ckpts = self.complete()
         for old in ckpts[: max(0, len(ckpts) - self.cfg.keep)]:
+            if old == best:
+                continue
             log.info("deleting old checkpoint %s (checkpoint.keep=%d)", old, self.cfg.keep)
             shutil.rmtree(old, ignore_errors=True)
 

@@ -496,13 +496,14 @@ class Trainer:
             last_eval = self._last_eval[1]
         else:  # resumed at the end (a finished or early-stopped run): weights as saved
             last_eval = self._log_eval("eval")
-            self.best.update(self.step, last_eval)
+            if self.best.update(self.step, last_eval) and cfg.checkpoint.keep_best:  # a checkpoint of this step exists
+                self.checkpointer.mark_best(self.step, {"metric": self.best.metric, "value": self.best.best_value})
         eval_metrics, tested_step = last_eval, self.step
         best_step = self._load_best_weights()
         if best_step is not None:
             eval_metrics, tested_step = self.best.best_metrics, best_step
         label = f"test @ best step {tested_step}" if cfg.checkpoint.keep_best and self.best.best_step == tested_step else None
-        test_metrics = self._log_eval("test", label=label)
+        test_metrics = self._log_eval("test", label=label, step=tested_step)
         final = {f"eval/{k}": v for k, v in eval_metrics.items()}
         final.update({f"test/{k}": v for k, v in test_metrics.items()})
         if tested_step != self.step:
@@ -594,12 +595,13 @@ class Trainer:
             write_json_atomic(path, report)
         return path
 
-    def _log_eval(self, split: str, label: Optional[str] = None) -> Dict[str, float]:
-        """Evaluate ``split``, log it to TensorBoard (at the current step) and the console
-        (as ``label``, default ``<split> @ step N``)."""
+    def _log_eval(self, split: str, label: Optional[str] = None, step: Optional[int] = None) -> Dict[str, float]:
+        """Evaluate ``split``, log it to TensorBoard (at ``step``, default the current one:
+        the step whose weights are evaluated) and the console (as ``label``, default
+        ``<split> @ step N``)."""
         t0 = time.time()
         metrics = self.evaluate(split)
-        self.monitor.scalars({f"{split}/{k}": v for k, v in metrics.items() if k != "examples"}, self.step)
+        self.monitor.scalars({f"{split}/{k}": v for k, v in metrics.items() if k != "examples"}, self.step if step is None else step)
         self.monitor.flush()
         log.info(
             "%s: auc %.4f | ne %.4f | logloss %.4f (%d examples, %.1fs)",
