@@ -8,6 +8,7 @@ must equal A's and it must have consumed exactly the same examples.
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -89,7 +90,7 @@ def test_kunlun_tower_trains_checkpoints_and_resumes_on_two_ranks(tmp_path):
     run = tmp_path / "k"
     common = [f"run_dir={run}", "checkpoint.every_n_steps=0", "trainer.eval_every_n_steps=0", "logging.progress_bar=false"]
     proc = run_torchrun(2, [*common, "trainer.max_steps=15"], config="kunlun-tiny")
-    assert "tower kunlun:" in proc.stdout and "GFLOPs/example" in proc.stdout
+    assert re.search(r"tower kunlun: \d+(\.\d+)? [kMGT]FLOPs/example", proc.stdout), proc.stdout[-2000:]
     profile = ["logging.profile.start_step=18", "logging.profile.num_steps=4"]
     proc = run_torchrun(2, [*common, "trainer.max_steps=30", *profile], config="kunlun-tiny")
     assert "resumed from" in proc.stdout and "step_00000015" in proc.stdout
