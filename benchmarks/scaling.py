@@ -300,7 +300,7 @@ def load_scaling_config(overrides: Sequence[str] = ()):
 
 def movielens_runs(towers: Sequence[str], widths: Sequence[int]) -> List[Run]:
     # One pass over MovieLens-100K's 81,140 training examples (it overfits after ~1.5 epochs).
-    common = ["trainer.max_steps=317", "data.batch_size=256", "trainer.eval_every_n_steps=0", "checkpoint.every_n_steps=0", "logging.progress_bar=false"]
+    common = ["trainer.max_steps=317", "data.batch_size=256", "trainer.eval_every_n_steps=0", "trainer.early_stopping.patience=0", "checkpoint.every_n_steps=0", "logging.progress_bar=false"]
     return [
         Run(f"movielens/{t}-w{w}", [f"model.tower={t}", "model.embedding_dim=16", *tower_overrides(t, w, "dislike"), *common], config="movielens")
         for t in towers for w in widths
