@@ -1,6 +1,6 @@
 """The ``kunlun`` command.
 
-    kunlun data inspect|vocab|convert --config job.yaml ...   (kunlun.data.cli)
+    kunlun data inspect|vocab|convert --config job.yaml ...   (kunlun.launch.data_cli)
     kunlun train [--config PRESET_OR_YAML] [key=value ...]    (kunlun.launch.main, one process)
 
 Multi-process training goes through ``torchx run`` (see README).
@@ -21,7 +21,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command == "data":
-        from kunlun.data.cli import main as data_main
+        from kunlun.launch.data_cli import main as data_main
 
         return data_main(rest)
     if command == "train":

@@ -14,7 +14,7 @@ import pytest
 
 from jobs import BIN, REPO, job_env
 from own_data import csv_text, csv_yaml, make_rows, write_dataset
-from kunlun.data.cli import main as data_main
+from kunlun.launch.data_cli import main as data_main
 from kunlun.data.ids import fnv1a64_reference
 from kunlun.data.sources.files import FileSource
 from kunlun.trainer.config import load_config
@@ -118,7 +118,7 @@ def test_console_script_and_module_entry_points(dataset):
     assert proc.returncode == 0, proc.stderr
     rows = [line.split() for line in proc.stdout.split("columns")[0].splitlines() if line.startswith(("train", "eval", "test"))]
     assert [r[:4] for r in rows] == [["eval", "1", "1", "400"]]
-    proc = subprocess.run([sys.executable, "-m", "kunlun.data.cli", "inspect", "--help"], cwd=REPO, env=job_env(),
+    proc = subprocess.run([sys.executable, "-m", "kunlun.launch.data_cli", "inspect", "--help"], cwd=REPO, env=job_env(),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "--config" in proc.stdout and "--json" in proc.stdout
 

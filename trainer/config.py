@@ -13,7 +13,6 @@ and line, or the command line), the full key, the bad value and what is allowed.
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,148 +22,22 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot run. The message names source, key, value and what is allowed."""
-
-    def __init__(self, message: str, key: Optional[str] = None):
-        super().__init__(message)
-        self.key = key
-
-
-# --------------------------------------------------------------------------- data
-@dataclass
-class SyntheticConfig:
-    """Seeded generator with a planted signal (see ``kunlun.data.sources.synthetic``)."""
-
-    num_users: int = 10_000
-    num_items: int = 50_000
-    num_categories: int = 100
-    num_actions: int = 4
-    num_dense: int = 4
-    max_seq_len: int = 32
-    train_examples: int = 1_000_000
-    eval_examples: int = 20_000
-    test_examples: int = 20_000
-    signal_strength: float = 2.0
-    # basic: category affinity of the history; rich: + action/recency-weighted history,
-    # user x category preference, dense cross term (harder; the scaling-law preset).
-    signal: str = "basic"
-
-
-@dataclass
-class MovieLensConfig:
-    """MovieLens-100K (see ``kunlun.data.sources.movielens``)."""
-
-    # Folder with either the GroupLens files (u.data, u.user, u.item) or the RecBole
-    # ones (ml-100k.inter/.user/.item). None: download into ``cache_dir`` on first use.
-    path: Optional[str] = None
-    cache_dir: Optional[str] = None  # default: $KUNLUN_CACHE or ~/.cache/kunlun
-    max_history_len: int = 50  # most recent events kept per event type
-    like_threshold: float = 4.0  # rating >= threshold: label 1 and event type "like"
-
-
-@dataclass
-class TableConfig:
-    """An embedding table of a file source (``data.files.schema.tables``)."""
-
-    name: str = ""
-    # Rows. 0: ``data.files.default_num_embeddings`` (hash, identity) or the vocabulary size (vocab).
-    # Row 0 of every table is "missing" (null or empty ids).
-    num_embeddings: int = 0
-    id_mapping: str = ""  # hash | vocab | identity; "" = data.files.id_mapping
-
-
-@dataclass
-class ColumnConfig:
-    """One column of the files and the role it plays (``data.files.schema.columns``)."""
-
-    name: str = ""  # column name in the files (CSV without header: the position in this list counts)
-    # label | weight | dense | categorical | sequence | request_time | ignore
-    role: str = ""
-    # int64 | float32 | string | list<int64> | list<string> (not needed for role ignore)
-    dtype: str = ""
-    feature: str = ""  # name in the batch (context feature, dense feature, label); default: the column name
-    table: str = ""  # categorical / sequence item or action: the embedding table; default: a table named as the feature
-    event: str = ""  # sequence: the event type (data.files.schema.events)
-    attribute: str = "item"  # sequence: item | action | timestamp
-    max_ids: int = 0  # categorical list<...>: most ids kept per example (required for lists)
-    transform: str = "none"  # dense: none | log1p (log(1 + max(x, 0)))
-    fill: float = 0.0  # dense: value used for nulls and NaN
-    threshold: Optional[float] = None  # label: value >= threshold gives 1 (else values must lie in [0, 1])
-    time_format: str = ""  # request_time of dtype string: strptime format, e.g. "%Y/%m/%d %H:%M" (UTC)
-
-
-@dataclass
-class EventConfig:
-    """An event type of the user history (``data.files.schema.events``)."""
-
-    name: str = ""
-    max_len: int = 50  # most recent events kept per example
-    order: str = "oldest_first"  # order of the lists in the files: oldest_first | newest_first
-
-
-@dataclass
-class FileSchemaConfig:
-    tables: List[TableConfig] = field(default_factory=list)
-    events: List[EventConfig] = field(default_factory=list)
-    columns: List[ColumnConfig] = field(default_factory=list)
-
-
-@dataclass
-class CsvConfig:
-    delimiter: str = ","  # "\t" for TSV
-    header: bool = True  # first line holds the column names (else columns are matched by position)
-    list_separator: str = "|"  # between the elements of a list column
-    quote_char: str = '"'  # "" = no quoting
-    rows_per_block: int = 65536  # CSV files are read in blocks of this many lines (the unit of caching)
-
-
-@dataclass
-class FilesConfig:
-    """Parquet or CSV files described by a declared schema (see docs/data.md)."""
-
-    split: str = "paths"  # paths (train/eval/test) | time (request_time) | rows (file order)
-    # Each a path, a glob or a directory, or a list of them.
-    train: Any = field(default_factory=list)
-    eval: Any = field(default_factory=list)
-    test: Any = field(default_factory=list)
-    paths: Any = field(default_factory=list)  # split=time|rows: the whole data set
-    eval_from: int = 0  # split=time: request_time >= eval_from is validation ...
-    test_from: int = 0  # ... and >= test_from is test (seconds, UTC)
-    eval_fraction: float = 0.0  # split=rows: the last test_fraction of the rows is test,
-    test_fraction: float = 0.0  # the eval_fraction before it validation
-    id_mapping: str = "hash"  # hash | vocab | identity (default of every table)
-    default_num_embeddings: int = 100_000  # rows of hash/identity tables that do not set num_embeddings
-    vocab_dir: Optional[str] = None  # vocabularies written by `kunlun data vocab`
-    vocab_min_count: int = 1  # ids seen fewer times in the train split go to the OOV bucket
-    oov_buckets: int = 1  # rows 1..oov_buckets of a vocab table hold out-of-vocabulary ids
-    cache_mb: int = 1024  # decoded row groups kept in memory per process
-    shuffle_window: int = 16  # row groups shuffled together (0 = one global permutation)
-    validate: bool = True  # decode every row once at start (errors before training; warms the cache)
-    csv: CsvConfig = field(default_factory=CsvConfig)
-    schema: FileSchemaConfig = field(default_factory=FileSchemaConfig)
-
-
-@dataclass
-class DataConfig:
-    source: str = "synthetic"  # synthetic | movielens | parquet | csv
-    batch_size: int = 256  # global: split evenly over ranks
-    eval_batch_size: int = 1024  # global
-    num_workers: int = 0  # DataLoader workers per rank
-    shuffle: bool = True  # reshuffle the train split every epoch (seeded)
-    bad_row_policy: str = "error"  # error | skip
-    id_policy: str = "error"  # ids outside a table: error | modulo (map into the table)
-    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
-    movielens: MovieLensConfig = field(default_factory=MovieLensConfig)
-    files: FilesConfig = field(default_factory=FilesConfig)  # source: parquet | csv
-
-
-# -------------------------------------------------------------------------- model
-# Model configs live beside the model (importable without omegaconf, e.g. on GPU boxes).
-from kunlun.model.config import (  # noqa: E402,F401
+# Each package owns its config; the job config composes them (and re-exports them, so
+# ``from kunlun.trainer.config import DataConfig`` keeps working). Model configs live beside
+# the model, importable without omegaconf (e.g. on GPU boxes).
+from kunlun.common import ConfigError, default_cache_dir  # noqa: F401
+from kunlun.data.config import (  # noqa: F401
+    ColumnConfig,
+    CsvConfig,
+    DataConfig,
+    EventConfig,
+    FileSchemaConfig,
+    FilesConfig,
+    MovieLensConfig,
+    SyntheticConfig,
+    TableConfig,
+)
+from kunlun.model.config import (  # noqa: F401
     DCNv2Config,
     DLRMConfig,
     EventTowerConfig,
@@ -174,31 +47,9 @@ from kunlun.model.config import (  # noqa: E402,F401
     ModelConfig,
     WukongTowerConfig,
 )
+from kunlun.parallel.config import DenseParallelConfig, ParallelConfig, SparseParallelConfig  # noqa: F401
 
-
-# ----------------------------------------------------------------------- parallel
-@dataclass
-class SparseParallelConfig:
-    """How embedding tables are distributed (``kunlun.parallel.sparse``)."""
-
-    strategy: str = "1d"  # 1d: shard over all ranks | 2d: shard within groups, replicate across
-    sharding_group_size: int = 0  # 2d: ranks per sharding group (divides the world size); 0 = world
-    sync_every_n_steps: int = 1  # 2d: average replicas (weights + AdaGrad state) every N steps; 0 = never
-    momentum_scaling: bool = True  # 2d: scale the sparse lr and eps by sqrt(#replica groups)
-    # Sharding types the planner may choose from; empty = the fused types (no data_parallel).
-    sharding_types: List[str] = field(default_factory=list)
-
-
-@dataclass
-class DenseParallelConfig:
-    strategy: str = "ddp"  # ddp: replicate the dense tower | fsdp: FSDP2 fully_shard it
-
-
-@dataclass
-class ParallelConfig:
-    backend: str = "auto"  # auto (nccl on cuda, gloo on cpu) | gloo | nccl
-    sparse: SparseParallelConfig = field(default_factory=SparseParallelConfig)
-    dense: DenseParallelConfig = field(default_factory=DenseParallelConfig)
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
 # ---------------------------------------------------------------------- optimizer
@@ -611,7 +462,3 @@ def flatten(cfg: JobConfig) -> dict:
 
     walk("", cfg)
     return out
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("KUNLUN_CACHE", Path.home() / ".cache" / "kunlun")).expanduser()

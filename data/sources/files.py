@@ -59,6 +59,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from kunlun.common import ConfigError, default_cache_dir
 from kunlun.data.block import ExampleBlock, block_nbytes, concat_blocks, ranges, take_block
 from kunlun.data.decode import Decoder, _seconds
 from kunlun.data.errors import BadRowTracker, DataError, RowIssues
@@ -135,20 +136,11 @@ class FileSource:
         try:
             self.plan: FilePlan = resolve(files, data_cfg.source)
         except FileSchemaError as e:
-            from kunlun.trainer.config import ConfigError
-
             raise ConfigError(str(e), key=e.key) from e
         self.tracker = BadRowTracker(data_cfg.bad_row_policy)
         self.mappers, self.table_sizes, self.vocab_info = build_mappers(self.plan, files, data_cfg.id_policy, load_vocabularies)
         self.schema = self.plan.feature_schema(self.table_sizes)
-        cache_dir = None
-        try:
-            from kunlun.trainer.config import default_cache_dir
-
-            cache_dir = default_cache_dir()
-        except Exception:  # noqa: BLE001 - the index cache is optional
-            pass
-        self.reader = make_reader(data_cfg.source, self.plan, files.csv, cache_dir)
+        self.reader = make_reader(data_cfg.source, self.plan, files.csv, default_cache_dir())
         self.decoder = Decoder(self.plan, self.mappers)
         self.cache_limit = int(files.cache_mb) << 20
         self._cache: "OrderedDict[int, ExampleBlock]" = OrderedDict()

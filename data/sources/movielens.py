@@ -37,6 +37,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from kunlun.common import default_cache_dir
 from kunlun.data.batch import EventColumns, ExampleBlock, Jagged, gather_jagged, ranges
 from kunlun.data.errors import BadRowTracker, DataError
 from kunlun.data.schema import ContextFeature, EventType, FeatureSchema, TableSpec
@@ -425,6 +426,4 @@ def _standardised_history_features(users, items, ratings, ts, genres, like_thres
 
 
 def _default_cache() -> Path:
-    from kunlun.trainer.config import default_cache_dir
-
     return default_cache_dir()

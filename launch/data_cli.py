@@ -1,10 +1,13 @@
 """``kunlun data``: check, describe and preprocess the files of a parquet/csv job.
 
+It lives in ``launch/`` because it loads the whole job config (``kunlun.trainer.config``);
+the work itself is in ``kunlun.data`` (``report``, ``ids``, ``preprocess``).
+
     kunlun data inspect --config job.yaml [--split train] [--json report.json] [key=value ...]
     kunlun data vocab   --config job.yaml [--min-count 5] [--tables user,item] [--out DIR] [key=value ...]
     kunlun data convert --config job.yaml --out DIR [--row-group-size 65536] [key=value ...]
 
-(also ``python -m kunlun.data.cli ...``). The job config is loaded and validated exactly as
+(also ``python -m kunlun.launch.data_cli ...``). The job config is loaded and validated exactly as
 ``kunlun.launch.main`` does; ``key=value`` overrides apply. Exit status: 0 done; 2 bad config
 or data (the message names the file, row or line, column, value and what was expected).
 """
