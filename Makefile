@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup data train test test-fast scaling clean
+.PHONY: setup data train test test-fast lint format scaling clean
 
 setup: $(STAMP)
 
@@ -39,6 +39,15 @@ train: setup data
 
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# ruff lint + format check (pyproject.toml [tool.ruff]); `make format` rewrites in place.
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)

@@ -38,7 +38,12 @@ def main() -> None:
     k = (torch.randn(tk, h, d) / d**0.5).cuda().bfloat16()
     v = torch.randn(tk, h, d).cuda().bfloat16()
     do = torch.randn(tq, h, d).cuda().bfloat16()
-    flops = 4 * h * d * (float((lengths * n_kv).sum()) if args.window is None else float((lengths.float() * torch.clamp(lengths.float(), max=2 * args.window + 1)).sum()))
+    flops = (
+        4
+        * h
+        * d
+        * (float((lengths * n_kv).sum()) if args.window is None else float((lengths.float() * torch.clamp(lengths.float(), max=2 * args.window + 1)).sum()))
+    )
     acts = ["gelu_tanh"] * h
     common = (q, k, v, qo, ko, acts, 1.0, 1.0 / max_kv, args.window, args.L, max_kv)
     ref = gdpa_forward(*common, block=dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2))

@@ -139,8 +139,14 @@ def continuous_features(src, data: Dict[str, SplitData]) -> Tuple[Dict[str, np.n
     ex = src._ex
     train = data["train"].rows
     counts, feats = history_features(
-        ex["user"], ex["item"], ex["rating"], ex["ts"], genre_matrix(src), src.cfg.like_threshold,
-        mean_rating=float(ex["rating"][train].mean()), mean_like=float(data["train"].labels.mean()),
+        ex["user"],
+        ex["item"],
+        ex["rating"],
+        ex["ts"],
+        genre_matrix(src),
+        src.cfg.like_threshold,
+        mean_rating=float(ex["rating"][train].mean()),
+        mean_like=float(data["train"].labels.mean()),
     )
     out = {}
     for split, d in data.items():
@@ -167,14 +173,22 @@ def _csr(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, shape: Tuple[int,
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
         return torch.sparse_csr_tensor(
-            torch.from_numpy(crow.astype(np.int64)), torch.from_numpy(cols[order].astype(np.int64)),
-            torch.from_numpy(vals[order].astype(np.float64)), size=shape, check_invariants=False,
+            torch.from_numpy(crow.astype(np.int64)),
+            torch.from_numpy(cols[order].astype(np.int64)),
+            torch.from_numpy(vals[order].astype(np.float64)),
+            size=shape,
+            check_invariants=False,
         )
 
 
 def build_designs(
-    src, data: Dict[str, SplitData], cont: Dict[str, Dict[str, np.ndarray]], encoding: str,
-    context: Sequence[str] = CONTEXT, continuous: Optional[Sequence[str]] = None, n_buckets: int = N_BUCKETS,
+    src,
+    data: Dict[str, SplitData],
+    cont: Dict[str, Dict[str, np.ndarray]],
+    encoding: str,
+    context: Sequence[str] = CONTEXT,
+    continuous: Optional[Sequence[str]] = None,
+    n_buckets: int = N_BUCKETS,
 ) -> Dict[str, Design]:
     """One-hot context + continuous features encoded as ``encoding`` (buckets | raw | both)."""
     assert encoding in ENCODINGS, encoding
@@ -221,9 +235,7 @@ def build_designs(
                 mu, sd = mu_sd[name]
                 add(ones, np.full(n, raw_col[name]), np.clip((x - mu) / sd, -5, 5))
         ex, c, v = np.concatenate(ex_idx), np.concatenate(cols), np.concatenate(vals)
-        out[split] = Design(
-            _csr(ex, c, v, (n, offset)), _csr(c, ex, v, (offset, n)), torch.from_numpy(d.labels.astype(np.float64)), offset
-        )
+        out[split] = Design(_csr(ex, c, v, (n, offset)), _csr(c, ex, v, (offset, n)), torch.from_numpy(d.labels.astype(np.float64)), offset)
     return out
 
 
@@ -250,8 +262,13 @@ def fit(d: Design, l2: float, seed: int, max_iter: int = 500, init: Optional[Spa
     theta.requires_grad_(True)
     n = float(len(d.labels))
     opt = torch.optim.LBFGS(
-        [theta], lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe",
-        tolerance_grad=1e-6, tolerance_change=1e-10,
+        [theta],
+        lr=1.0,
+        max_iter=max_iter,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+        tolerance_grad=1e-6,
+        tolerance_change=1e-10,
     )
 
     def closure():
@@ -288,8 +305,16 @@ def prepare(src=None):
 
 
 def run_seed(
-    src, data, cont, seed: int, encodings: Sequence[str] = ENCODINGS, l2_grid: Sequence[float] = L2_GRID,
-    continuous: Optional[Sequence[str]] = None, context: Sequence[str] = CONTEXT, max_iter: int = 500, verbose: bool = False,
+    src,
+    data,
+    cont,
+    seed: int,
+    encodings: Sequence[str] = ENCODINGS,
+    l2_grid: Sequence[float] = L2_GRID,
+    continuous: Optional[Sequence[str]] = None,
+    context: Sequence[str] = CONTEXT,
+    max_iter: int = 500,
+    verbose: bool = False,
 ) -> Dict:
     """Grid over (encoding, l2) on eval NE; test metrics of the chosen fit."""
     best = None
@@ -304,8 +329,10 @@ def run_seed(
             ev = metrics(model, designs["eval"])
             grid.append({"encoding": enc, "l2": l2, "iters": iters, "eval": ev})
             if verbose:
-                print(f"  seed {seed} {enc:7s} l2={l2:.0e} iters={iters:3d} eval AUC {ev['auc']:.4f} NE {ev['ne']:.4f}"
-                      f" ({time.perf_counter() - t0:.1f}s)", flush=True)
+                print(
+                    f"  seed {seed} {enc:7s} l2={l2:.0e} iters={iters:3d} eval AUC {ev['auc']:.4f} NE {ev['ne']:.4f} ({time.perf_counter() - t0:.1f}s)",
+                    flush=True,
+                )
             if best is None or ev["ne"] < best[0]["eval"]["ne"]:
                 best = (grid[-1], model, designs)
     chosen, model, designs = best
@@ -340,8 +367,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     t0 = time.perf_counter()
     src, data, _, cont = prepare()
     n = {s: len(d.labels) for s, d in data.items()}
-    print(f"MovieLens-100K examples: train {n['train']:,}, eval {n['eval']:,}, test {n['test']:,}"
-          f" (label rate {', '.join(f'{s} {data[s].labels.mean():.4f}' for s in SPLITS)}); loaded in {time.perf_counter() - t0:.1f}s")
+    print(
+        f"MovieLens-100K examples: train {n['train']:,}, eval {n['eval']:,}, test {n['test']:,}"
+        f" (label rate {', '.join(f'{s} {data[s].labels.mean():.4f}' for s in SPLITS)}); loaded in {time.perf_counter() - t0:.1f}s"
+    )
     continuous = [] if args.no_history else None
     encodings = args.encodings.split(",")
     if args.no_history:
@@ -349,15 +378,16 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     l2_grid = [float(x) for x in args.l2.split(",")]
     runs = []
     for seed in [int(s) for s in args.seeds.split(",")]:
-        runs.append(run_seed(src, data, cont, seed, encodings=encodings, l2_grid=l2_grid,
-                             continuous=continuous, max_iter=args.max_iter, verbose=args.verbose))
+        runs.append(run_seed(src, data, cont, seed, encodings=encodings, l2_grid=l2_grid, continuous=continuous, max_iter=args.max_iter, verbose=args.verbose))
     runtime = time.perf_counter() - t0
 
     print(f"\n{'seed':>4} {'encoding':>8} {'l2':>7} | {'eval AUC':>8} {'eval NE':>8} {'eval LL':>8} | {'test AUC':>8} {'test NE':>8} {'test LL':>8}")
     for r in runs:
         e, t = r["eval"], r["test"]
-        print(f"{r['seed']:>4} {r['encoding']:>8} {r['l2']:>7.0e} | {e['auc']:8.4f} {e['ne']:8.4f} {e['logloss']:8.4f} |"
-              f" {t['auc']:8.4f} {t['ne']:8.4f} {t['logloss']:8.4f}")
+        print(
+            f"{r['seed']:>4} {r['encoding']:>8} {r['l2']:>7.0e} | {e['auc']:8.4f} {e['ne']:8.4f} {e['logloss']:8.4f} |"
+            f" {t['auc']:8.4f} {t['ne']:8.4f} {t['logloss']:8.4f}"
+        )
     summary: Dict[str, float] = {}
     for split in ("eval", "test"):
         for k in ("auc", "ne", "logloss"):
@@ -371,8 +401,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
         print(f"note: the chosen L2 lies on the edge of the grid {list(l2_grid)}; widen --l2")
     print(f"runtime {runtime:.1f}s")
     # Top level: means over seeds (what movielens_quality.py report reads), then details.
-    result = dict(summary, l2=[r["l2"] for r in runs], encoding=[r["encoding"] for r in runs], runs=runs,
-                  runtime_s=runtime, examples=n, no_history=args.no_history)
+    result = dict(
+        summary, l2=[r["l2"] for r in runs], encoding=[r["encoding"] for r in runs], runs=runs, runtime_s=runtime, examples=n, no_history=args.no_history
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

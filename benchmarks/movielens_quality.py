@@ -74,8 +74,7 @@ def markdown(summary: Dict) -> str:
     base = summary.get("baseline")
     if base:
         lines.append(
-            f"| logistic regression (benchmarks/movielens_baseline.py) | – | {base['test_auc']:.4f} | {base['test_ne']:.4f} | "
-            f"{base['eval_ne']:.4f} | – | – |"
+            f"| logistic regression (benchmarks/movielens_baseline.py) | – | {base['test_auc']:.4f} | {base['test_ne']:.4f} | {base['eval_ne']:.4f} | – | – |"
         )
     return "\n".join(lines)
 

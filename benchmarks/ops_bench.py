@@ -112,9 +112,21 @@ def run_case(b, max_len, n_kv, h, d, dtype, device, impls, act, tune=None):
                 mem_f = peak_mem_gb(fwd, device)
             ms_fb = bench_ms(fb, device)
             mem_fb = peak_mem_gb(fb, device)
-            rows.append(dict(impl=impl, L=max_len, n_kv=n_kv, B=b, fwd_ms=ms_f, fwdbwd_ms=ms_fb,
-                             fwd_tflops=flops / ms_f / 1e9, fwdbwd_tflops=3.5 * flops / ms_fb / 1e9,
-                             fwd_mem_gb=mem_f, fwdbwd_mem_gb=mem_fb, sum_lq=tq))
+            rows.append(
+                dict(
+                    impl=impl,
+                    L=max_len,
+                    n_kv=n_kv,
+                    B=b,
+                    fwd_ms=ms_f,
+                    fwdbwd_ms=ms_fb,
+                    fwd_tflops=flops / ms_f / 1e9,
+                    fwdbwd_tflops=3.5 * flops / ms_fb / 1e9,
+                    fwd_mem_gb=mem_f,
+                    fwdbwd_mem_gb=mem_fb,
+                    sum_lq=tq,
+                )
+            )
         except torch.cuda.OutOfMemoryError:
             rows.append(dict(impl=impl, L=max_len, n_kv=n_kv, B=b, error="OOM"))
             torch.cuda.empty_cache()
@@ -161,7 +173,7 @@ def main() -> None:
     for n_kv in kvs:
         for L in lens:
             rows += run_case(batch, L, n_kv, h, d, dtype, dev, impls, args.act)
-            r = rows[-len(impls):]
+            r = rows[-len(impls) :]
             print(json.dumps(r), flush=True)
     hdr = f"{'impl':<10}{'L':>6}{'n_kv':>6}{'fwd ms':>9}{'fwd TF/s':>10}{'f+b ms':>9}{'f+b TF/s':>10}{'mem GB f/fb':>14}{'fwd %peak':>10}{'rel err':>9}{'x ref f/fb':>12}"
     print(hdr)
@@ -169,9 +181,11 @@ def main() -> None:
         if "error" in r:
             print(f"{r['impl']:<10}{r['L']:>6}{r['n_kv']:>6}  {r['error']}")
             continue
-        print(f"{r['impl']:<10}{r['L']:>6}{r['n_kv']:>6}{r['fwd_ms']:>9.3f}{r['fwd_tflops']:>10.1f}{r['fwdbwd_ms']:>9.3f}"
-              f"{r['fwdbwd_tflops']:>10.1f}{r['fwd_mem_gb']:>7.2f}/{r['fwdbwd_mem_gb']:<6.2f}{100 * r['fwd_tflops'] / (H100_BF16_DENSE_TFLOPS if dev == 'cuda' else peak):>10.1f}"
-              f"{r.get('rel_err_vs_ref', float('nan')):>9.1e}{r.get('fwd_speedup_vs_ref', float('nan')):>6.2f}/{r.get('fwdbwd_speedup_vs_ref', float('nan')):<5.2f}")
+        print(
+            f"{r['impl']:<10}{r['L']:>6}{r['n_kv']:>6}{r['fwd_ms']:>9.3f}{r['fwd_tflops']:>10.1f}{r['fwdbwd_ms']:>9.3f}"
+            f"{r['fwdbwd_tflops']:>10.1f}{r['fwd_mem_gb']:>7.2f}/{r['fwdbwd_mem_gb']:<6.2f}{100 * r['fwd_tflops'] / (H100_BF16_DENSE_TFLOPS if dev == 'cuda' else peak):>10.1f}"
+            f"{r.get('rel_err_vs_ref', float('nan')):>9.1e}{r.get('fwd_speedup_vs_ref', float('nan')):>6.2f}/{r.get('fwdbwd_speedup_vs_ref', float('nan')):<5.2f}"
+        )
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "ops_bench.json").write_text(json.dumps({"matmul_tflops": peak, "rows": rows}, indent=1))

@@ -160,8 +160,9 @@ def ddp_bytes_per_rank(dense_bytes: float, t: int) -> float:
     return 2 * (t - 1) / t * dense_bytes
 
 
-def predict(strategy: str, t: int, s: int, b: float, feats, num_input_dists: int, table_bytes: float, optimizer_bytes: float,
-            dense_bytes: float, sync_every: int = 1) -> Dict[str, float]:
+def predict(
+    strategy: str, t: int, s: int, b: float, feats, num_input_dists: int, table_bytes: float, optimizer_bytes: float, dense_bytes: float, sync_every: int = 1
+) -> Dict[str, float]:
     """Per-rank, per-step bytes of one strategy (``s`` ignored for 1D; sync amortised over ``sync_every`` steps)."""
     n = t if strategy == "1d" else s
     m = t // n
@@ -169,22 +170,35 @@ def predict(strategy: str, t: int, s: int, b: float, feats, num_input_dists: int
     a2a = a2a_bytes_per_rank(n, b, feats, num_input_dists)
     sync = sync_bytes_per_rank(mem, m) / max(sync_every, 1) if m > 1 and sync_every else 0.0
     ddp = ddp_bytes_per_rank(dense_bytes, t)
-    return {"memory": mem, "a2a": a2a["total"], "a2a_parts": a2a, "sync": sync, "ddp": ddp, "total": a2a["total"] + sync + ddp,
-            "a2a_per_peer": a2a["total"] / max(n - 1, 1)}
+    return {
+        "memory": mem,
+        "a2a": a2a["total"],
+        "a2a_parts": a2a,
+        "sync": sync,
+        "ddp": ddp,
+        "total": a2a["total"] + sync + ddp,
+        "a2a_per_peer": a2a["total"] / max(n - 1, 1),
+    }
 
 
 # ------------------------------------------------------------------ projection
 PROD = dict(
-    b=512, pooled_features=500, pooling=20, seq_features=10, seq_len=500, dim=128,
-    table_bytes=10e12, dense_params=164e6,  # the Kunlun tower of train_bench.py at production-like sizes
+    b=512,
+    pooled_features=500,
+    pooling=20,
+    seq_features=10,
+    seq_len=500,
+    dim=128,
+    table_bytes=10e12,
+    dense_params=164e6,  # the Kunlun tower of train_bench.py at production-like sizes
 )
 
 
 def prod_features(pooled_row_wise: bool) -> List[FeatureTraffic]:
     p = PROD
-    return [FeatureTraffic(True, pooled_row_wise, p["pooling"], p["dim"])] * p["pooled_features"] + [
-        FeatureTraffic(False, True, p["seq_len"], p["dim"])
-    ] * p["seq_features"]
+    return [FeatureTraffic(True, pooled_row_wise, p["pooling"], p["dim"])] * p["pooled_features"] + [FeatureTraffic(False, True, p["seq_len"], p["dim"])] * p[
+        "seq_features"
+    ]
 
 
 def project(pooled_row_wise: bool = False) -> List[Dict]:
@@ -203,8 +217,18 @@ def project(pooled_row_wise: bool = False) -> List[Dict]:
             saved = one["a2a"] - two["a2a"]
             full_sync = sync_bytes_per_rank(two["memory"], t // s)
             breakeven = max(1, math.ceil(full_sync / saved)) if saved > 0 else float("inf")
-            rows.append({"T": t, "S": s, "M": t // s, "1d": one, "2d": two, "a2a_ratio": one["a2a"] / two["a2a"],
-                         "total_ratio": one["total"] / two["total"], "breakeven_sync_every": breakeven})
+            rows.append(
+                {
+                    "T": t,
+                    "S": s,
+                    "M": t // s,
+                    "1d": one,
+                    "2d": two,
+                    "a2a_ratio": one["a2a"] / two["a2a"],
+                    "total_ratio": one["total"] / two["total"],
+                    "breakeven_sync_every": breakeven,
+                }
+            )
     return rows
 
 
@@ -268,6 +292,7 @@ def counting(counter: CommCounter):
             rank, n = _group_info(group)
             counter.add(_a2a_category(input, input_split_sizes is not None), _a2a_single_sent(input, input_split_sizes, rank, n))
             return orig(output, input, output_split_sizes, input_split_sizes, group=group, async_op=async_op)
+
         return f
 
     def a2a_list(orig):
@@ -276,6 +301,7 @@ def counting(counter: CommCounter):
             sent = sum(_nbytes(x) for i, x in enumerate(input_tensor_list) if i != rank)
             counter.add(_a2a_category(input_tensor_list[0], True), sent)
             return orig(output_tensor_list, input_tensor_list, group=group, async_op=async_op)
+
         return f
 
     def reduce_scatter(orig):
@@ -283,6 +309,7 @@ def counting(counter: CommCounter):
             rank, _ = _group_info(group)
             counter.add("emb", sum(_nbytes(x) for i, x in enumerate(input_list) if i != rank))
             return orig(output, input_list, *a, group=group, **k)
+
         return f
 
     def reduce_scatter_tensor(orig):
@@ -290,6 +317,7 @@ def counting(counter: CommCounter):
             _, n = _group_info(group)
             counter.add("emb", _nbytes(input) * (n - 1) / n)
             return orig(output, input, *a, group=group, **k)
+
         return f
 
     def all_gather(orig):
@@ -297,6 +325,7 @@ def counting(counter: CommCounter):
             _, n = _group_info(group)
             counter.add("emb", _nbytes(tensor) * (n - 1))
             return orig(tensor_list, tensor, group=group, async_op=async_op)
+
         return f
 
     def all_gather_into_tensor(orig):
@@ -304,6 +333,7 @@ def counting(counter: CommCounter):
             _, n = _group_info(group)
             counter.add("emb", _nbytes(input_tensor) * (n - 1))
             return orig(output_tensor, input_tensor, group=group, async_op=async_op)
+
         return f
 
     def all_reduce(orig):
@@ -312,6 +342,7 @@ def counting(counter: CommCounter):
                 _, n = _group_info(group)
                 counter.add("other", 2 * (n - 1) / n * _nbytes(tensor))
             return orig(tensor, *a, group=group, **k)
+
         return f
 
     def broadcast(orig):
@@ -319,6 +350,7 @@ def counting(counter: CommCounter):
             _, n = _group_info(group)
             counter.add("other", _nbytes(tensor) * (n - 1) / n)
             return orig(tensor, *a, group=group, **k)
+
         return f
 
     def funcol_a2a(orig):
@@ -326,11 +358,19 @@ def counting(counter: CommCounter):
             rank, n = _group_info(group)
             counter.add(_a2a_category(self, input_split_sizes is not None), _a2a_single_sent(self, input_split_sizes, rank, n))
             return orig(self, output_split_sizes, input_split_sizes, group, tag)
+
         return f
 
-    for name, make in [("all_to_all_single", a2a_single), ("all_to_all", a2a_list), ("reduce_scatter", reduce_scatter),
-                       ("reduce_scatter_tensor", reduce_scatter_tensor), ("all_gather", all_gather),
-                       ("all_gather_into_tensor", all_gather_into_tensor), ("all_reduce", all_reduce), ("broadcast", broadcast)]:
+    for name, make in [
+        ("all_to_all_single", a2a_single),
+        ("all_to_all", a2a_list),
+        ("reduce_scatter", reduce_scatter),
+        ("reduce_scatter_tensor", reduce_scatter_tensor),
+        ("all_gather", all_gather),
+        ("all_gather_into_tensor", all_gather_into_tensor),
+        ("all_reduce", all_reduce),
+        ("broadcast", broadcast),
+    ]:
         patch(dist, name, make)
     patch(funcol, "all_to_all_single", funcol_a2a)
     try:
@@ -404,24 +444,50 @@ MIXES: Dict[str, List[str]] = {
     # six tiny tables (the tiny preset): communication is ids + small embeddings, memory trivial
     "small": ["data.batch_size=64"],
     # large id tables dominate memory (user 400k rows; item and seq_item 200k rows each), D = 32
-    "large": ["data.synthetic.num_users=400000", "data.synthetic.num_items=200000", "data.synthetic.num_categories=200",
-              "model.embedding_dim=32", "data.batch_size=128"],
+    "large": [
+        "data.synthetic.num_users=400000",
+        "data.synthetic.num_items=200000",
+        "data.synthetic.num_categories=200",
+        "model.embedding_dim=32",
+        "data.batch_size=128",
+    ],
     # long histories, wider rows: the sequence embeddings dominate the all-to-all
-    "long-seq": ["data.synthetic.num_users=20000", "data.synthetic.num_items=50000", "data.synthetic.num_categories=100",
-                 "data.synthetic.max_seq_len=128", "model.embedding_dim=64", "data.batch_size=128"],
+    "long-seq": [
+        "data.synthetic.num_users=20000",
+        "data.synthetic.num_items=50000",
+        "data.synthetic.num_categories=100",
+        "data.synthetic.max_seq_len=128",
+        "model.embedding_dim=64",
+        "data.batch_size=128",
+    ],
     # "large" with every table row-wise in both strategies: same sharding type, only n differs
-    "large-rw": ["data.synthetic.num_users=400000", "data.synthetic.num_items=200000", "data.synthetic.num_categories=200",
-                 "model.embedding_dim=32", "data.batch_size=128", "parallel.sparse.sharding_types=[row_wise]"],
+    "large-rw": [
+        "data.synthetic.num_users=400000",
+        "data.synthetic.num_items=200000",
+        "data.synthetic.num_categories=200",
+        "model.embedding_dim=32",
+        "data.batch_size=128",
+        "parallel.sparse.sharding_types=[row_wise]",
+    ],
 }
-STRATEGIES = {"1d": ["parallel.sparse.strategy=1d"],
-              "2d": ["parallel.sparse.strategy=2d", "parallel.sparse.sharding_group_size=2", "parallel.sparse.sync_every_n_steps=1"]}
+STRATEGIES = {
+    "1d": ["parallel.sparse.strategy=1d"],
+    "2d": ["parallel.sparse.strategy=2d", "parallel.sparse.sharding_group_size=2", "parallel.sparse.sync_every_n_steps=1"],
+}
 # No table_column_wise: for a TWCW table TorchRec 1.8's create_global_tensor_shape_stride_from_metadata
 # returns no shape, and 2D (DTensor state) then fails in DTensor.from_local on a rank of the
 # sharding group that holds no shard of it ("Found shape:None ..."). The planner picks TWCW
 # at random among equal-cost candidates for single-shard tables (where it equals TW).
-COMMON = ["parallel.sparse.sharding_types=[table_wise,row_wise,column_wise]", "checkpoint.every_n_steps=0",
-          "checkpoint.resume=never", "trainer.eval_every_n_steps=0", "logging.progress_bar=false",
-          "logging.tensorboard=false", "logging.level=WARNING", "trainer.device=cpu"]
+COMMON = [
+    "parallel.sparse.sharding_types=[table_wise,row_wise,column_wise]",
+    "checkpoint.every_n_steps=0",
+    "checkpoint.resume=never",
+    "trainer.eval_every_n_steps=0",
+    "logging.progress_bar=false",
+    "logging.tensorboard=false",
+    "logging.level=WARNING",
+    "trainer.device=cpu",
+]
 
 
 def table_configs(trainer) -> tuple:
@@ -516,8 +582,13 @@ def run_one(mix: str, strategy: str, run_dir: str, warmup: int, steps: int) -> D
         synced = sum(_nbytes(t) for d in (ctx.weights_by_dtype, ctx.optimizer_tensors_by_dtype) for ts in d.values() for t in ts)
         mem["synced_tensors"] = synced
     local = {
-        "rank": rank, "bytes": {k: v / steps for k, v in counter.bytes.items()}, "calls": {k: v / steps for k, v in counter.calls.items()},
-        "memory": mem, "ids": dict(ids), "examples": examples, "step_seconds": seconds[warmup:],
+        "rank": rank,
+        "bytes": {k: v / steps for k, v in counter.bytes.items()},
+        "calls": {k: v / steps for k, v in counter.calls.items()},
+        "memory": mem,
+        "ids": dict(ids),
+        "examples": examples,
+        "step_seconds": seconds[warmup:],
     }
     gathered: List[Dict] = [None] * world  # type: ignore[list-item]
     dist.all_gather_object(gathered, local)
@@ -547,10 +618,24 @@ def run_one(mix: str, strategy: str, run_dir: str, warmup: int, steps: int) -> D
                 dist.destroy_process_group(pg)
             except Exception as e:  # noqa: BLE001 - best effort; leaking a subgroup is harmless here
                 print(f"[parallel_bench] rank {rank}: could not destroy a 2D subgroup: {e}", file=sys.stderr)
-    return {"mix": mix, "strategy": strategy, "overrides": overrides, "T": world, "n": n, "M": m,
-            "local_batch": b, "table_bytes": table_bytes, "optimizer_bytes": opt_bytes, "dense_bytes": dense_bytes,
-            "ids_per_example": ids_pe, "plan": plan_text, "input_dists": n_dists, "unmodelled_sharding": unmodelled,
-            "predicted": pred, "per_rank": gathered}
+    return {
+        "mix": mix,
+        "strategy": strategy,
+        "overrides": overrides,
+        "T": world,
+        "n": n,
+        "M": m,
+        "local_batch": b,
+        "table_bytes": table_bytes,
+        "optimizer_bytes": opt_bytes,
+        "dense_bytes": dense_bytes,
+        "ids_per_example": ids_pe,
+        "plan": plan_text,
+        "input_dists": n_dists,
+        "unmodelled_sharding": unmodelled,
+        "predicted": pred,
+        "per_rank": gathered,
+    }
 
 
 # ----------------------------------------------------------------- summaries
@@ -578,9 +663,18 @@ def summarise(run: Dict) -> Dict:
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     total = [a + s + d + o for a, s, d, o in zip(a2a, sync, ddp, other)]
     return {
-        "a2a_parts": meas, "a2a": mean(a2a), "a2a_min": min(a2a), "a2a_max": max(a2a), "emb_other": emb_other,
-        "sync": mean(sync), "ddp": mean(ddp), "other": mean(other), "total": mean(total),
-        "memory": mean(mem), "memory_min": min(mem), "memory_max": max(mem),
+        "a2a_parts": meas,
+        "a2a": mean(a2a),
+        "a2a_min": min(a2a),
+        "a2a_max": max(a2a),
+        "emb_other": emb_other,
+        "sync": mean(sync),
+        "ddp": mean(ddp),
+        "other": mean(other),
+        "total": mean(total),
+        "memory": mean(mem),
+        "memory_min": min(mem),
+        "memory_max": max(mem),
         "synced_tensors": mean([g["memory"].get("synced_tensors", 0) for g in per_rank]),
     }
 
@@ -614,17 +708,21 @@ def sharding_summary(plan_text: str) -> str:
 
 def print_tables(runs: List[Dict], projections: Dict[str, List[Dict]]) -> None:
     print("\nMeasured vs predicted, per rank per training step (KiB; measured = mean over ranks [min-max]):")
-    hdr = ("| mix | strategy | plan | emb memory meas [min-max] | pred | a2a meas [min-max] | pred | meas/pred "
-           "| sync meas | pred | DDP meas | pred | other | total meas | pred |")
+    hdr = (
+        "| mix | strategy | plan | emb memory meas [min-max] | pred | a2a meas [min-max] | pred | meas/pred "
+        "| sync meas | pred | DDP meas | pred | other | total meas | pred |"
+    )
     print(hdr)
     print("|" + "---|" * (hdr.count("|") - 1))
     for r in runs:
         s, p = r["summary"], r["predicted"]
         label = "1D (n=T=4)" if r["strategy"] == "1d" else f"2D (S={r['n']}, M={r['M']})"
-        print(f"| {r['mix']} | {label} | {sharding_summary(r['plan'])} | {kib(s['memory'])} [{kib(s['memory_min'])}-{kib(s['memory_max'])}] "
-              f"| {kib(p['memory'])} | {kib(s['a2a'])} [{kib(s['a2a_min'])}-{kib(s['a2a_max'])}] | {kib(p['a2a'])} "
-              f"| {s['a2a'] / p['a2a']:.3f} | {kib(s['sync'])} | {kib(p['sync'])} | {kib(s['ddp'])} | {kib(p['ddp'])} "
-              f"| {kib(s['other'])} | {kib(s['total'])} | {kib(p['total'])} |")
+        print(
+            f"| {r['mix']} | {label} | {sharding_summary(r['plan'])} | {kib(s['memory'])} [{kib(s['memory_min'])}-{kib(s['memory_max'])}] "
+            f"| {kib(p['memory'])} | {kib(s['a2a'])} [{kib(s['a2a_min'])}-{kib(s['a2a_max'])}] | {kib(p['a2a'])} "
+            f"| {s['a2a'] / p['a2a']:.3f} | {kib(s['sync'])} | {kib(p['sync'])} | {kib(s['ddp'])} | {kib(p['ddp'])} "
+            f"| {kib(s['other'])} | {kib(s['total'])} | {kib(p['total'])} |"
+        )
     print("\nAll-to-all by component, measured / predicted (KiB per rank per step):")
     hdr = "| mix | strategy | splits | lengths | ids | embeddings fwd | gradients bwd |"
     print(hdr)
@@ -641,24 +739,31 @@ def print_tables(runs: List[Dict], projections: Dict[str, List[Dict]]) -> None:
     for mix in dict.fromkeys(r["mix"] for r in runs):
         if (mix, "1d") in by and (mix, "2d") in by:
             a, c = by[(mix, "1d")], by[(mix, "2d")]
-            print(f"| {mix} | {c['memory'] / a['memory']:.2f} | {c['a2a'] / a['a2a']:.2f} | {kib(a['sync'])}, {kib(c['sync'])} "
-                  f"| {c['total'] / a['total']:.2f} |")
+            print(
+                f"| {mix} | {c['memory'] / a['memory']:.2f} | {c['a2a'] / a['a2a']:.2f} | {kib(a['sync'])}, {kib(c['sync'])} | {c['total'] / a['total']:.2f} |"
+            )
     p = PROD
     for name, rows in projections.items():
-        print(f"\nProjection ({name}): b={p['b']}, {p['pooled_features']} pooled features x p={p['pooling']}, "
-              f"{p['seq_features']} sequence features x L={p['seq_len']} (RW), D={p['dim']}, tables {human(p['table_bytes'])} fp32 "
-              f"+ row-wise AdaGrad, dense {p['dense_params'] / 1e6:.0f}M params fp32, 2D sync every step:")
-        hdr = ("| T | S | M | emb memory/rank 1D | 2D | a2a/rank 1D | 2D | a2a 1D/2D | a2a per peer 1D | 2D | sync/rank 2D "
-               "| DDP/rank | total 1D | 2D | total 1D/2D | sync every k ≥ for 2D total ≤ 1D |")
+        print(
+            f"\nProjection ({name}): b={p['b']}, {p['pooled_features']} pooled features x p={p['pooling']}, "
+            f"{p['seq_features']} sequence features x L={p['seq_len']} (RW), D={p['dim']}, tables {human(p['table_bytes'])} fp32 "
+            f"+ row-wise AdaGrad, dense {p['dense_params'] / 1e6:.0f}M params fp32, 2D sync every step:"
+        )
+        hdr = (
+            "| T | S | M | emb memory/rank 1D | 2D | a2a/rank 1D | 2D | a2a 1D/2D | a2a per peer 1D | 2D | sync/rank 2D "
+            "| DDP/rank | total 1D | 2D | total 1D/2D | sync every k ≥ for 2D total ≤ 1D |"
+        )
         print(hdr)
         print("|" + "---|" * (hdr.count("|") - 1))
         for row in rows:
             one, two = row["1d"], row["2d"]
             be = row["breakeven_sync_every"]
-            print(f"| {row['T']} | {row['S']} | {row['M']} | {human(one['memory'])} | {human(two['memory'])} | {human(one['a2a'])} "
-                  f"| {human(two['a2a'])} | {row['a2a_ratio']:.3f} | {human(one['a2a_per_peer'])} | {human(two['a2a_per_peer'])} "
-                  f"| {human(two['sync'])} | {human(one['ddp'])} | {human(one['total'])} | {human(two['total'])} "
-                  f"| {row['total_ratio']:.3f} | {'never' if be == float('inf') else f'{be:,.0f}'} |")
+            print(
+                f"| {row['T']} | {row['S']} | {row['M']} | {human(one['memory'])} | {human(two['memory'])} | {human(one['a2a'])} "
+                f"| {human(two['a2a'])} | {row['a2a_ratio']:.3f} | {human(one['a2a_per_peer'])} | {human(two['a2a_per_peer'])} "
+                f"| {human(two['sync'])} | {human(one['ddp'])} | {human(one['total'])} | {human(two['total'])} "
+                f"| {row['total_ratio']:.3f} | {'never' if be == float('inf') else f'{be:,.0f}'} |"
+            )
 
 
 def main() -> None:
@@ -688,8 +793,7 @@ def main() -> None:
                 r = run_one(mix, strategy, run_dir, args.warmup, args.steps)
                 r["summary"] = summarise(r)
                 runs.append(r)
-        projections = {"pooled TW/CW, sequence RW": project(pooled_row_wise=False),
-                       "every table RW": project(pooled_row_wise=True)}
+        projections = {"pooled TW/CW, sequence RW": project(pooled_row_wise=False), "every table RW": project(pooled_row_wise=True)}
         if rank == 0:
             for r in runs:
                 print(f"\nplan {r['mix']} / {r['strategy']} (n={r['n']}):\n{r['plan']}")
@@ -698,10 +802,22 @@ def main() -> None:
             out = args.out or (os.path.join(os.environ["OUT"], "parallel_bench.json") if os.environ.get("OUT") else None)
             if out:
                 os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-                doc = {"world_size": world, "torch": torch.__version__, "warmup": args.warmup, "steps": args.steps,
-                       "runs": runs, "projection_assumptions": PROD, "projections": projections,
-                       "model_constants": {"id_bytes": ID_BYTES, "len_bytes": LEN_BYTES, "emb_bytes": EMB_BYTES,
-                                           "state_bytes": STATE_BYTES, "splits_per_dist": SPLITS_PER_DIST}}
+                doc = {
+                    "world_size": world,
+                    "torch": torch.__version__,
+                    "warmup": args.warmup,
+                    "steps": args.steps,
+                    "runs": runs,
+                    "projection_assumptions": PROD,
+                    "projections": projections,
+                    "model_constants": {
+                        "id_bytes": ID_BYTES,
+                        "len_bytes": LEN_BYTES,
+                        "emb_bytes": EMB_BYTES,
+                        "state_bytes": STATE_BYTES,
+                        "splits_per_dist": SPLITS_PER_DIST,
+                    },
+                }
                 with open(out, "w") as f:
                     json.dump(doc, f, indent=1, default=lambda o: asdict(o) if hasattr(o, "__dataclass_fields__") else str(o))
                 print(f"wrote {out}")

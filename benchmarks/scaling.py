@@ -76,8 +76,12 @@ def tower_overrides(tower: str, w: int, low_value_event: str = "purchase") -> Li
     if tower == "kunlun":
         h = max(8, w // 2)
         return [
-            f"model.kunlun.dim={w}", f"model.kunlun.kv_rank={w}", f"model.kunlun.pffn_kv_len={h}",
-            f"model.kunlun.wukong_mlp={2 * w}", f"model.kunlun.head_mlp=[{2 * w}]", "model.kunlun.num_layers=3",
+            f"model.kunlun.dim={w}",
+            f"model.kunlun.kv_rank={w}",
+            f"model.kunlun.pffn_kv_len={h}",
+            f"model.kunlun.wukong_mlp={2 * w}",
+            f"model.kunlun.head_mlp=[{2 * w}]",
+            "model.kunlun.num_layers=3",
             "model.kunlun.num_summary_tokens=4",
             # Event-level personalisation: clicks get the full width, purchases half of it.
             f"model.kunlun.default_event={{dim: {w}, heads: 2, layers: 3, window: 4, num_tokens: 4, num_seeds: 8}}",
@@ -85,9 +89,13 @@ def tower_overrides(tower: str, w: int, low_value_event: str = "purchase") -> Li
         ]
     if tower == "interformer":
         return [
-            f"model.interformer.dim={w}", "model.interformer.heads=2", "model.interformer.num_layers=2",
-            f"model.interformer.kv_rank={w}", f"model.interformer.pffn_kv_len={max(8, w // 2)}",
-            f"model.interformer.wukong_mlp={2 * w}", f"model.interformer.head_mlp=[{2 * w}]",
+            f"model.interformer.dim={w}",
+            "model.interformer.heads=2",
+            "model.interformer.num_layers=2",
+            f"model.interformer.kv_rank={w}",
+            f"model.interformer.pffn_kv_len={max(8, w // 2)}",
+            f"model.interformer.wukong_mlp={2 * w}",
+            f"model.interformer.head_mlp=[{2 * w}]",
         ]
     if tower == "hstu":
         return [f"model.hstu.dim={w}", "model.hstu.heads=2", "model.hstu.num_layers=2", f"model.hstu.head_mlp=[{2 * w}]"]
@@ -106,7 +114,11 @@ def tower_overrides(tower: str, w: int, low_value_event: str = "purchase") -> Li
 ABLATIONS: Dict[str, Tuple[Optional[List[str]], str, str]] = {
     "kunlun (all on)": ([], "", ""),
     "CompSkip off": (["model.kunlun.compskip=false"], "CompSkip", "−43.1% FLOPs, +35% QPS, NE-neutral"),
-    "full attention (no window)": (["model.kunlun.default_event.window=-1", "model.kunlun.events.purchase.window=-1"], "sliding window", "−29.5% FLOPs, +31.1% QPS, NE-neutral"),
+    "full attention (no window)": (
+        ["model.kunlun.default_event.window=-1", "model.kunlun.events.purchase.window=-1"],
+        "sliding window",
+        "−29.5% FLOPs, +31.1% QPS, NE-neutral",
+    ),
     "PMA instead of HSP": (["model.kunlun.summary=pma"], "HSP (vs PMA)", "+0.08% NE gain"),
     "event personalisation off": (None, "event personalisation", "−11% FLOPs, +13% QPS"),  # see ablation_overrides
     "unfused PFFN (reference GDPA)": (["model.kunlun.gdpa_impl=reference"], "fused GDPA", "MFU 34→37%, +0.04% NE gain"),
@@ -172,8 +184,11 @@ def tower_throughput(overrides: Sequence[str], steps: int = 30, batch: int = 256
             ev = block.events[e.name]
             lengths = torch.from_numpy(ev.lengths).long()
             events[e.name] = EventSequence(
-                item=tables[e.item_table][torch.from_numpy(ev.items)], action=tables[e.action_table][torch.from_numpy(ev.actions)],
-                timestamps=torch.from_numpy(ev.timestamps), lengths=lengths, offsets=torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]),
+                item=tables[e.item_table][torch.from_numpy(ev.items)],
+                action=tables[e.action_table][torch.from_numpy(ev.actions)],
+                timestamps=torch.from_numpy(ev.timestamps),
+                lengths=lengths,
+                offsets=torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]),
             )
         x = TowerInputs(dense=torch.from_numpy(block.dense), context=context, events=events, request_time=torch.from_numpy(block.request_time))
         return x, torch.from_numpy(block.labels)
@@ -263,8 +278,10 @@ def saturation_runs(factors: Sequence[int] = (2, 4)) -> List[Run]:
     base = load_scaling_config()
     n, b = base.data.synthetic.train_examples, base.data.batch_size
     return [
-        Run(f"saturation/kunlun-w{ABLATION_WIDTH}-x{k}", ["model.tower=kunlun", *tower_overrides("kunlun", ABLATION_WIDTH),
-            f"data.synthetic.train_examples={k * n}", f"trainer.max_steps={k * n // b}"])
+        Run(
+            f"saturation/kunlun-w{ABLATION_WIDTH}-x{k}",
+            ["model.tower=kunlun", *tower_overrides("kunlun", ABLATION_WIDTH), f"data.synthetic.train_examples={k * n}", f"trainer.max_steps={k * n // b}"],
+        )
         for k in factors
     ]
 
@@ -275,7 +292,10 @@ LAYERS = (1, 2, 3, 4, 6)
 def layer_runs(common: Sequence[str] = (), layers: Sequence[int] = LAYERS) -> List[Run]:
     """Kunlun at ABLATION_WIDTH with L Kunlun layers and L-layer click towers (NE vs depth)."""
     base = tower_overrides("kunlun", ABLATION_WIDTH)
-    return [Run(f"layers/kunlun-L{n}", ["model.tower=kunlun", *base, f"model.kunlun.num_layers={n}", f"model.kunlun.default_event.layers={n}", *common]) for n in layers]
+    return [
+        Run(f"layers/kunlun-L{n}", ["model.tower=kunlun", *base, f"model.kunlun.num_layers={n}", f"model.kunlun.default_event.layers={n}", *common])
+        for n in layers
+    ]
 
 
 def collect_layers(out: Path) -> Optional[Dict]:
@@ -285,11 +305,24 @@ def collect_layers(out: Path) -> Optional[Dict]:
     rows = []
     for rec in recs:
         m = json.loads(rec.read_text())
-        rows.append({"layers": int(rec.parent.name.rsplit("-L", 1)[1]), "gflops_per_example_fwd": m["perf/forward_flops_per_example"] / 1e9,
-                     "train_flops": m["perf/train_flops"], "eval_ne": m["eval/ne"], "test_ne": m["test/ne"]})
+        rows.append(
+            {
+                "layers": int(rec.parent.name.rsplit("-L", 1)[1]),
+                "gflops_per_example_fwd": m["perf/forward_flops_per_example"] / 1e9,
+                "train_flops": m["perf/train_flops"],
+                "eval_ne": m["eval/ne"],
+                "test_ne": m["test/ne"],
+            }
+        )
     fit = fit_line(np.log10([r["layers"] for r in rows]), [r["eval_ne"] for r in rows])
     lo, hi = fit.slope_ci
-    return {"rows": rows, "ne_per_decade_of_layers": -fit.slope, "ci95": [-hi, -lo], "r2": fit.r2, "vs_flops": fit_scaling([r["train_flops"] for r in rows], [r["eval_ne"] for r in rows])}
+    return {
+        "rows": rows,
+        "ne_per_decade_of_layers": -fit.slope,
+        "ci95": [-hi, -lo],
+        "r2": fit.r2,
+        "vs_flops": fit_scaling([r["train_flops"] for r in rows], [r["eval_ne"] for r in rows]),
+    }
 
 
 def load_scaling_config(overrides: Sequence[str] = ()):
@@ -300,10 +333,18 @@ def load_scaling_config(overrides: Sequence[str] = ()):
 
 def movielens_runs(towers: Sequence[str], widths: Sequence[int]) -> List[Run]:
     # One pass over MovieLens-100K's 81,140 training examples (it overfits after ~1.5 epochs).
-    common = ["trainer.max_steps=317", "data.batch_size=256", "trainer.eval_every_n_steps=0", "trainer.early_stopping.patience=0", "checkpoint.every_n_steps=0", "logging.progress_bar=false"]
+    common = [
+        "trainer.max_steps=317",
+        "data.batch_size=256",
+        "trainer.eval_every_n_steps=0",
+        "trainer.early_stopping.patience=0",
+        "checkpoint.every_n_steps=0",
+        "logging.progress_bar=false",
+    ]
     return [
         Run(f"movielens/{t}-w{w}", [f"model.tower={t}", "model.embedding_dim=16", *tower_overrides(t, w, "dislike"), *common], config="movielens")
-        for t in towers for w in widths
+        for t in towers
+        for w in widths
     ]
 
 
@@ -355,8 +396,12 @@ def fit_line(x: Sequence[float], y: Sequence[float]) -> LineFit:
     s2 = float((resid**2).sum() / (n - 2))
     sst = float(((y - ym) ** 2).sum())
     return LineFit(
-        slope=slope, intercept=intercept, slope_se=math.sqrt(s2 / sxx), intercept_se=math.sqrt(s2 * (1 / n + xm**2 / sxx)),
-        r2=1 - float((resid**2).sum()) / sst if sst > 0 else 1.0, n=n,
+        slope=slope,
+        intercept=intercept,
+        slope_se=math.sqrt(s2 / sxx),
+        intercept_se=math.sqrt(s2 * (1 / n + xm**2 / sxx)),
+        r2=1 - float((resid**2).sum()) / sst if sst > 0 else 1.0,
+        n=n,
     )
 
 
@@ -368,9 +413,18 @@ def fit_scaling(train_flops: Sequence[float], ne: Sequence[float]) -> Dict:
     b_lo, b_hi = -power.slope_ci[1], -power.slope_ci[0]
     eta_lo, eta_hi = -loglin.slope_ci[1], -loglin.slope_ci[0]
     return {
-        "power_a": math.exp(power.intercept), "power_b": -power.slope, "power_b_se": power.slope_se, "power_b_ci95": [b_lo, b_hi], "power_r2": power.r2,
-        "loglin_ne0": loglin.intercept, "loglin_eta": -loglin.slope, "loglin_eta_se": loglin.slope_se, "loglin_eta_ci95": [eta_lo, eta_hi], "loglin_r2": loglin.r2,
-        "points": len(ne), "decades": float(logc.max() - logc.min()),
+        "power_a": math.exp(power.intercept),
+        "power_b": -power.slope,
+        "power_b_se": power.slope_se,
+        "power_b_ci95": [b_lo, b_hi],
+        "power_r2": power.r2,
+        "loglin_ne0": loglin.intercept,
+        "loglin_eta": -loglin.slope,
+        "loglin_eta_se": loglin.slope_se,
+        "loglin_eta_ci95": [eta_lo, eta_hi],
+        "loglin_r2": loglin.r2,
+        "points": len(ne),
+        "decades": float(logc.max() - logc.min()),
     }
 
 
@@ -399,10 +453,18 @@ def bayes_floor(overrides: Sequence[str] = (), config: str = "scaling", split: s
 # ----------------------------------------------------------------------------- report
 def _row(tower: str, width: int, m: Dict, data: str) -> Dict:
     return {
-        "data": data, "tower": tower, "width": width, "dense_params": int(m["model/dense_params"]),
-        "gflops_per_example_fwd": m["perf/forward_flops_per_example"] / 1e9, "train_flops": m["perf/train_flops"],
-        "examples": int(m["train/examples_consumed"]), "examples_per_sec": m.get("perf/examples_per_sec", float("nan")),
-        "eval_ne": m["eval/ne"], "eval_auc": m["eval/auc"], "test_ne": m["test/ne"], "test_auc": m["test/auc"],
+        "data": data,
+        "tower": tower,
+        "width": width,
+        "dense_params": int(m["model/dense_params"]),
+        "gflops_per_example_fwd": m["perf/forward_flops_per_example"] / 1e9,
+        "train_flops": m["perf/train_flops"],
+        "examples": int(m["train/examples_consumed"]),
+        "examples_per_sec": m.get("perf/examples_per_sec", float("nan")),
+        "eval_ne": m["eval/ne"],
+        "eval_auc": m["eval/auc"],
+        "test_ne": m["test/ne"],
+        "test_auc": m["test/auc"],
     }
 
 
@@ -529,7 +591,10 @@ def collect_ablations(out: Path) -> List[Dict]:
 
 
 def markdown(summary: Dict) -> str:
-    lines = ["| tower | runs | decades of C | b (NE = a·C^-b) [95% CI] | η (NE per decade) [95% CI] | R² (power) | best eval NE (size mean) | largest size still better |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| tower | runs | decades of C | b (NE = a·C^-b) [95% CI] | η (NE per decade) [95% CI] | R² (power) | best eval NE (size mean) | largest size still better |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for tower, f in summary["fits"].items():
         lines.append(
             f"| {tower} | {f['points']} ({f['sizes']} sizes) | {f['decades']:.2f} | {f['power_b']:.4f} [{f['power_b_ci95'][0]:.4f}, {f['power_b_ci95'][1]:.4f}] | "
@@ -542,8 +607,13 @@ def markdown(summary: Dict) -> str:
     if summary.get("bayes_floor_eval_ne") is not None:
         lines.append(f"\nBayes floor (eval NE of the true logits): {summary['bayes_floor_eval_ne']:.4f}")
     if summary.get("more_data"):
-        lines.append(f"\nKunlun w{ABLATION_WIDTH} with more training examples (one pass each): " + ", ".join(f"{d['data_factor']}x → eval NE {d['eval_ne']:.4f}" for d in summary["more_data"]))
-    lines.append("\n| data | tower | width | seed | dense params | fwd GFLOPs/ex | train FLOPs | ex/s | eval NE | eval AUC | test NE | test AUC |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+        lines.append(
+            f"\nKunlun w{ABLATION_WIDTH} with more training examples (one pass each): "
+            + ", ".join(f"{d['data_factor']}x → eval NE {d['eval_ne']:.4f}" for d in summary["more_data"])
+        )
+    lines.append(
+        "\n| data | tower | width | seed | dense params | fwd GFLOPs/ex | train FLOPs | ex/s | eval NE | eval AUC | test NE | test AUC |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
+    )
     for r in summary["rows"]:
         lines.append(
             f"| {r['data']} | {r['tower']} | {r['width']} | {r['seed']} | {r['dense_params']:,} | {r['gflops_per_example_fwd']:.5f} | {r['train_flops']:.3g} | {r['examples_per_sec']:.0f} | "
@@ -551,19 +621,31 @@ def markdown(summary: Dict) -> str:
         )
     if summary.get("layers"):
         d = summary["layers"]
-        lines.append(f"\nNE vs number of layers (Kunlun w{ABLATION_WIDTH}): η = {d['ne_per_decade_of_layers']:.4f} NE per decade of layers [95% CI {d['ci95'][0]:.4f}, {d['ci95'][1]:.4f}], R² {d['r2']:.2f}; "
-                     f"vs FLOPs b = {d['vs_flops']['power_b']:.4f} [{d['vs_flops']['power_b_ci95'][0]:.4f}, {d['vs_flops']['power_b_ci95'][1]:.4f}]")
+        lines.append(
+            f"\nNE vs number of layers (Kunlun w{ABLATION_WIDTH}): η = {d['ne_per_decade_of_layers']:.4f} NE per decade of layers [95% CI {d['ci95'][0]:.4f}, {d['ci95'][1]:.4f}], R² {d['r2']:.2f}; "
+            f"vs FLOPs b = {d['vs_flops']['power_b']:.4f} [{d['vs_flops']['power_b_ci95'][0]:.4f}, {d['vs_flops']['power_b_ci95'][1]:.4f}]"
+        )
         lines.append("\n| layers | fwd GFLOPs/ex | train FLOPs | eval NE | test NE |\n|---|---|---|---|---|")
-        lines += [f"| {r['layers']} | {r['gflops_per_example_fwd']:.5f} | {r['train_flops']:.3g} | {r['eval_ne']:.4f} | {r['test_ne']:.4f} |" for r in d["rows"]]
+        lines += [
+            f"| {r['layers']} | {r['gflops_per_example_fwd']:.5f} | {r['train_flops']:.3g} | {r['eval_ne']:.4f} | {r['test_ne']:.4f} |" for r in d["rows"]
+        ]
     if summary.get("seed_spread"):
         sp = summary["seed_spread"]
-        lines.append(f"\nKunlun (all on) over {len(sp['eval_ne'])} seeds: eval NE " + ", ".join(f"{v:.4f}" for v in sp["eval_ne"]) + f" (std {sp['std']:.4f} = {sp['std_pct']:.2f}%)")
+        lines.append(
+            f"\nKunlun (all on) over {len(sp['eval_ne'])} seeds: eval NE "
+            + ", ".join(f"{v:.4f}" for v in sp["eval_ne"])
+            + f" (std {sp['std']:.4f} = {sp['std_pct']:.2f}%)"
+        )
     if summary.get("ablations"):
         lines.append(
             "\n| variant | fwd GFLOPs/ex | ex/s | eval NE | feature | its ΔFLOPs | its Δex/s | its NE gain | paper (same feature) |\n|---|---|---|---|---|---|---|---|---|"
         )
         for r in summary["ablations"]:
-            effect = f"{r['feature_flops_pct']:+.1f}% | {r['feature_examples_per_sec_pct']:+.1f}% | {r['feature_ne_gain_pct']:+.2f}%" if r["feature"] else "— | — | —"
+            effect = (
+                f"{r['feature_flops_pct']:+.1f}% | {r['feature_examples_per_sec_pct']:+.1f}% | {r['feature_ne_gain_pct']:+.2f}%"
+                if r["feature"]
+                else "— | — | —"
+            )
             lines.append(
                 f"| {r['variant']} | {r['gflops_per_example_fwd']:.5f} | {r['examples_per_sec']:.0f} | {r['eval_ne']:.4f} | {r['feature'] or '—'} | {effect} | {r['paper'] or '—'} |"
             )
@@ -595,7 +677,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         for t in towers:
             sizes = [planned_flops(t, w) for w in widths[t]]
             decades = math.log10(max(s["forward_flops"] for s in sizes) / min(s["forward_flops"] for s in sizes))
-            print(f"{t}: " + ", ".join(f"w{w} {s['forward_flops'] / 1e6:.3f} MFLOPs/{s['dense_params'] / 1e3:.0f}k params" for w, s in zip(widths[t], sizes)) + f" | {decades:.2f} decades")
+            print(
+                f"{t}: "
+                + ", ".join(f"w{w} {s['forward_flops'] / 1e6:.3f} MFLOPs/{s['dense_params'] / 1e3:.0f}k params" for w, s in zip(widths[t], sizes))
+                + f" | {decades:.2f} decades"
+            )
     elif args.command == "sweep":
         for t in towers:
             check_span([planned_flops(t, w, args.set)["forward_flops"] for w in widths[t]], t, args.min_decades)

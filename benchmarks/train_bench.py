@@ -37,7 +37,7 @@ from kunlun.data.schema import ContextFeature, EventType, FeatureSchema, TableSp
 from kunlun.model.config import ModelConfig
 from kunlun.model.towers import build_tower
 from kunlun.model.towers.base import EventSequence, TowerInputs
-from kunlun.trainer.perf import matmul_probe_tflops, gpu_peak_tflops
+from kunlun.trainer.perf import gpu_peak_tflops, matmul_probe_tflops
 
 
 def make_schema(n_ctx: int, n_dense: int, events: dict) -> FeatureSchema:
@@ -58,13 +58,17 @@ def make_inputs(schema, b: int, emb: int, device, dtype, fill: float, seed: int 
         t = int(off[-1])
         ts = torch.arange(t) * 60
         events[e.name] = EventSequence(
-            item=torch.randn(t, emb, generator=g).to(device, dtype), action=torch.randn(t, emb, generator=g).to(device, dtype),
-            timestamps=ts.to(device), lengths=lengths.to(device), offsets=off.to(device),
+            item=torch.randn(t, emb, generator=g).to(device, dtype),
+            action=torch.randn(t, emb, generator=g).to(device, dtype),
+            timestamps=ts.to(device),
+            lengths=lengths.to(device),
+            offsets=off.to(device),
         )
     return TowerInputs(
         dense=torch.randn(b, schema.num_dense, generator=g).to(device, dtype),
         context={k: torch.randn(b, emb, generator=g).to(device, dtype) for k in schema.context_keys},
-        events=events, request_time=torch.full((b,), 10**9).to(device),
+        events=events,
+        request_time=torch.full((b,), 10**9).to(device),
     )
 
 
@@ -93,10 +97,23 @@ def e2e(args) -> None:
         w = matched_width(tower, args.target_mflops * 1e6)
         run_dir = out / tower
         cmd = [
-            str(Path(sys.executable).parent / "torchrun"), "--standalone", f"--nproc_per_node={args.nproc}", "-m", "kunlun.launch.main",
-            "--config", "scaling", f"run_dir={run_dir}", "checkpoint.resume=never", f"model.tower={tower}", *scaling.tower_overrides(tower, w),
-            f"trainer.max_steps={warm + prof_steps + 5}", f"logging.profile.start_step={warm}", f"logging.profile.num_steps={prof_steps}",
-            "data.synthetic.eval_examples=2048", "data.synthetic.test_examples=2048", "checkpoint.every_n_steps=0",
+            str(Path(sys.executable).parent / "torchrun"),
+            "--standalone",
+            f"--nproc_per_node={args.nproc}",
+            "-m",
+            "kunlun.launch.main",
+            "--config",
+            "scaling",
+            f"run_dir={run_dir}",
+            "checkpoint.resume=never",
+            f"model.tower={tower}",
+            *scaling.tower_overrides(tower, w),
+            f"trainer.max_steps={warm + prof_steps + 5}",
+            f"logging.profile.start_step={warm}",
+            f"logging.profile.num_steps={prof_steps}",
+            "data.synthetic.eval_examples=2048",
+            "data.synthetic.test_examples=2048",
+            "checkpoint.every_n_steps=0",
         ]
         env = dict(os.environ, OMP_NUM_THREADS="1")
         proc = subprocess.run(cmd, cwd=scaling.REPO, env=env, capture_output=True, text=True)
@@ -110,23 +127,38 @@ def e2e(args) -> None:
         global_batch = m["train/examples_consumed"] / m["train/step"]
         ex_s = global_batch / (prof["step_ms"] / 1e3)
         model_tflops = 3 * m["perf/forward_flops_per_example"] * ex_s / 1e12
-        rows.append(dict(
-            tower=tower, width=w, mflops_per_example_fwd=m["perf/forward_flops_per_example"] / 1e6, dense_params=int(m["model/dense_params"]),
-            examples_per_sec=ex_s, examples_per_sec_whole_run=m["perf/examples_per_sec"], model_gflops=model_tflops * 1e3, mfu_vs_probe=model_tflops / (probe * args.nproc),
-            step_ms=prof["step_ms"], outside_dense_compute=prof["outside_dense_compute_share"], shares=prof["host_share"],
-            trace=str(run_dir / "profile" / "trace_rank0.json"),
-        ))
+        rows.append(
+            dict(
+                tower=tower,
+                width=w,
+                mflops_per_example_fwd=m["perf/forward_flops_per_example"] / 1e6,
+                dense_params=int(m["model/dense_params"]),
+                examples_per_sec=ex_s,
+                examples_per_sec_whole_run=m["perf/examples_per_sec"],
+                model_gflops=model_tflops * 1e3,
+                mfu_vs_probe=model_tflops / (probe * args.nproc),
+                step_ms=prof["step_ms"],
+                outside_dense_compute=prof["outside_dense_compute_share"],
+                shares=prof["host_share"],
+                trace=str(run_dir / "profile" / "trace_rank0.json"),
+            )
+        )
         print(json.dumps(rows[-1]), flush=True)
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_bench_e2e.json").write_text(json.dumps({"probe_tflops_per_rank": probe, "nproc": args.nproc, "rows": rows}, indent=1))
     print(f"\nmatmul probe (fp32, 1 thread, 512³): {probe * 1e3:.1f} GFLOP/s per rank; {args.nproc} ranks")
-    print("| tower | width | fwd MFLOPs/ex | dense params | examples/s | model GFLOP/s | MFU vs probe | step ms | outside dense compute | data | embedding | optimizer | communication | other |")
+    print(
+        "| tower | width | fwd MFLOPs/ex | dense params | examples/s | model GFLOP/s | MFU vs probe | step ms | outside dense compute | data | embedding | optimizer | communication | other |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         sh = r["shares"]
-        print(f"| {r['tower']} | {r['width']} | {r['mflops_per_example_fwd']:.3f} | {r['dense_params']:,} | {r['examples_per_sec']:.0f} | {r['model_gflops']:.2f} | "
-              f"{100 * r['mfu_vs_probe']:.1f}% | {r['step_ms']:.1f} | {100 * r['outside_dense_compute']:.0f}% | "
-              + " | ".join(f"{100 * sh[c]:.0f}%" for c in ("data", "embedding", "optimizer", "communication", "other")) + " |")
+        print(
+            f"| {r['tower']} | {r['width']} | {r['mflops_per_example_fwd']:.3f} | {r['dense_params']:,} | {r['examples_per_sec']:.0f} | {r['model_gflops']:.2f} | "
+            f"{100 * r['mfu_vs_probe']:.1f}% | {r['step_ms']:.1f} | {100 * r['outside_dense_compute']:.0f}% | "
+            + " | ".join(f"{100 * sh[c]:.0f}%" for c in ("data", "embedding", "optimizer", "communication", "other"))
+            + " |"
+        )
 
 
 def main() -> None:
@@ -195,10 +227,23 @@ def main() -> None:
     model_tflops = 3 * flops_ex * ex_s / 1e12
     probe = matmul_probe_tflops(dev, dtype, n=8192 if gpu else 512)
     peak = (gpu_peak_tflops(dev) if gpu else None) or probe
-    result = dict(device=torch.cuda.get_device_name() if gpu else "cpu", tower=args.tower, dtype=str(dtype), batch=b, max_seq=seq,
-                  mean_seq=avg, gflops_per_example_fwd=flops_ex / 1e9, step_ms=dt * 1e3, examples_per_sec=ex_s,
-                  model_tflops=model_tflops, peak_tflops=peak, matmul_probe_tflops=probe, mfu=model_tflops / peak,
-                  mfu_vs_probe=model_tflops / probe, params=sum(p.numel() for p in tower.parameters()))
+    result = dict(
+        device=torch.cuda.get_device_name() if gpu else "cpu",
+        tower=args.tower,
+        dtype=str(dtype),
+        batch=b,
+        max_seq=seq,
+        mean_seq=avg,
+        gflops_per_example_fwd=flops_ex / 1e9,
+        step_ms=dt * 1e3,
+        examples_per_sec=ex_s,
+        model_tflops=model_tflops,
+        peak_tflops=peak,
+        matmul_probe_tflops=probe,
+        mfu=model_tflops / peak,
+        mfu_vs_probe=model_tflops / probe,
+        params=sum(p.numel() for p in tower.parameters()),
+    )
     print(json.dumps(result, indent=1))
     # Where the time goes: top ops by device (or CPU) time over 3 profiled steps.
     acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if gpu else [])

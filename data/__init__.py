@@ -6,10 +6,15 @@ Imports are lazy: ``kunlun.data.schema`` must load without TorchRec (GPU kernel 
 from typing import Any
 
 _LAZY = {
-    "Batch": "kunlun.data.batch", "ExampleBlock": "kunlun.data.block", "collate": "kunlun.data.batch",
-    "BadRowTracker": "kunlun.data.errors", "DataError": "kunlun.data.errors",
-    "ContextFeature": "kunlun.data.schema", "EventType": "kunlun.data.schema",
-    "FeatureSchema": "kunlun.data.schema", "TableSpec": "kunlun.data.schema",
+    "Batch": "kunlun.data.batch",
+    "ExampleBlock": "kunlun.data.block",
+    "collate": "kunlun.data.batch",
+    "BadRowTracker": "kunlun.data.errors",
+    "DataError": "kunlun.data.errors",
+    "ContextFeature": "kunlun.data.schema",
+    "EventType": "kunlun.data.schema",
+    "FeatureSchema": "kunlun.data.schema",
+    "TableSpec": "kunlun.data.schema",
 }
 __all__ = sorted(_LAZY)
 

@@ -96,8 +96,7 @@ def concat_blocks(blocks: List[ExampleBlock]) -> ExampleBlock:
     return ExampleBlock(
         dense=np.concatenate([b.dense for b in blocks]),
         context={
-            k: Jagged(np.concatenate([b.context[k].lengths for b in blocks]), np.concatenate([b.context[k].values for b in blocks]))
-            for k in first.context
+            k: Jagged(np.concatenate([b.context[k].lengths for b in blocks]), np.concatenate([b.context[k].values for b in blocks])) for k in first.context
         },
         events={
             k: EventColumns(

@@ -109,7 +109,7 @@ class Decoder:
             arr = _col(table, spec.name)
             request_time, valid = _seconds(arr, spec)
             what = f"a time like {spec.time_format!r}" if spec.time_format else "a request time in seconds"
-            issues.flag(~valid, spec.name, lambda i: _py(arr[i]), what)
+            issues.flag(~valid, spec.name, lambda i, arr=arr: _py(arr[i]), what)
         else:
             request_time = np.zeros(n, dtype=np.int64)
 
@@ -118,12 +118,12 @@ class Decoder:
         for j, spec in enumerate(plan.labels):
             arr = _col(table, spec.name)
             x = _floats(arr)
-            issues.flag(np.isnan(x), spec.name, lambda i: _py(arr[i]), "a label (not null)")
+            issues.flag(np.isnan(x), spec.name, lambda i, arr=arr: _py(arr[i]), "a label (not null)")
             if spec.threshold is not None:
                 y = (x >= spec.threshold).astype(np.float32)
             else:
                 bad = ~np.isnan(x) & ~((x >= 0) & (x <= 1))
-                issues.flag(bad, spec.name, lambda i: _py(arr[i]), "a label in [0, 1] (or set a threshold)")
+                issues.flag(bad, spec.name, lambda i, arr=arr: _py(arr[i]), "a label in [0, 1] (or set a threshold)")
                 y = np.where((x >= 0) & (x <= 1), x, 0).astype(np.float32)
             labels[:, j] = y
 
@@ -134,7 +134,7 @@ class Decoder:
             arr = _col(table, spec.name)
             w = _floats(arr)
             bad = ~np.isfinite(w) | (w < 0)
-            issues.flag(bad, spec.name, lambda i: _py(arr[i]), "a finite example weight >= 0")
+            issues.flag(bad, spec.name, lambda i, arr=arr: _py(arr[i]), "a finite example weight >= 0")
             weights = np.where(bad, 0.0, w).astype(np.float32)
 
         # ------------------------------------------------------------------- dense
@@ -142,7 +142,7 @@ class Decoder:
         for j, spec in enumerate(plan.dense):
             arr = _col(table, spec.name)
             x = _floats(arr)
-            issues.flag(np.isinf(x), spec.name, lambda i: _py(arr[i]), "a finite number (nulls and NaN take the column's fill value)")
+            issues.flag(np.isinf(x), spec.name, lambda i, arr=arr: _py(arr[i]), "a finite number (nulls and NaN take the column's fill value)")
             x = np.where(np.isfinite(x), x, spec.fill)
             if spec.transform == "log1p":
                 x = np.log1p(np.maximum(x, 0.0))
@@ -188,7 +188,7 @@ class Decoder:
                     t_rows = np.repeat(np.arange(n), t_len)
                     bad = np.zeros(n, dtype=bool)
                     bad[t_rows[~t_valid]] = True
-                    issues.flag(bad, ev.timestamp.name, lambda i: _py(t_arr[i]), "event timestamps in seconds (no nulls)")
+                    issues.flag(bad, ev.timestamp.name, lambda i, t_arr=t_arr: _py(t_arr[i]), "event timestamps in seconds (no nulls)")
                 timestamps = _align(t_vals, t_len, lengths, ok) if mismatch.any() else t_vals
             else:
                 timestamps = np.repeat(request_time, lengths)
@@ -221,7 +221,9 @@ def _attribute_list(table: pa.Table, column, item_column, lengths: np.ndarray, i
     arr = _col(table, column.name)
     have, flat = _list_parts(arr)
     mismatch = have != lengths
-    issues.flag(mismatch, column.name, lambda i: _py(arr[i]), f"a list as long as {item_column.name!r} ({int(lengths[issues_first(mismatch)])} events)")
+    issues.flag(
+        mismatch, column.name, lambda i, arr=arr: _py(arr[i]), f"a list as long as {item_column.name!r} ({int(lengths[issues_first(mismatch)])} events)"
+    )
     return arr, have, flat, mismatch
 
 

@@ -203,8 +203,12 @@ def resolve(files, source: str = "parquet") -> FilePlan:
     if files.split == "rows":
         _check(0 < files.eval_fraction < 1, f"{p}.eval_fraction", files.eval_fraction, "a fraction in (0, 1) (split=rows)")
         _check(0 < files.test_fraction < 1, f"{p}.test_fraction", files.test_fraction, "a fraction in (0, 1) (split=rows)")
-        _check(files.eval_fraction + files.test_fraction < 1, f"{p}.test_fraction", files.test_fraction,
-               f"eval_fraction + test_fraction < 1 (eval_fraction={files.eval_fraction})")
+        _check(
+            files.eval_fraction + files.test_fraction < 1,
+            f"{p}.test_fraction",
+            files.test_fraction,
+            f"eval_fraction + test_fraction < 1 (eval_fraction={files.eval_fraction})",
+        )
     _check(files.id_mapping in ID_MAPPINGS, f"{p}.id_mapping", files.id_mapping, f"one of {list(ID_MAPPINGS)}")
     _check(files.default_num_embeddings >= 2, f"{p}.default_num_embeddings", files.default_num_embeddings, "an integer >= 2 (row 0 is 'missing')")
     _check(files.vocab_min_count >= 1, f"{p}.vocab_min_count", files.vocab_min_count, "an integer >= 1")
@@ -213,13 +217,25 @@ def resolve(files, source: str = "parquet") -> FilePlan:
     _check(files.shuffle_window >= 0, f"{p}.shuffle_window", files.shuffle_window, "an integer >= 0 (0 = global shuffle)")
     if source == "csv":
         c = files.csv
-        _check(bool(c.delimiter), f"{p}.csv.delimiter", c.delimiter,
-               "a non-empty delimiter: one character (\",\", \"\\t\" for TSV) or several (\"::\" as in MovieLens' ratings.dat)")
+        _check(
+            bool(c.delimiter),
+            f"{p}.csv.delimiter",
+            c.delimiter,
+            'a non-empty delimiter: one character (",", "\\t" for TSV) or several ("::" as in MovieLens\' ratings.dat)',
+        )
         _check("\n" not in c.delimiter and "\r" not in c.delimiter, f"{p}.csv.delimiter", c.delimiter, "a delimiter without line breaks")
-        _check(len(c.list_separator) == 1 and c.list_separator not in c.delimiter, f"{p}.csv.list_separator", c.list_separator,
-               f"one character that does not occur in the delimiter {c.delimiter!r}")
-        _check(len(c.quote_char) <= 1 and c.quote_char not in c.delimiter and c.quote_char != c.list_separator if c.quote_char else True,
-               f"{p}.csv.quote_char", c.quote_char, "one character other than the list separator and not in the delimiter, or '' for none")
+        _check(
+            len(c.list_separator) == 1 and c.list_separator not in c.delimiter,
+            f"{p}.csv.list_separator",
+            c.list_separator,
+            f"one character that does not occur in the delimiter {c.delimiter!r}",
+        )
+        _check(
+            len(c.quote_char) <= 1 and c.quote_char not in c.delimiter and c.quote_char != c.list_separator if c.quote_char else True,
+            f"{p}.csv.quote_char",
+            c.quote_char,
+            "one character other than the list separator and not in the delimiter, or '' for none",
+        )
         _check(c.rows_per_block >= 1, f"{p}.csv.rows_per_block", c.rows_per_block, "an integer >= 1")
 
     sk = f"{p}.schema"
@@ -229,19 +245,31 @@ def resolve(files, source: str = "parquet") -> FilePlan:
     for i, t in enumerate(sch.tables):
         key = f"{sk}.tables[{i}]"
         _check(bool(t.name) and not t.name.startswith("_"), f"{key}.name", t.name, "a table name (not starting with '_')")
-        _check(t.name not in tables, f"{key}.name", t.name, f"a name not used by another table (declared at {tables.get(t.name, TablePlan('', '', 0, '')).key})")
+        _check(
+            t.name not in tables, f"{key}.name", t.name, f"a name not used by another table (declared at {tables.get(t.name, TablePlan('', '', 0, '')).key})"
+        )
         mapping = t.id_mapping or files.id_mapping
         _check(mapping in ID_MAPPINGS, f"{key}.id_mapping", t.id_mapping, f"one of {list(ID_MAPPINGS)} or '' (= data.files.id_mapping)")
         if mapping == "vocab":
-            _check(t.num_embeddings == 0 or t.num_embeddings >= 1 + files.oov_buckets + 1, f"{key}.num_embeddings", t.num_embeddings,
-                   f"0 (the vocabulary's size) or a cap >= {files.oov_buckets + 2} (row 0 missing, {files.oov_buckets} OOV row(s), one id)")
+            _check(
+                t.num_embeddings == 0 or t.num_embeddings >= 1 + files.oov_buckets + 1,
+                f"{key}.num_embeddings",
+                t.num_embeddings,
+                f"0 (the vocabulary's size) or a cap >= {files.oov_buckets + 2} (row 0 missing, {files.oov_buckets} OOV row(s), one id)",
+            )
         else:
-            _check(t.num_embeddings == 0 or t.num_embeddings >= 2, f"{key}.num_embeddings", t.num_embeddings,
-                   f"an integer >= 2 (row 0 is 'missing'), or 0 for data.files.default_num_embeddings={files.default_num_embeddings}")
+            _check(
+                t.num_embeddings == 0 or t.num_embeddings >= 2,
+                f"{key}.num_embeddings",
+                t.num_embeddings,
+                f"an integer >= 2 (row 0 is 'missing'), or 0 for data.files.default_num_embeddings={files.default_num_embeddings}",
+            )
         n = t.num_embeddings if (t.num_embeddings or mapping == "vocab") else files.default_num_embeddings
         tables[t.name] = TablePlan(t.name, mapping, n, key)
     if files.id_mapping == "vocab" or any(t.id_mapping == "vocab" for t in tables.values()):
-        _check(bool(files.vocab_dir), f"{p}.vocab_dir", files.vocab_dir, "a folder for the vocabularies (id_mapping=vocab; build them with `kunlun data vocab`)")
+        _check(
+            bool(files.vocab_dir), f"{p}.vocab_dir", files.vocab_dir, "a folder for the vocabularies (id_mapping=vocab; build them with `kunlun data vocab`)"
+        )
 
     # ---------------------------------------------------------------- events
     event_cfg: Dict[str, Any] = {}
@@ -279,8 +307,7 @@ def resolve(files, source: str = "parquet") -> FilePlan:
         _check(c.dtype in allowed, f"{key}.dtype", c.dtype, f"one of {list(allowed)} for role {c.role}" + (f" ({c.attribute})" if c.role == "sequence" else ""))
         feature = c.feature or c.name
         if c.role != "sequence":
-            _check(bool(feature) and feature not in features, f"{key}.feature", feature,
-                   f"a name not used by another feature ({features.get(feature, '')})")
+            _check(bool(feature) and feature not in features, f"{key}.feature", feature, f"a name not used by another feature ({features.get(feature, '')})")
             features[feature] = key
         if c.role != "categorical":
             _check(c.max_ids == 0, f"{key}.max_ids", c.max_ids, "0 (max_ids applies to categorical list columns only)")
@@ -292,8 +319,12 @@ def resolve(files, source: str = "parquet") -> FilePlan:
             _check(False, f"{key}.event", c.event, "'' (only sequence columns belong to an event type)")
         if c.role == "request_time":
             if c.dtype == "string":
-                _check(bool(c.time_format) and "%" in c.time_format, f"{key}.time_format", c.time_format,
-                       "a strptime format such as '%Y-%m-%d %H:%M:%S' for a string request time")
+                _check(
+                    bool(c.time_format) and "%" in c.time_format,
+                    f"{key}.time_format",
+                    c.time_format,
+                    "a strptime format such as '%Y-%m-%d %H:%M:%S' for a string request time",
+                )
             else:
                 _check(not c.time_format, f"{key}.time_format", c.time_format, "'' for an int64 request time (seconds)")
         else:
@@ -309,8 +340,12 @@ def resolve(files, source: str = "parquet") -> FilePlan:
                 if files.id_mapping == "vocab":
                     _check(bool(files.vocab_dir), f"{p}.vocab_dir", files.vocab_dir, "a folder for the vocabularies (id_mapping=vocab)")
             if tables[table].id_mapping == "identity":
-                _check(c.dtype in ("int64", "list<int64>"), f"{key}.dtype", c.dtype,
-                       f"int64 or list<int64>: table {table!r} uses id_mapping=identity (ids are the rows)")
+                _check(
+                    c.dtype in ("int64", "list<int64>"),
+                    f"{key}.dtype",
+                    c.dtype,
+                    f"int64 or list<int64>: table {table!r} uses id_mapping=identity (ids are the rows)",
+                )
         elif c.table:
             _check(False, f"{key}.table", c.table, f"'' (role {c.role}" + (f", attribute {c.attribute}" if c.role == "sequence" else "") + " feeds no table)")
         if c.role == "categorical":
@@ -320,13 +355,27 @@ def resolve(files, source: str = "parquet") -> FilePlan:
             else:
                 _check(c.max_ids in (0, 1), f"{key}.max_ids", c.max_ids, "0 or 1 for a single-valued (scalar) column")
         spec = ColumnSpec(
-            index=i, name=c.name, role=c.role, dtype=c.dtype, feature=feature, table=table, event=c.event if c.role == "sequence" else "",
-            attribute=c.attribute if c.role == "sequence" else "", max_ids=max_ids, transform=c.transform, fill=float(c.fill),
-            threshold=None if c.threshold is None else float(c.threshold), time_format=c.time_format,
+            index=i,
+            name=c.name,
+            role=c.role,
+            dtype=c.dtype,
+            feature=feature,
+            table=table,
+            event=c.event if c.role == "sequence" else "",
+            attribute=c.attribute if c.role == "sequence" else "",
+            max_ids=max_ids,
+            transform=c.transform,
+            fill=float(c.fill),
+            threshold=None if c.threshold is None else float(c.threshold),
+            time_format=c.time_format,
         )
         if c.role == "sequence":
-            _check(c.attribute not in ev_cols[c.event], f"{key}.attribute", c.attribute,
-                   f"an attribute of event {c.event!r} not given by another column (columns[{ev_cols[c.event].get(c.attribute, spec).index}])")
+            _check(
+                c.attribute not in ev_cols[c.event],
+                f"{key}.attribute",
+                c.attribute,
+                f"an attribute of event {c.event!r} not given by another column (columns[{ev_cols[c.event].get(c.attribute, spec).index}])",
+            )
             ev_cols[c.event][c.attribute] = spec
         specs.append(spec)
 
@@ -344,8 +393,7 @@ def resolve(files, source: str = "parquet") -> FilePlan:
         _check(s.feature not in seq_keys, f"{s.key}.feature", s.feature, "a name other than the sequence keys <event>.item / <event>.action")
 
     events = [
-        EventPlan(e.name, e.max_len, e.order, ev_cols[e.name]["item"], ev_cols[e.name].get("action"), ev_cols[e.name].get("timestamp"))
-        for e in sch.events
+        EventPlan(e.name, e.max_len, e.order, ev_cols[e.name]["item"], ev_cols[e.name].get("action"), ev_cols[e.name].get("timestamp")) for e in sch.events
     ]
     if any(e.action is None for e in events):
         tables[NO_ACTION_TABLE] = TablePlan(NO_ACTION_TABLE, "identity", 1, f"{sk}.events")

@@ -49,9 +49,7 @@ def _elem_ok(t: pa.DataType, dtype: str, role: str) -> bool:
     if pa.types.is_dictionary(t):
         t = t.value_type
     if dtype == "int64":
-        return pa.types.is_integer(t) or (role == "label" and pa.types.is_boolean(t)) or (
-            role in ("request_time", "sequence") and pa.types.is_timestamp(t)
-        )
+        return pa.types.is_integer(t) or (role == "label" and pa.types.is_boolean(t)) or (role in ("request_time", "sequence") and pa.types.is_timestamp(t))
     if dtype == "float32":
         return pa.types.is_floating(t) or pa.types.is_integer(t) or pa.types.is_boolean(t) or pa.types.is_decimal(t)
     if dtype == "string":
@@ -251,8 +249,10 @@ class CsvReader:
             return data, self.cfg.delimiter, None
         stand_in = _free_byte(data, self._taken)
         if stand_in is None:
-            raise DataError(f"{lines}: every control character (\\x01-\\x08, \\x0e-\\x1f) occurs in these lines; "
-                            f"the delimiter {self.cfg.delimiter!r} ({len(self._delimiter)} bytes) needs one of them free (or use a one-byte delimiter)")
+            raise DataError(
+                f"{lines}: every control character (\\x01-\\x08, \\x0e-\\x1f) occurs in these lines; "
+                f"the delimiter {self.cfg.delimiter!r} ({len(self._delimiter)} bytes) needs one of them free (or use a one-byte delimiter)"
+            )
         return data.replace(self._delimiter, stand_in), stand_in.decode(), stand_in.decode()
 
     def _restore_delimiter(self, table: pa.Table, stand_in: str) -> pa.Table:
@@ -353,12 +353,17 @@ class CsvReader:
                 io.BytesIO(data),
                 read_options=pacsv.ReadOptions(column_names=names, use_threads=False, block_size=max(len(data) + 1, 1 << 20)),
                 parse_options=pacsv.ParseOptions(
-                    delimiter=delimiter, quote_char=self.cfg.quote_char or False,
-                    newlines_in_values=False, ignore_empty_lines=False, invalid_row_handler=handler,
+                    delimiter=delimiter,
+                    quote_char=self.cfg.quote_char or False,
+                    newlines_in_values=False,
+                    ignore_empty_lines=False,
+                    invalid_row_handler=handler,
                 ),
                 convert_options=pacsv.ConvertOptions(
-                    include_columns=read_names, column_types={n: pa.string() for n in read_names},
-                    strings_can_be_null=False, quoted_strings_can_be_null=False,
+                    include_columns=read_names,
+                    column_types={n: pa.string() for n in read_names},
+                    strings_can_be_null=False,
+                    quoted_strings_can_be_null=False,
                 ),
             )
         except pa.ArrowInvalid as e:
@@ -379,8 +384,10 @@ class CsvReader:
             idx = pa.array(take, mask=~keep)
             table = table.take(idx)
         if table.num_rows != num_rows:
-            raise DataError(f"{path}: lines {row0 + 1 + self._header_lines}..: expected {num_rows} rows in this block, parsed {table.num_rows}; "
-                            "fields must not contain newlines")
+            raise DataError(
+                f"{path}: lines {row0 + 1 + self._header_lines}..: expected {num_rows} rows in this block, parsed {table.num_rows}; "
+                "fields must not contain newlines"
+            )
         return table
 
     @staticmethod
@@ -419,8 +426,12 @@ class CsvReader:
             first_el = {}
             for e in np.flatnonzero(bad_el)[::-1]:
                 first_el[int(parent[e])] = int(e)
-            issues.flag(rows, spec.name, lambda i: f"{strings[i].as_py()} (element {flat[first_el[i]].as_py()!r})",
-                        f"a {self.cfg.list_separator!r}-separated list of {spec.element_dtype}")
+            issues.flag(
+                rows,
+                spec.name,
+                lambda i: f"{strings[i].as_py()} (element {flat[first_el[i]].as_py()!r})",
+                f"a {self.cfg.list_separator!r}-separated list of {spec.element_dtype}",
+            )
         offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
         np.cumsum(lengths, out=offsets[1:])
         return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), values)

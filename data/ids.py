@@ -135,9 +135,11 @@ def zero_id_warning(table: str, column: str, count: int, id_policy: str = "error
     """The advice for ``count`` values of an identity ``column`` that land on row 0, the row of
     missing (null/empty) ids: such ids silently share one embedding with every missing value."""
     which = "equal to 0" + (" (or a multiple of num_embeddings: id_policy=modulo)" if id_policy == "modulo" else "")
-    return (f"table {table!r} (id_mapping=identity): column {column!r} has {count:,} ids {which}; row 0 is reserved "
-            "for missing (null/empty) ids, so they share its embedding. Shift the ids by one (id + 1, and "
-            "num_embeddings + 1) or map the table with id_mapping: hash or vocab")
+    return (
+        f"table {table!r} (id_mapping=identity): column {column!r} has {count:,} ids {which}; row 0 is reserved "
+        "for missing (null/empty) ids, so they share its embedding. Shift the ids by one (id + 1, and "
+        "num_embeddings + 1) or map the table with id_mapping: hash or vocab"
+    )
 
 
 class VocabMapper:
@@ -249,5 +251,3 @@ def fnv1a64_reference(text: str) -> int:
     h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
     h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
     return h ^ (h >> 31)
-
-

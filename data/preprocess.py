@@ -81,17 +81,23 @@ def build_vocab(data_cfg, tables: Optional[Sequence[str]] = None, min_count: Opt
         if cap:
             kept = kept.slice(0, max(0, cap - 1 - files.oov_buckets))
         covered = int(pc.sum(kept.column("count")).as_py() or 0)
-        meta = {"min_count": min_count, "oov_buckets": files.oov_buckets, "num_embeddings": 1 + files.oov_buckets + kept.num_rows,
-                "distinct_ids": merged.num_rows, "occurrences": total, "coverage": covered / total if total else 0.0,
-                "split": "train", "files": src.files}
+        meta = {
+            "min_count": min_count,
+            "oov_buckets": files.oov_buckets,
+            "num_embeddings": 1 + files.oov_buckets + kept.num_rows,
+            "distinct_ids": merged.num_rows,
+            "occurrences": total,
+            "coverage": covered / total if total else 0.0,
+            "split": "train",
+            "files": src.files,
+        }
         entry = write_vocab(Path(vocab_dir), t, kept.column("id").combine_chunks(), kept.column("count").to_numpy(), meta)
         out[t] = entry
     return out
 
 
 def format_vocab(result: Dict[str, Dict]) -> str:
-    rows = [(t, f"{v['distinct_ids']:,}", f"{v['entries']:,}", f"{v['num_embeddings']:,}", f"{100 * v['coverage']:.1f}%", v["file"])
-            for t, v in result.items()]
+    rows = [(t, f"{v['distinct_ids']:,}", f"{v['entries']:,}", f"{v['num_embeddings']:,}", f"{100 * v['coverage']:.1f}%", v["file"]) for t, v in result.items()]
     header = ("table", "distinct ids", "kept", "rows", "coverage", "file")
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     lines = ["  ".join(f"{c:<{w}}" for c, w in zip(header, widths))]
@@ -124,9 +130,11 @@ def convert(data_cfg, out_dir: str, row_group_size: int = 65536, job_cfg=None) -
     plan = src.plan
     specs = list({s.name: s for s in plan.read_columns}.values())
     out = Path(out_dir).expanduser()
-    by_split = {"all": src.files} if data_cfg.files.split != "paths" else {
-        s: [src.files[f] for f in sorted({src.chunks[c].file for c, _ in src.split_parts(s)})] for s in ("train", "eval", "test")
-    }
+    by_split = (
+        {"all": src.files}
+        if data_cfg.files.split != "paths"
+        else {s: [src.files[f] for f in sorted({src.chunks[c].file for c, _ in src.split_parts(s)})] for s in ("train", "eval", "test")}
+    )
     written: Dict[str, List[str]] = {}
     rows_total = skipped = 0
     for split, paths in by_split.items():
@@ -175,4 +183,3 @@ def convert(data_cfg, out_dir: str, row_group_size: int = 65536, job_cfg=None) -
         cfg_path.write_text(OmegaConf.to_yaml(OmegaConf.structured(job)))
         result["config"] = str(cfg_path)
     return result
-

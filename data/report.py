@@ -193,10 +193,13 @@ def inspect(data_cfg, splits: Sequence[str] = ("train", "eval", "test")) -> Dict
         counts = ev_counts[ev.name]
         total = int(counts.sum())
         report["events"][ev.name] = {
-            "p50": _percentile_from_counts(counts, 0.5), "p90": _percentile_from_counts(counts, 0.9),
-            "p99": _percentile_from_counts(counts, 0.99), "max": int(len(counts) - 1 if counts.any() else 0),
+            "p50": _percentile_from_counts(counts, 0.5),
+            "p90": _percentile_from_counts(counts, 0.9),
+            "p99": _percentile_from_counts(counts, 0.99),
+            "max": int(len(counts) - 1 if counts.any() else 0),
             "mean": float((counts * np.arange(len(counts))).sum() / total) if total else 0.0,
-            "truncated": float(counts[ev.max_len + 1 :].sum() / total) if total else 0.0, "max_len": ev.max_len,
+            "truncated": float(counts[ev.max_len + 1 :].sum() / total) if total else 0.0,
+            "max_len": ev.max_len,
             "at_or_after_request": ev_future[ev.name] if ev.timestamp is not None else None,
         }
     for name, t in plan.tables.items():
@@ -207,8 +210,7 @@ def inspect(data_cfg, splits: Sequence[str] = ("train", "eval", "test")) -> Dict
         entry = {"id_mapping": t.id_mapping, "rows": int(src.table_sizes[name]), "distinct_ids": distinct, "rows_used": used}
         if t.id_mapping == "hash":
             colliding = 0 if table_fp[name] is None else hash_collisions(table_fp[name], entry["rows"])
-            entry.update(colliding_ids=colliding, collision_rate=colliding / distinct if distinct else 0.0,
-                         suggested_rows=suggested_num_embeddings(distinct))
+            entry.update(colliding_ids=colliding, collision_rate=colliding / distinct if distinct else 0.0, suggested_rows=suggested_num_embeddings(distinct))
         if t.id_mapping == "identity":
             entry["zero_ids"] = sum(table_zero[name].values())
         if t.id_mapping == "vocab":
@@ -235,11 +237,24 @@ def format_report(report: Dict) -> str:
     out = [f"source: {report['source']}, {report['num_files']} files"]
     labels = next(iter(report["splits"].values()))["label_rate"].keys() if report["splits"] else []
     out.append("\nsplits")
-    out.append(_table(
-        ["split", "files", "chunks", "rows", *[f"{lab} rate" for lab in labels], "bad rows", "request time from", "to"],
-        [[s, str(v["files"]), str(v["chunks"]), f"{v['rows']:,}", *[f"{v['label_rate'][lab]:.4f}" for lab in labels],
-          f"{v['bad_rows']:,}", _fmt_time(v["request_time"][0]), _fmt_time(v["request_time"][1])] for s, v in report["splits"].items()],
-    ))
+    out.append(
+        _table(
+            ["split", "files", "chunks", "rows", *[f"{lab} rate" for lab in labels], "bad rows", "request time from", "to"],
+            [
+                [
+                    s,
+                    str(v["files"]),
+                    str(v["chunks"]),
+                    f"{v['rows']:,}",
+                    *[f"{v['label_rate'][lab]:.4f}" for lab in labels],
+                    f"{v['bad_rows']:,}",
+                    _fmt_time(v["request_time"][0]),
+                    _fmt_time(v["request_time"][1]),
+                ]
+                for s, v in report["splits"].items()
+            ],
+        )
+    )
     out.append("\ncolumns")
     rows = []
     for name, c in report["columns"].items():
@@ -252,26 +267,52 @@ def format_report(report: Dict) -> str:
     out.append(_table(["column", "role", "dtype", "nulls", "values"], rows))
     if report["events"]:
         out.append("\nsequence lengths (before truncation)")
-        out.append(_table(
-            ["event", "mean", "p50", "p90", "p99", "max", "max_len", "truncated", "at/after request"],
-            [[e, f"{v['mean']:.2f}", str(v["p50"]), str(v["p90"]), str(v["p99"]), str(v["max"]), str(v["max_len"]),
-              f"{100 * v['truncated']:.1f}%", "-" if v["at_or_after_request"] is None else f"{v['at_or_after_request']:,}"]
-             for e, v in report["events"].items()],
-        ))
+        out.append(
+            _table(
+                ["event", "mean", "p50", "p90", "p99", "max", "max_len", "truncated", "at/after request"],
+                [
+                    [
+                        e,
+                        f"{v['mean']:.2f}",
+                        str(v["p50"]),
+                        str(v["p90"]),
+                        str(v["p99"]),
+                        str(v["max"]),
+                        str(v["max_len"]),
+                        f"{100 * v['truncated']:.1f}%",
+                        "-" if v["at_or_after_request"] is None else f"{v['at_or_after_request']:,}",
+                    ]
+                    for e, v in report["events"].items()
+                ],
+            )
+        )
     out.append("\ntables")
-    out.append(_table(
-        ["table", "id_mapping", "rows", "distinct ids", "rows used", "colliding ids", "collision rate", "suggested rows", "id 0", "oov"],
-        [[t, v["id_mapping"], f"{v['rows']:,}", f"{v['distinct_ids']:,}", f"{v['rows_used']:,}",
-          f"{v['colliding_ids']:,}" if "colliding_ids" in v else "-", f"{100 * v['collision_rate']:.1f}%" if "collision_rate" in v else "-",
-          f"{v['suggested_rows']:,}" if "suggested_rows" in v else "-", f"{v['zero_ids']:,}" if "zero_ids" in v else "-",
-          f"{100 * v['oov_share']:.1f}%" if "oov_share" in v else "-"]
-         for t, v in report["tables"].items()],
-    ))
+    out.append(
+        _table(
+            ["table", "id_mapping", "rows", "distinct ids", "rows used", "colliding ids", "collision rate", "suggested rows", "id 0", "oov"],
+            [
+                [
+                    t,
+                    v["id_mapping"],
+                    f"{v['rows']:,}",
+                    f"{v['distinct_ids']:,}",
+                    f"{v['rows_used']:,}",
+                    f"{v['colliding_ids']:,}" if "colliding_ids" in v else "-",
+                    f"{100 * v['collision_rate']:.1f}%" if "collision_rate" in v else "-",
+                    f"{v['suggested_rows']:,}" if "suggested_rows" in v else "-",
+                    f"{v['zero_ids']:,}" if "zero_ids" in v else "-",
+                    f"{100 * v['oov_share']:.1f}%" if "oov_share" in v else "-",
+                ]
+                for t, v in report["tables"].items()
+            ],
+        )
+    )
     if any("suggested_rows" in v for v in report["tables"].values()):
-        out.append(f"(colliding ids: ids sharing a hash row with another id; suggested rows: the num_embeddings keeping the expected "
-                   f"share under {COLLISION_TARGET:.0%}, 1 - exp(-(ids - 1) / rows); id_mapping: vocab (`kunlun data vocab`) has no collisions)")
+        out.append(
+            f"(colliding ids: ids sharing a hash row with another id; suggested rows: the num_embeddings keeping the expected "
+            f"share under {COLLISION_TARGET:.0%}, 1 - exp(-(ids - 1) / rows); id_mapping: vocab (`kunlun data vocab`) has no collisions)"
+        )
     if report.get("warnings"):
         out.append("\nwarnings")
         out += [f"WARNING: {w}" for w in report["warnings"]]
     return "\n".join(out)
-

@@ -11,7 +11,6 @@ every rank with the preset and the ``key=value`` overrides.
 (No ``from __future__ import annotations`` here: TorchX reads the real annotation types.)
 """
 
-
 from typing import Dict, Optional
 
 from torchx import specs
@@ -81,4 +80,3 @@ def train(
         assert cmd.startswith("torchrun "), cmd
         role.args[-1] = cmd.replace("torchrun ", f"torchrun --max_restarts {int(max_restarts)} ", 1)
     return app
-

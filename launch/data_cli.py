@@ -79,8 +79,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                 raise ConfigError(f"--row-group-size = {args.row_group_size}: expected an integer >= 1")
             result = convert(cfg.data, args.out, row_group_size=args.row_group_size, job_cfg=cfg)
             n_files = sum(len(v) for v in result["files"].values())
-            print(f"converted {result['rows']:,} rows into {n_files} Parquet files under {args.out}"
-                  + (f" ({result['skipped']:,} bad rows left out)" if result["skipped"] else ""))
+            print(
+                f"converted {result['rows']:,} rows into {n_files} Parquet files under {args.out}"
+                + (f" ({result['skipped']:,} bad rows left out)" if result["skipped"] else "")
+            )
             print(f"job config: {result['config']}  (train with --config {result['config']})")
     except (ConfigError, DataError) as e:
         print(f"kunlun data: error: {e}", file=sys.stderr)

@@ -25,7 +25,7 @@ class FSDPDenseWrapper(DataParallelWrapper):
     def wrap(self, dmp, env, device: torch.device) -> None:
         mesh = init_device_mesh(device.type, (dist.get_world_size(),))
         root = dmp._dmp_wrapped_module
-        for name, child in root.named_children():
+        for _name, child in root.named_children():
             if _holds_sharded(child) or not any(p.requires_grad for p in child.parameters()):
                 continue
             fully_shard(child, mesh=mesh)

@@ -179,12 +179,22 @@ def shard_model(model: torch.nn.Module, parallel_cfg, optim_cfg, device: torch.d
         sharders = build_sharders(optim_cfg)
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
         plan = plan_sharding(
-            model, sharders, table_names(model), list(sp.sharding_types), device,
-            world_size=world, local_world_size=min(local_world, world), pg=dist.GroupMember.WORLD,
+            model,
+            sharders,
+            table_names(model),
+            list(sp.sharding_types),
+            device,
+            world_size=world,
+            local_world_size=min(local_world, world),
+            pg=dist.GroupMember.WORLD,
         )
         dmp = DistributedModelParallel(
-            module=model, device=device, env=ShardingEnv.from_process_group(dist.GroupMember.WORLD),
-            plan=plan, sharders=sharders, data_parallel_wrapper=wrapper,
+            module=model,
+            device=device,
+            env=ShardingEnv.from_process_group(dist.GroupMember.WORLD),
+            plan=plan,
+            sharders=sharders,
+            data_parallel_wrapper=wrapper,
         )
         return ShardedModel(dmp=dmp, plan=plan, layout=layout)
 
@@ -195,12 +205,26 @@ def shard_model(model: torch.nn.Module, parallel_cfg, optim_cfg, device: torch.d
     sharders = build_sharders(optim_cfg, lr_scale=scale, eps_scale=scale)
     # The plan is made for one sharding group (S ranks); DMPCollection remaps it per group.
     plan = plan_sharding(
-        model, sharders, table_names(model), list(sp.sharding_types) or SHARDING_TYPES_2D, device,
-        world_size=group, local_world_size=group, pg=dist.GroupMember.WORLD,
+        model,
+        sharders,
+        table_names(model),
+        list(sp.sharding_types) or SHARDING_TYPES_2D,
+        device,
+        world_size=group,
+        local_world_size=group,
+        pg=dist.GroupMember.WORLD,
     )
     cls = CpuDMPCollection if device.type == "cpu" else DMPCollection
-    kwargs = dict(module=model, device=device, plan=plan, world_size=world, sharding_group_size=group,
-                  global_pg=dist.GroupMember.WORLD, sharders=sharders, data_parallel_wrapper=wrapper)
+    kwargs = dict(
+        module=model,
+        device=device,
+        plan=plan,
+        world_size=world,
+        sharding_group_size=group,
+        global_pg=dist.GroupMember.WORLD,
+        sharders=sharders,
+        data_parallel_wrapper=wrapper,
+    )
     dmp = cls(**kwargs)
     broadcast_replicas(dmp)
     log.info("2D sparse: %d replica groups; momentum scaling %s (sparse lr and eps x %.4g)", m, "on" if sp.momentum_scaling else "off", scale)

@@ -64,4 +64,3 @@ def load_checkpoint_tensors(ckpt: Path) -> Dict[str, object]:
 def latest_checkpoint(run_dir: Path) -> Optional[Path]:
     ckpts = sorted(p for p in (run_dir / "checkpoints").glob("step_*") if (p / "meta.json").exists())
     return ckpts[-1] if ckpts else None
-

@@ -69,10 +69,26 @@ def make_rows(n: int, seed: int, t_start: int = T0) -> Dict[str, list]:
     def item_in(cat):
         return int(cat + NUM_CATS * rng.integers(0, per_cat))
 
-    cols: Dict[str, list] = {k: [] for k in (
-        "clicked", "ts", "user_id", "item_id", "item_cat", "tags", "price", "age",
-        "click_items", "click_cats", "click_ts", "buy_items", "buy_cats", "notes", "affinity",
-    )}
+    cols: Dict[str, list] = {
+        k: []
+        for k in (
+            "clicked",
+            "ts",
+            "user_id",
+            "item_id",
+            "item_cat",
+            "tags",
+            "price",
+            "age",
+            "click_items",
+            "click_cats",
+            "click_ts",
+            "buy_items",
+            "buy_cats",
+            "notes",
+            "affinity",
+        )
+    }
     for i in range(n):
         u = int(rng.integers(0, NUM_USERS))
         ts = t_start + 60 * i
@@ -111,16 +127,28 @@ def arrow_table(cols: Dict[str, list]):
     import pyarrow as pa
 
     types = {
-        "clicked": pa.int64(), "ts": pa.int64(), "user_id": pa.string(), "item_id": pa.int64(), "item_cat": pa.int32(),
-        "tags": pa.list_(pa.string()), "price": pa.float64(), "age": pa.int64(),
-        "click_items": pa.list_(pa.int64()), "click_cats": pa.list_(pa.int64()), "click_ts": pa.list_(pa.int64()),
-        "buy_items": pa.list_(pa.int64()), "buy_cats": pa.list_(pa.int64()), "notes": pa.string(), "affinity": pa.float64(),
+        "clicked": pa.int64(),
+        "ts": pa.int64(),
+        "user_id": pa.string(),
+        "item_id": pa.int64(),
+        "item_cat": pa.int32(),
+        "tags": pa.list_(pa.string()),
+        "price": pa.float64(),
+        "age": pa.int64(),
+        "click_items": pa.list_(pa.int64()),
+        "click_cats": pa.list_(pa.int64()),
+        "click_ts": pa.list_(pa.int64()),
+        "buy_items": pa.list_(pa.int64()),
+        "buy_cats": pa.list_(pa.int64()),
+        "notes": pa.string(),
+        "affinity": pa.float64(),
     }
     return pa.table({k: pa.array(v, types[k]) for k, v in cols.items()})
 
 
-def write_dataset(root: Path, train_rows: int = 12000, eval_rows: int = 2000, test_rows: int = 2000,
-                  train_files: int = 3, row_group_size: int = 1000) -> Dict[str, List[Path]]:
+def write_dataset(
+    root: Path, train_rows: int = 12000, eval_rows: int = 2000, test_rows: int = 2000, train_files: int = 3, row_group_size: int = 1000
+) -> Dict[str, List[Path]]:
     """Parquet files under ``root/{train,eval,test}/`` and ``root/job.yaml`` (schema + data paths)."""
     import pyarrow.parquet as pq
 

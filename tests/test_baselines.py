@@ -29,18 +29,30 @@ B = 32
 SMALL = {
     "dlrm": ["model.tower=dlrm"],
     "kunlun": [
-        "model.tower=kunlun", "model.kunlun.dim=16", "model.kunlun.kv_rank=16", "model.kunlun.pffn_kv_len=8",
-        "model.kunlun.wukong_mlp=32", "model.kunlun.head_mlp=[32]", "model.kunlun.default_event.dim=16",
-        "model.kunlun.default_event.num_seeds=8", "model.kunlun.default_event.num_tokens=4",
+        "model.tower=kunlun",
+        "model.kunlun.dim=16",
+        "model.kunlun.kv_rank=16",
+        "model.kunlun.pffn_kv_len=8",
+        "model.kunlun.wukong_mlp=32",
+        "model.kunlun.head_mlp=[32]",
+        "model.kunlun.default_event.dim=16",
+        "model.kunlun.default_event.num_seeds=8",
+        "model.kunlun.default_event.num_tokens=4",
     ],
     "dcnv2": ["model.tower=dcnv2", "model.dcnv2.num_cross_layers=2", "model.dcnv2.deep_mlp=[32,16]"],
     "dcnv2_lowrank": ["model.tower=dcnv2", "model.dcnv2.num_cross_layers=2", "model.dcnv2.low_rank=8", "model.dcnv2.deep_mlp=[32]"],
     "wukong": [
-        "model.tower=wukong", "model.wukong.dim=16", "model.wukong.fm_rank=4", "model.wukong.mlp_hidden=32", "model.wukong.head_mlp=[32]",
+        "model.tower=wukong",
+        "model.wukong.dim=16",
+        "model.wukong.fm_rank=4",
+        "model.wukong.mlp_hidden=32",
+        "model.wukong.head_mlp=[32]",
     ],
     "hstu": ["model.tower=hstu", "model.hstu.dim=16", "model.hstu.num_summary_tokens=2", "model.hstu.head_mlp=[32]"],
     "interformer": [
-        "model.tower=interformer", "model.interformer.dim=16", "model.interformer.num_summary_tokens=2",
+        "model.tower=interformer",
+        "model.interformer.dim=16",
+        "model.interformer.num_summary_tokens=2",
         "model.interformer.head_mlp=[32]",
     ],
 }
@@ -104,8 +116,7 @@ def test_overfits_four_batches(name, data):
 # The counter has no formula for the CPU flash-attention kernel that ``F.scaled_dot_product_attention``
 # picks on CPU (it would count 0): give it the SDPA formula (2 matmuls, 4·B·H·Lq·Lk·dh).
 CPU_SDPA = {
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
-        lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v),
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v),
 }
 
 

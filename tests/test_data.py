@@ -159,7 +159,7 @@ def test_ranges_matches_loop():
         n = int(rng.integers(0, 12))
         starts = rng.integers(0, 100, n)
         lengths = rng.integers(0, 6, n)
-        expected = [x for s, l in zip(starts, lengths) for x in range(s, s + l)]
+        expected = [x for start, length in zip(starts, lengths) for x in range(start, start + length)]
         got = ranges(starts, lengths)
         assert got.dtype == np.int64
         assert got.tolist() == expected
@@ -187,8 +187,13 @@ def test_gather_jagged_matches_loop():
 # ============================================================================ synthetic source
 def _syn_cfg(**kw) -> SyntheticConfig:
     args = dict(
-        num_users=500, num_items=400, num_categories=20, max_seq_len=16,
-        train_examples=5000, eval_examples=20000, test_examples=2000,
+        num_users=500,
+        num_items=400,
+        num_categories=20,
+        max_seq_len=16,
+        train_examples=5000,
+        eval_examples=20000,
+        test_examples=2000,
     )
     args.update(kw)
     return SyntheticConfig(**args)

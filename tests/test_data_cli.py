@@ -13,11 +13,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs import BIN, REPO, job_env
-from own_data import csv_text, csv_yaml, make_rows, write_dataset
-from kunlun.launch.data_cli import main as data_main
 from kunlun.data.ids import fnv1a64_reference
 from kunlun.data.sources.files import FileSource
+from kunlun.launch.data_cli import main as data_main
 from kunlun.trainer.config import load_config
+from own_data import csv_text, csv_yaml, make_rows, write_dataset
 
 
 @pytest.fixture(scope="module")
@@ -101,8 +101,10 @@ def test_inspect_reports_hash_collisions_and_suggests_a_table_size(tmp_path, cap
     # the smallest 2-significant-digit size with an expected share under 1%: 1 - exp(-(n-1)/(rows-1))
     assert user["suggested_rows"] == 1_700_000
     assert 1 - np.exp(-(n - 1) / (1_700_000 - 1)) < 0.01 < 1 - np.exp(-(n - 1) / (1_600_000 - 1))
-    warning = (f"table 'user': {user['collision_rate']:.1%} of its 16,500 distinct ids share an embedding row with another id "
-               "(id_mapping=hash, num_embeddings=40,000); set num_embeddings: 1,700,000")
+    warning = (
+        f"table 'user': {user['collision_rate']:.1%} of its 16,500 distinct ids share an embedding row with another id "
+        "(id_mapping=hash, num_embeddings=40,000); set num_embeddings: 1,700,000"
+    )
     assert [w for w in rep["warnings"] if w.startswith(warning)] == rep["warnings"] and "kunlun data vocab" in rep["warnings"][0]
     assert f"WARNING: {warning}" in text
     # 50 ids in a million rows: no collisions, no warning, a small suggestion
@@ -113,13 +115,20 @@ def test_inspect_reports_hash_collisions_and_suggests_a_table_size(tmp_path, cap
 
 def test_console_script_and_module_entry_points(dataset):
     root, _ = dataset
-    proc = subprocess.run([str(BIN / "kunlun"), "data", "inspect", "--config", str(root / "job.yaml"), "--split", "eval"], cwd=REPO,
-                          env=job_env(), capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [str(BIN / "kunlun"), "data", "inspect", "--config", str(root / "job.yaml"), "--split", "eval"],
+        cwd=REPO,
+        env=job_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     rows = [line.split() for line in proc.stdout.split("columns")[0].splitlines() if line.startswith(("train", "eval", "test"))]
     assert [r[:4] for r in rows] == [["eval", "1", "1", "400"]]
-    proc = subprocess.run([sys.executable, "-m", "kunlun.launch.data_cli", "inspect", "--help"], cwd=REPO, env=job_env(),
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "kunlun.launch.data_cli", "inspect", "--help"], cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0 and "--config" in proc.stdout and "--json" in proc.stdout
 
 
@@ -135,9 +144,12 @@ def test_cli_errors_exit_2_with_the_key_and_value(dataset, capsys):
 def test_vocab_builds_from_train_only_and_training_maps_through_it(dataset, tmp_path, capsys):
     root, raw = dataset
     vocab_dir = tmp_path / "vocab"
-    job = (root / "job.yaml").read_text().replace(
-        "        - {name: item, num_embeddings: 2000}", "        - {name: item, id_mapping: vocab}"
-    ).replace("    shuffle_window: 4\n", f"    shuffle_window: 4\n    vocab_dir: {vocab_dir}\n    vocab_min_count: 3\n    oov_buckets: 2\n")
+    job = (
+        (root / "job.yaml")
+        .read_text()
+        .replace("        - {name: item, num_embeddings: 2000}", "        - {name: item, id_mapping: vocab}")
+        .replace("    shuffle_window: 4\n", f"    shuffle_window: 4\n    vocab_dir: {vocab_dir}\n    vocab_min_count: 3\n    oov_buckets: 2\n")
+    )
     (tmp_path / "vocab.yaml").write_text(job)
     cfg = load_config(str(tmp_path / "vocab.yaml"))
     from kunlun.data.errors import DataError

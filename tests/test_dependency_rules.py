@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Tuple
 
 import pytest
+
 from jobs import REPO
 
 RULES: Dict[str, Tuple[str, ...]] = {
@@ -69,11 +70,7 @@ def test_the_checker_sees_lazy_relative_and_from_imports(tmp_path, monkeypatch):
 
     fake = tmp_path / "model" / "towers"
     fake.mkdir(parents=True)
-    (fake / "bad.py").write_text(
-        "def f():\n    import torch.distributed as dist\n"
-        "from torch import distributed\n"
-        "from ...trainer import config\n"
-    )
+    (fake / "bad.py").write_text("def f():\n    import torch.distributed as dist\nfrom torch import distributed\nfrom ...trainer import config\n")
     monkeypatch.setattr(jobs, "REPO", tmp_path)
     monkeypatch.setitem(globals(), "REPO", tmp_path)
     found = violations("model", RULES["model"])

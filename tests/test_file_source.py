@@ -19,13 +19,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs import REPO, job_env
-from own_data import SCHEMA_YAML, arrow_table, csv_text, csv_yaml, make_rows, write_dataset
 from kunlun.data.errors import DataError
-from kunlun.data.ids import HashMapper, IdentityMapper, VocabMapper, fingerprint, canonical_text, fnv1a64_reference, id_fingerprints
+from kunlun.data.ids import HashMapper, IdentityMapper, VocabMapper, canonical_text, fingerprint, fnv1a64_reference, id_fingerprints
 from kunlun.data.loader import ShardedBatches
 from kunlun.data.sources import build_source
 from kunlun.data.sources.files import FileSource
 from kunlun.trainer.config import ConfigError, load_config
+from own_data import SCHEMA_YAML, arrow_table, csv_text, csv_yaml, make_rows, write_dataset
 
 
 def _cfg(path: Path, overrides=()):
@@ -117,7 +117,10 @@ def test_parquet_source_reads_declared_columns_exactly(dataset):
     s = src.schema
     assert s.table_sizes == {"user": 1000, "item": 2000, "category": 8, "tag": 64}
     assert s.context_keys == ["user_id", "item_id", "item_cat", "tags"]
-    assert [(e.name, e.item_table, e.action_table, e.max_len) for e in s.event_types] == [("click", "item", "category", 20), ("purchase", "item", "category", 8)]
+    assert [(e.name, e.item_table, e.action_table, e.max_len) for e in s.event_types] == [
+        ("click", "item", "category", 20),
+        ("purchase", "item", "category", 8),
+    ]
     assert s.dense_features == ["price", "age"] and s.labels == ["clicked"]
 
     raw = pq.read_table(files["train"][1])  # the second train file: examples 1000..1999
@@ -176,7 +179,8 @@ def test_multi_character_delimiter_reads_like_commas(tmp_path, header):
     sources = {}
     for delimiter, tag in ((",", "comma"), ("::", "colons")):
         text = csv_yaml(paths[tag, "train"], paths[tag, "eval"], paths[tag, "test"], rows_per_block=256).replace(
-            "csv: {rows_per_block: 256}", f'csv: {{rows_per_block: 256, delimiter: "{delimiter}", header: {str(header).lower()}}}')
+            "csv: {rows_per_block: 256}", f'csv: {{rows_per_block: 256, delimiter: "{delimiter}", header: {str(header).lower()}}}'
+        )
         (tmp_path / f"{tag}.yaml").write_text(text)
         sources[tag] = FileSource(_cfg(tmp_path / f"{tag}.yaml").data)
     assert "::" in paths["colons", "train"].read_text() and [ch.num_rows for ch in sources["colons"].chunks[:3]] == [256, 256, 188]
@@ -200,10 +204,13 @@ def test_multi_character_delimiter_keeps_quoting_and_located_errors(tmp_path):
     assert f"{bad}:6: row has 3 fields: expected 6 separated by '::' ('1::e::0')" in msg
 
 
-@pytest.mark.parametrize("csv_cfg, expected", [
-    ('{delimiter: ""}', ["'data.files.csv.delimiter' = ''", "a non-empty delimiter", '"::"']),
-    ('{delimiter: "::", list_separator: ":"}', ["'data.files.csv.list_separator' = ':'", "does not occur in the delimiter '::'"]),
-])
+@pytest.mark.parametrize(
+    "csv_cfg, expected",
+    [
+        ('{delimiter: ""}', ["'data.files.csv.delimiter' = ''", "a non-empty delimiter", '"::"']),
+        ('{delimiter: "::", list_separator: ":"}', ["'data.files.csv.list_separator' = ':'", "does not occur in the delimiter '::'"]),
+    ],
+)
 def test_csv_delimiter_validation(tmp_path, csv_cfg, expected):
     text = csv_yaml(tmp_path / "t.csv", tmp_path / "e.csv", tmp_path / "s.csv").replace("csv: {rows_per_block: 700}", f"csv: {csv_cfg}")
     (tmp_path / "c.yaml").write_text(text)
@@ -214,18 +221,28 @@ def test_csv_delimiter_validation(tmp_path, csv_cfg, expected):
 
 
 def test_newest_first_lists_are_reversed_and_the_most_recent_kept(tmp_path):
-    t = pa.table({
-        "label": pa.array([1, 0], pa.int64()),
-        "hist": pa.array([["c", "b", "a"], ["z"]]),  # newest first
-        "hist_ts": pa.array([[30, 20, 10], [5]], pa.list_(pa.int64())),
-    })
-    src = FileSource(_cfg(_same_table_job(tmp_path, t, """
+    t = pa.table(
+        {
+            "label": pa.array([1, 0], pa.int64()),
+            "hist": pa.array([["c", "b", "a"], ["z"]]),  # newest first
+            "hist_ts": pa.array([[30, 20, 10], [5]], pa.list_(pa.int64())),
+        }
+    )
+    src = FileSource(
+        _cfg(
+            _same_table_job(
+                tmp_path,
+                t,
+                """
       events: [{name: view, max_len: 2, order: newest_first}]
       columns:
         - {name: label, role: label, dtype: int64}
         - {name: hist, role: sequence, dtype: list<string>, event: view, table: item}
         - {name: hist_ts, role: sequence, dtype: list<int64>, event: view, attribute: timestamp}
-""")).data)
+""",
+            )
+        ).data
+    )
     # no action column: actions are 0 from the 1-row table _no_action; no request_time column: 0
     assert src.schema.table_sizes == {"item": 100_000, "_no_action": 1}
     b = src.read("train", np.arange(2))
@@ -245,11 +262,15 @@ def _time_job(tmp_path: Path, source: str, eval_from: int, test_from: int, rows_
     else:
         (tmp_path / "a.csv").write_text(csv_text({k: v[:600] for k, v in cols.items()}, names))
         (tmp_path / "b.csv").write_text(csv_text({k: v[600:] for k, v in cols.items()}, names))
-    text = SCHEMA_YAML.format(train="[]", eval="[]", test="[]").replace(
-        "    shuffle_window: 4\n",
-        f"    shuffle_window: 4\n    split: time\n    paths: {tmp_path}/*.{'parquet' if source == 'parquet' else 'csv'}\n"
-        f"    eval_from: {eval_from}\n    test_from: {test_from}\n    csv: {{rows_per_block: {rows_per_block}}}\n",
-    ).replace("source: parquet", f"source: {source}")
+    text = (
+        SCHEMA_YAML.format(train="[]", eval="[]", test="[]")
+        .replace(
+            "    shuffle_window: 4\n",
+            f"    shuffle_window: 4\n    split: time\n    paths: {tmp_path}/*.{'parquet' if source == 'parquet' else 'csv'}\n"
+            f"    eval_from: {eval_from}\n    test_from: {test_from}\n    csv: {{rows_per_block: {rows_per_block}}}\n",
+        )
+        .replace("source: parquet", f"source: {source}")
+    )
     (tmp_path / "t.yaml").write_text(text)
     return tmp_path / "t.yaml"
 
@@ -278,7 +299,8 @@ def test_rows_split_and_file_order(tmp_path):
         cols = make_rows(n, 10 + k, t_start=1_700_000_000 + 10**6 * k)
         pq.write_table(arrow_table(cols), tmp_path / f"day_{[2, 10, 1][k]}.parquet", row_group_size=128)
     text = SCHEMA_YAML.format(train="[]", eval="[]", test="[]").replace(
-        "    shuffle_window: 4\n", f"    split: rows\n    paths: {tmp_path}\n    eval_fraction: 0.1\n    test_fraction: 0.2\n")
+        "    shuffle_window: 4\n", f"    split: rows\n    paths: {tmp_path}\n    eval_fraction: 0.1\n    test_fraction: 0.2\n"
+    )
     (tmp_path.parent / f"{tmp_path.name}-r.yaml").write_text(text)  # not inside the data directory
     src = FileSource(_cfg(tmp_path.parent / f"{tmp_path.name}-r.yaml").data)
     assert [Path(f).name for f in src.files] == ["day_1.parquet", "day_2.parquet", "day_10.parquet"]  # natural order
@@ -321,11 +343,19 @@ def test_sharded_epoch_exactly_once_with_window_shuffle_and_resume(dataset):
 
 def test_eval_split_weights_multiply_padding(tmp_path):
     t = pa.table({"y": pa.array([1, 0, 1], pa.int64()), "w": pa.array([2.0, 0.5, 1.0])})
-    src = FileSource(_cfg(_same_table_job(tmp_path, t, """
+    src = FileSource(
+        _cfg(
+            _same_table_job(
+                tmp_path,
+                t,
+                """
       columns:
         - {name: y, role: label, dtype: int64}
         - {name: w, role: weight, dtype: float32}
-""")).data)
+""",
+            )
+        ).data
+    )
     ds = ShardedBatches(src, "eval", 4)
     assert ds.batch(0).weights.tolist() == [2.0, 0.5, 1.0, 0.0]  # example weights, padding 0
     assert ShardedBatches(src, "train", 2, shuffle=False).batch(0).weights.tolist() == [2.0, 0.5]
@@ -370,19 +400,48 @@ LABEL = "        - {name: y, role: label, dtype: int64}\n"
     "columns, events, tables, expected",
     [
         (LABEL + "        - {name: x, rol: dense}\n", "", "", ["bad.yaml:10:", "'data.files.schema.columns[1].rol'", "role", "dtype", "max_ids"]),
-        (LABEL + "        - {name: x, role: lable, dtype: int64}\n", "", "",
-         ["bad.yaml:10:", "'data.files.schema.columns[1].role' = 'lable'", "['label', 'weight', 'dense', 'categorical', 'sequence', 'request_time', 'ignore']"]),
-        ("        - {name: y, role: label, dtype: string}\n", "", "", ["'data.files.schema.columns[0].dtype' = 'string'", "['int64', 'float32'] for role label"]),
+        (
+            LABEL + "        - {name: x, role: lable, dtype: int64}\n",
+            "",
+            "",
+            [
+                "bad.yaml:10:",
+                "'data.files.schema.columns[1].role' = 'lable'",
+                "['label', 'weight', 'dense', 'categorical', 'sequence', 'request_time', 'ignore']",
+            ],
+        ),
+        (
+            "        - {name: y, role: label, dtype: string}\n",
+            "",
+            "",
+            ["'data.files.schema.columns[0].dtype' = 'string'", "['int64', 'float32'] for role label"],
+        ),
         (LABEL + "        - {name: tags, role: categorical, dtype: list<string>}\n", "", "", ["'data.files.schema.columns[1].max_ids' = 0", "most ids kept"]),
-        (LABEL + "        - {name: h, role: sequence, dtype: list<int64>, event: clicks}\n", "      events: [{name: click}]\n", "",
-         ["'data.files.schema.columns[1].event' = 'clicks'", "['click']"]),
-        (LABEL + "        - {name: a, role: sequence, dtype: list<int64>, event: click, attribute: action}\n", "      events: [{name: click}]\n", "",
-         ["'data.files.schema.events[0]' = 'click'", "item column"]),
-        (LABEL + "        - {name: c, role: categorical, dtype: string, table: cat}\n", "",
-         "      tables: [{name: cat, num_embeddings: 10, id_mapping: identity}]\n", ["'data.files.schema.columns[1].dtype' = 'string'", "identity"]),
+        (
+            LABEL + "        - {name: h, role: sequence, dtype: list<int64>, event: clicks}\n",
+            "      events: [{name: click}]\n",
+            "",
+            ["'data.files.schema.columns[1].event' = 'clicks'", "['click']"],
+        ),
+        (
+            LABEL + "        - {name: a, role: sequence, dtype: list<int64>, event: click, attribute: action}\n",
+            "      events: [{name: click}]\n",
+            "",
+            ["'data.files.schema.events[0]' = 'click'", "item column"],
+        ),
+        (
+            LABEL + "        - {name: c, role: categorical, dtype: string, table: cat}\n",
+            "",
+            "      tables: [{name: cat, num_embeddings: 10, id_mapping: identity}]\n",
+            ["'data.files.schema.columns[1].dtype' = 'string'", "identity"],
+        ),
         ("        - {name: x, role: dense, dtype: float32}\n", "", "", ["'data.files.schema.columns'", "at least one column with role label"]),
-        (LABEL + "        - {name: c, role: categorical, dtype: string, table: t}\n", "",
-         "      tables: [{name: t, num_embeddings: 1}]\n", ["'data.files.schema.tables[0].num_embeddings' = 1", ">= 2"]),
+        (
+            LABEL + "        - {name: c, role: categorical, dtype: string, table: t}\n",
+            "",
+            "      tables: [{name: t, num_embeddings: 1}]\n",
+            ["'data.files.schema.tables[0].num_embeddings' = 1", ">= 2"],
+        ),
     ],
 )
 def test_schema_errors_name_key_value_and_allowed(tmp_path, columns, events, tables, expected):
@@ -401,8 +460,16 @@ def test_split_and_path_errors(tmp_path):
     with pytest.raises(ConfigError) as ei:
         load_config(str(tmp_path / "bad.yaml"), ["data.files.id_mapping=hash", f"data.files.train={tmp_path}/nothing*.parquet"])
     assert "command line: config key 'data.files.train'" in str(ei.value) and "nothing*.parquet" in str(ei.value) and "matching files" in str(ei.value)
-    time_split = ["data.files.id_mapping=hash", "data.files.split=time", "data.files.train=[]", "data.files.eval=[]", "data.files.test=[]",
-                  f"data.files.paths={tmp_path}/train.parquet", "data.files.eval_from=5", "data.files.test_from=9"]
+    time_split = [
+        "data.files.id_mapping=hash",
+        "data.files.split=time",
+        "data.files.train=[]",
+        "data.files.eval=[]",
+        "data.files.test=[]",
+        f"data.files.paths={tmp_path}/train.parquet",
+        "data.files.eval_from=5",
+        "data.files.test_from=9",
+    ]
     with pytest.raises(ConfigError) as ei:
         load_config(str(tmp_path / "bad.yaml"), time_split)
     assert "'data.files.split' = 'time'" in str(ei.value) and "request_time" in str(ei.value)
@@ -450,8 +517,15 @@ GOOD: Dict[str, pa.Array] = {
 }
 
 
-def _mini(tmp_path: Path, train: Dict[str, pa.Array] = None, source: str = "parquet", policy: str = "error", train_file: Path = None, validate=None,
-          delimiter: str = ","):
+def _mini(
+    tmp_path: Path,
+    train: Dict[str, pa.Array] = None,
+    source: str = "parquet",
+    policy: str = "error",
+    train_file: Path = None,
+    validate=None,
+    delimiter: str = ",",
+):
     good = tmp_path / "good.parquet"
     pq.write_table(pa.table(GOOD), good)
     if train_file is None:
@@ -575,7 +649,11 @@ def test_training_on_a_malformed_file_exits_2_with_the_location(tmp_path):
     (tmp_path / "mini.yaml").write_text(MINI.format(source="parquet", train=src_file, good=tmp_path / "good.parquet"))
     proc = subprocess.run(
         [sys.executable, "-m", "kunlun.launch.main", "--config", str(tmp_path / "mini.yaml"), f"run_dir={tmp_path / 'run'}", "trainer.max_steps=2"],
-        cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=120,
+        cwd=REPO,
+        env=job_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert f"kunlun: error: {src_file}: row 0: column 'price' = '1': expected a number (float32)" in proc.stderr
@@ -635,12 +713,17 @@ def test_average_sequence_lengths_spread_over_a_time_sorted_split(tmp_path):
     np.cumsum(lengths, out=offsets[1:])
     hist = pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.arange(offsets[-1]) % 1000, pa.int64()))
     table = pa.table({"label": pa.array(np.arange(n) % 2, pa.int64()), "hist": hist})
-    job = _same_table_job(tmp_path, table, f"""
+    job = _same_table_job(
+        tmp_path,
+        table,
+        f"""
       events: [{{name: view, max_len: {max_len}}}]
       columns:
         - {{name: label, role: label, dtype: int64}}
         - {{name: hist, role: sequence, dtype: list<int64>, event: view, table: item}}
-""", row_group_size=200)
+""",
+        row_group_size=200,
+    )
     true_mean = float(np.minimum(lengths, max_len).mean())
     for seed in range(3):
         src = FileSource(_cfg(job).data, validate=False)
@@ -649,4 +732,4 @@ def test_average_sequence_lengths_spread_over_a_time_sorted_split(tmp_path):
         assert len(src._bad_by_chunk) <= 2 * 32 < len(src.chunks) // 3  # decoded chunks: ~2 per window, not all 600
         # one 4,096-row window at a random offset (the former sample) would miss that tolerance
         start = int(np.random.default_rng(seed).integers(0, n - 4096 + 1))
-        assert abs(lengths[start:start + 4096].mean() - true_mean) > 0.015 * true_mean
+        assert abs(lengths[start : start + 4096].mean() - true_mean) > 0.015 * true_mean

@@ -9,11 +9,11 @@ import re
 import subprocess
 
 import pytest
-from jobs import BIN, REPO, final_metrics, job_env, run_single
-from own_data import write_dataset
 
+from jobs import BIN, REPO, final_metrics, job_env, run_single
 from kunlun.trainer.early_stopping import BestTracker
 from kunlun.trainer.perf import format_flops
+from own_data import write_dataset
 
 # ---------------------------------------------------------------------- tracker
 
@@ -67,8 +67,13 @@ def test_format_flops_shows_small_towers():
 # min_delta=10 makes only the first evaluation an improvement, so with evaluations every
 # 5 steps and patience 2 a run must stop at step 15 with its best at step 5.
 EARLY = [
-    "trainer.eval_every_n_steps=5", "trainer.early_stopping.patience=2", "trainer.early_stopping.min_delta=10",
-    "checkpoint.every_n_steps=5", "checkpoint.keep=1", "logging.log_every_n_steps=5", "logging.progress_bar=false",
+    "trainer.eval_every_n_steps=5",
+    "trainer.early_stopping.patience=2",
+    "trainer.early_stopping.min_delta=10",
+    "checkpoint.every_n_steps=5",
+    "checkpoint.keep=1",
+    "logging.log_every_n_steps=5",
+    "logging.progress_bar=false",
 ]
 
 
@@ -121,8 +126,18 @@ def test_early_stopping_keeps_best_checkpoint_tests_it_and_resumes_with_its_stat
 
 def test_console_shows_epochs_and_flops_units_without_library_warnings(tmp_path):
     run = tmp_path / "r"
-    proc = _ok(run_single([f"run_dir={run}", "trainer.max_steps=10", "logging.log_every_n_steps=5",
-                           "trainer.eval_every_n_steps=0", "checkpoint.every_n_steps=0", "logging.progress_bar=false"]))
+    proc = _ok(
+        run_single(
+            [
+                f"run_dir={run}",
+                "trainer.max_steps=10",
+                "logging.log_every_n_steps=5",
+                "trainer.eval_every_n_steps=0",
+                "checkpoint.every_n_steps=0",
+                "logging.progress_bar=false",
+            ]
+        )
+    )
     console = proc.stdout + proc.stderr
     # tiny preset: 20,000 train examples, global batch 64 → 312.5 steps per epoch
     assert "one epoch = 20,000 train examples = 312.5 steps" in console
@@ -156,20 +171,21 @@ def test_make_data_fetches_nothing_for_a_parquet_job(tmp_path):
     cache = tmp_path / "cache"
     env = job_env()
     env.update(KUNLUN_CACHE=str(cache), PIP_INDEX_URL="http://127.0.0.1:9/simple", PIP_NO_INDEX="1")
-    proc = subprocess.run(["make", "data", f"CONFIG={tmp_path / 'data' / 'job.yaml'}", f"PYTHON={BIN / 'python'}"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        ["make", "data", f"CONFIG={tmp_path / 'data' / 'job.yaml'}", f"PYTHON={BIN / 'python'}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "data.source=parquet: nothing to download" in proc.stdout
     assert not (cache / "ml-100k").exists()
     # make train runs the same step with the job's own config and overrides first.
-    proc = subprocess.run(["make", "-n", "train", "CONFIG=my.yaml", "ARGS=data.batch_size=64"], cwd=REPO,
-                          capture_output=True, text=True)
+    proc = subprocess.run(["make", "-n", "train", "CONFIG=my.yaml", "ARGS=data.batch_size=64"], cwd=REPO, capture_output=True, text=True)
     assert "kunlun.launch.prepare --config my.yaml data.batch_size=64" in proc.stdout
     assert proc.stdout.index("kunlun.launch.prepare") < proc.stdout.index("torchx run")
 
 
 def test_prepare_reports_a_bad_config_like_training(tmp_path):
     env = job_env()
-    proc = subprocess.run([str(BIN / "python"), "-m", "kunlun.launch.prepare", "--config", "movielens", "data.source=mystery"],
-                          cwd=REPO, env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [str(BIN / "python"), "-m", "kunlun.launch.prepare", "--config", "movielens", "data.source=mystery"], cwd=REPO, env=env, capture_output=True, text=True
+    )
     assert proc.returncode == 2 and "data.source" in proc.stderr and "mystery" in proc.stderr

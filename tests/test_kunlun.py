@@ -43,14 +43,14 @@ def test_window_attention_matches_per_sample_loop(window):
     for b, n in enumerate(lengths):
         if n == 0:
             continue
-        x = seq[off[b]:off[b + 1]]
+        x = seq[off[b] : off[b + 1]]
         q, k, v = m.qkv(m.norm(x)).view(n, 3, 2, 4).permute(1, 2, 0, 3)
         mask = None
         if window is not None:
             i = torch.arange(n)[:, None]
             mask = (i - i.T).abs() <= window
         att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(0, 1).reshape(n, 8)
-        torch.testing.assert_close(out[off[b]:off[b + 1]], x + m.out(att), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out[off[b] : off[b + 1]], x + m.out(att), atol=1e-5, rtol=1e-5)
 
 
 def test_gdpa_ffn_is_a_personalised_ffn():
@@ -62,12 +62,12 @@ def test_gdpa_ffn_is_a_personalised_ffn():
     out = m(seq, off, x_sum, max_len=4)
     k, v = m.kv(x_sum)  # [B, m, H, dh]
     for b in range(3):
-        s = seq[off[b]:off[b + 1]]
+        s = seq[off[b] : off[b + 1]]
         ln = m.norm_in(s).view(-1, 2, 4)
         hidden = F.gelu(torch.einsum("thd,mhd->thm", ln, k[b]) / 2.0)  # qk_scale = 1/√dh
         o = torch.einsum("thm,mhd->thd", hidden, v[b]) / 5 + ln  # out_scale = 1/m, residual on ln(q)
         want = m.norm_out(o.reshape(-1, 8)) + s
-        torch.testing.assert_close(out[off[b]:off[b + 1]], want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out[off[b] : off[b + 1]], want, atol=1e-5, rtol=1e-5)
 
 
 def test_temporal_encoding_buckets_and_recency():
@@ -94,7 +94,14 @@ EMB = 8
 
 def tower_cfg(**overrides) -> KunlunConfig:
     cfg = KunlunConfig(
-        dim=16, num_layers=3, num_summary_tokens=2, pffn_kv_len=4, kv_rank=8, hsp_rank=2, wukong_mlp=16, head_mlp=[16],
+        dim=16,
+        num_layers=3,
+        num_summary_tokens=2,
+        pffn_kv_len=4,
+        kv_rank=8,
+        hsp_rank=2,
+        wukong_mlp=16,
+        head_mlp=[16],
         gdpa_impl="reference",
         default_event=EventTowerConfig(dim=8, heads=2, layers=3, window=-1, num_tokens=2, num_seeds=4),
     )
@@ -110,15 +117,19 @@ def inputs(batch: int, length: int) -> TowerInputs:
     t = int(off[-1])
     events = {
         name: EventSequence(
-            item=torch.randn(t, EMB, generator=g), action=torch.randn(t, EMB, generator=g),
-            timestamps=torch.arange(t) * 60, lengths=lengths, offsets=off,
+            item=torch.randn(t, EMB, generator=g),
+            action=torch.randn(t, EMB, generator=g),
+            timestamps=torch.arange(t) * 60,
+            lengths=lengths,
+            offsets=off,
         )
         for name in ("click", "view")
     }
     return TowerInputs(
         dense=torch.randn(batch, 2, generator=g),
         context={"user": torch.randn(batch, EMB, generator=g), "target": torch.randn(batch, EMB, generator=g)},
-        events=events, request_time=torch.full((batch,), t * 60 + 600),
+        events=events,
+        request_time=torch.full((batch,), t * 60 + 600),
     )
 
 

@@ -11,10 +11,17 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from jobs import BIN, REPO, final_metrics, job_env, latest_checkpoint
 
 REQUIRED_SCALARS = {
-    "train/loss", "train/examples_per_sec", "train/lr",
-    "eval/auc", "eval/ne", "eval/logloss",
-    "test/auc", "test/ne", "test/logloss",
-    "perf/model_tflops", "perf/mfu",
+    "train/loss",
+    "train/examples_per_sec",
+    "train/lr",
+    "eval/auc",
+    "eval/ne",
+    "eval/logloss",
+    "test/auc",
+    "test/ne",
+    "test/logloss",
+    "perf/model_tflops",
+    "perf/mfu",
 }
 
 
@@ -26,9 +33,20 @@ def torchx(*args: str, timeout: int = 400) -> subprocess.CompletedProcess:
 def test_torchx_local_two_processes_trains_checkpoints_and_logs(tmp_path):
     run = tmp_path / "run"
     proc = torchx(
-        "run", "-s", "local_cwd", "./launch/components.py:train", "-j", "1x2", "--config", "tiny",
-        f"run_dir={run}", "trainer.max_steps=30", "trainer.eval_every_n_steps=10",
-        "checkpoint.every_n_steps=10", "checkpoint.keep=2", "logging.log_every_n_steps=5",
+        "run",
+        "-s",
+        "local_cwd",
+        "./launch/components.py:train",
+        "-j",
+        "1x2",
+        "--config",
+        "tiny",
+        f"run_dir={run}",
+        "trainer.max_steps=30",
+        "trainer.eval_every_n_steps=10",
+        "checkpoint.every_n_steps=10",
+        "checkpoint.keep=2",
+        "logging.log_every_n_steps=5",
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     out = proc.stdout + proc.stderr
@@ -62,9 +80,24 @@ def test_torchx_local_two_processes_trains_checkpoints_and_logs(tmp_path):
 
 def _dryrun(scheduler: str, *extra: str) -> str:
     proc = torchx(
-        "run", "-s", scheduler, "--dryrun", *extra, "./launch/components.py:train",
-        "-j", "2x8", "--gpu", "8", "--max_restarts", "2", "--image", "registry.example/kunlun:1",
-        "--config", "movielens", "trainer.max_steps=10", "run_dir=/shared/runs/a",
+        "run",
+        "-s",
+        scheduler,
+        "--dryrun",
+        *extra,
+        "./launch/components.py:train",
+        "-j",
+        "2x8",
+        "--gpu",
+        "8",
+        "--max_restarts",
+        "2",
+        "--image",
+        "registry.example/kunlun:1",
+        "--config",
+        "movielens",
+        "trainer.max_steps=10",
+        "run_dir=/shared/runs/a",
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -98,10 +131,12 @@ def test_make_train_passes_layout_and_overrides():
     """``make train NNODES=.. NPROC=.. ARGS=..`` reaches torchx with the right -j and overrides."""
     proc = subprocess.run(
         ["make", "-n", "train", "NNODES=1", "NPROC=4", "ARGS=trainer.max_steps=7 run_dir=runs/x", "MAX_RESTARTS=1"],
-        cwd=REPO, capture_output=True, text=True,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 0, proc.stderr
-    line = [l for l in proc.stdout.splitlines() if "torchx run" in l][0]
+    line = [text for text in proc.stdout.splitlines() if "torchx run" in text][0]
     assert "-j 1x4" in line and "components.py:train" in line
     assert "trainer.max_steps=7 run_dir=runs/x" in proc.stdout
     assert "--max_restarts 1" in proc.stdout

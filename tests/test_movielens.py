@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import pytest
@@ -20,8 +20,25 @@ from kunlun.data.sources.movielens import HOLDOUT, MovieLensSource, ensure_movie
 from kunlun.trainer.config import MovieLensConfig, default_cache_dir
 
 GENRES = [
-    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama", "Fantasy",
-    "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western",
+    "unknown",
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children's",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
 ]
 USERS = {  # id → age, gender, occupation, zip
     1: (24, "M", "technician", "85711"),
@@ -71,10 +88,11 @@ def _items(ratings: List[Rating]) -> Dict[int, Tuple[int, List[str]]]:
     return items
 
 
-def write_grouplens(folder: Path, ratings: List[Rating], extra_rating_lines: Dict[int, str] = {}) -> Path:
+def write_grouplens(folder: Path, ratings: List[Rating], extra_rating_lines: Optional[Dict[int, str]] = None) -> Path:
     """``extra_rating_lines``: {1-based line number in u.data: raw line} inserted at that line."""
     folder.mkdir(parents=True, exist_ok=True)
     lines = [f"{r.user}\t{r.item}\t{r.rating}\t{r.ts}" for r in ratings]
+    extra_rating_lines = extra_rating_lines or {}
     for line_no in sorted(extra_rating_lines):
         lines.insert(line_no - 1, extra_rating_lines[line_no])
     (folder / "u.data").write_text("\n".join(lines) + "\n")
@@ -87,11 +105,12 @@ def write_grouplens(folder: Path, ratings: List[Rating], extra_rating_lines: Dic
     return folder
 
 
-def write_recbole(folder: Path, ratings: List[Rating], extra_rating_lines: Dict[int, str] = {}) -> Path:
+def write_recbole(folder: Path, ratings: List[Rating], extra_rating_lines: Optional[Dict[int, str]] = None) -> Path:
     """Line numbers of ``extra_rating_lines`` count the header as line 1."""
     folder.mkdir(parents=True, exist_ok=True)
     lines = ["user_id:token\titem_id:token\trating:float\ttimestamp:float"]
     lines += [f"{r.user}\t{r.item}\t{r.rating}\t{r.ts}" for r in ratings]
+    extra_rating_lines = extra_rating_lines or {}
     for line_no in sorted(extra_rating_lines):
         lines.insert(line_no - 1, extra_rating_lines[line_no])
     (folder / "ml-100k.inter").write_text("\n".join(lines) + "\n")
@@ -413,8 +432,14 @@ def test_real_movielens_history_statistics_are_the_standardised_leak_free_featur
     ex, rows = src._ex, {s: src._split_rows[s] for s in ("train", "eval", "test")}
     train = rows["train"]
     _, feats = history_features(
-        ex["user"], ex["item"], ex["rating"], ex["ts"], genre_matrix(src.i_genre_len, src.i_genre_val, src.schema.table_sizes["genre"]),
-        4.0, mean_rating=float(ex["rating"][train].mean()), mean_like=float((ex["rating"][train] >= 4).mean()),
+        ex["user"],
+        ex["item"],
+        ex["rating"],
+        ex["ts"],
+        genre_matrix(src.i_genre_len, src.i_genre_val, src.schema.table_sizes["genre"]),
+        4.0,
+        mean_rating=float(ex["rating"][train].mean()),
+        mean_like=float((ex["rating"][train] >= 4).mean()),
     )
     train_block = src.read("train", np.arange(len(train)))
     np.testing.assert_allclose(train_block.dense[:, 4:].mean(0), 0, atol=1e-4)  # standardised on train

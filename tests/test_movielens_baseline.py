@@ -128,8 +128,7 @@ def test_history_counts_match_brute_force_on_raw_ratings(prepared, raw):
 def _all_features(src, users, items, ratings, ts, mean_rating, mean_like):
     """Counts and features of events given in any order (file order = position), in that order."""
     order = np.lexsort((np.arange(len(users)), ts, users))
-    c, f = mb.history_features(users[order], items[order], ratings[order], ts[order], mb.genre_matrix(src),
-                               src.cfg.like_threshold, mean_rating, mean_like)
+    c, f = mb.history_features(users[order], items[order], ratings[order], ts[order], mb.genre_matrix(src), src.cfg.like_threshold, mean_rating, mean_like)
     out = {**c, **f}
     inv = np.empty_like(order)
     inv[order] = np.arange(len(order))
@@ -157,8 +156,13 @@ def test_features_ignore_own_same_second_and_later_events(prepared):
         add_i = np.concatenate([items[rng.choice(at_t, k)], rng.choice(items, k)])
         add_t = np.concatenate([np.full(k, T), rng.integers(T, ts.max() + 1, k)])
         got = _all_features(
-            src, np.concatenate([users, add_u]), np.concatenate([items, add_i]),
-            np.concatenate([new_ratings, rng.integers(1, 6, 2 * k)]), np.concatenate([ts, add_t]), mean_rating, mean_like,
+            src,
+            np.concatenate([users, add_u]),
+            np.concatenate([items, add_i]),
+            np.concatenate([new_ratings, rng.integers(1, 6, 2 * k)]),
+            np.concatenate([ts, add_t]),
+            mean_rating,
+            mean_like,
         )
         keep = ts <= T
         for name, v in base.items():

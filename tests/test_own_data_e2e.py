@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from jobs import BIN, REPO, final_metrics, job_env
-from own_data import write_dataset
 from kunlun.trainer.metrics import auc
+from own_data import write_dataset
 
 MODEL = """\
 run_dir: runs/own-data
@@ -51,7 +51,11 @@ def test_own_parquet_data_trains_through_torchx_on_two_ranks_and_inspects(tmp_pa
     run = tmp_path / "run"
     proc = subprocess.run(
         [str(BIN / "torchx"), "run", "-s", "local_cwd", "./launch/components.py:train", "-j", "1x2", "--config", str(job), f"run_dir={run}"],
-        cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=300,
+        cwd=REPO,
+        env=job_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
@@ -68,8 +72,7 @@ def test_own_parquet_data_trains_through_torchx_on_two_ranks_and_inspects(tmp_pa
     assert metrics["test/auc"] > oracle - 0.1
     assert metrics["train/examples_consumed"] == 100 * 128
 
-    proc = subprocess.run([str(BIN / "kunlun"), "data", "inspect", "--config", str(job)], cwd=REPO, env=job_env(),
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([str(BIN / "kunlun"), "data", "inspect", "--config", str(job)], cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     rows = {line.split()[0]: line.split() for line in proc.stdout.split("columns")[0].splitlines() if line.startswith(("train", "eval", "test"))}
     for split, n in (("train", 12000), ("eval", 2000), ("test", 2000)):

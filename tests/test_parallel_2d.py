@@ -57,9 +57,19 @@ def _replica_reports(run_dir):
 @pytest.mark.parametrize("sync", [1, 3, 0])
 def test_replicas_identical_after_sync_and_diverge_without(tmp_path, sync):
     run = tmp_path / f"sync{sync}"
-    cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=4", "tests/dist_scripts/train_and_compare_replicas.py", "tiny",
-           f"run_dir={run}", "trainer.max_steps=12", "checkpoint.every_n_steps=0", *QUIET, *TWO_D,
-           f"parallel.sparse.sync_every_n_steps={sync}"]
+    cmd = [
+        str(BIN / "torchrun"),
+        "--standalone",
+        "--nproc_per_node=4",
+        "tests/dist_scripts/train_and_compare_replicas.py",
+        "tiny",
+        f"run_dir={run}",
+        "trainer.max_steps=12",
+        "checkpoint.every_n_steps=0",
+        *QUIET,
+        *TWO_D,
+        f"parallel.sparse.sync_every_n_steps={sync}",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     reports = _replica_reports(run)
@@ -100,9 +110,27 @@ def test_two_nodes_by_two_processes_through_torchx(tmp_path):
     """``make train NNODES=2 NPROC=2 ARGS="parallel.sparse.strategy=2d ..."`` on one machine."""
     run = tmp_path / "r"
     proc = subprocess.run(
-        [str(BIN / "torchx"), "run", "-s", "local_cwd", "./launch/components.py:train", "-j", "2x2", "--config", "tiny",
-         f"run_dir={run}", "trainer.max_steps=10", "checkpoint.every_n_steps=0", *QUIET, *TWO_D],
-        cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=400,
+        [
+            str(BIN / "torchx"),
+            "run",
+            "-s",
+            "local_cwd",
+            "./launch/components.py:train",
+            "-j",
+            "2x2",
+            "--config",
+            "tiny",
+            f"run_dir={run}",
+            "trainer.max_steps=10",
+            "checkpoint.every_n_steps=0",
+            *QUIET,
+            *TWO_D,
+        ],
+        cwd=REPO,
+        env=job_env(),
+        capture_output=True,
+        text=True,
+        timeout=400,
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-5000:]
@@ -114,8 +142,14 @@ def test_two_nodes_by_two_processes_through_torchx(tmp_path):
 def test_quality_parity_2d_vs_1d_with_and_without_momentum_scaling(tmp_path):
     """Same global batch (64), steps and data: 2D (2 replica groups) with momentum scaling
     must reach an eval NE within 0.015 of 1D; the unscaled 2D number is recorded beside it."""
-    common = ["trainer.max_steps=200", "checkpoint.every_n_steps=0", "checkpoint.resume=never", *QUIET,
-              "data.synthetic.num_users=2000", "data.synthetic.num_items=2000"]
+    common = [
+        "trainer.max_steps=200",
+        "checkpoint.every_n_steps=0",
+        "checkpoint.resume=never",
+        *QUIET,
+        "data.synthetic.num_users=2000",
+        "data.synthetic.num_items=2000",
+    ]
     ne = {}
     for name, extra in {
         "1d": ["parallel.sparse.strategy=1d"],

@@ -51,8 +51,10 @@ def test_criteo_tsv_preset(tmp_path):
     rows = _criteo_lines(600)
     path = tmp_path / "train.txt"
     path.write_text("\n".join("\t".join(r) for r in rows) + "\n")
-    cfg = load_config("criteo", [f"data.files.paths={path}", "data.files.default_num_embeddings=1000", "data.files.csv.rows_per_block=256",
-                                 "data.files.validate=true", *TINY_MODEL])
+    cfg = load_config(
+        "criteo",
+        [f"data.files.paths={path}", "data.files.default_num_embeddings=1000", "data.files.csv.rows_per_block=256", "data.files.validate=true", *TINY_MODEL],
+    )
     src = build_source(cfg.data, 0)
     s = src.schema
     assert s.dense_features == [f"I{i}" for i in range(1, 14)] and s.context_keys == [f"C{i}" for i in range(1, 27)]
@@ -82,8 +84,10 @@ def test_criteo_bad_line_is_located(tmp_path):
 
 
 # ---------------------------------------------------------------------- TaobaoAd
-TAOBAO_HEADER = ("clk,time_stamp,userid,adgroup_id,pid,cate_id,campaign_id,customer,brand,price,cms_segid,cms_group_id,"
-                 "final_gender_code,age_level,pvalue_level,shopping_level,occupation,new_user_class_level,click_sequence")
+TAOBAO_HEADER = (
+    "clk,time_stamp,userid,adgroup_id,pid,cate_id,campaign_id,customer,brand,price,cms_segid,cms_group_id,"
+    "final_gender_code,age_level,pvalue_level,shopping_level,occupation,new_user_class_level,click_sequence"
+)
 
 
 def _taobao_rows(n: int, seed: int):
@@ -92,14 +96,29 @@ def _taobao_rows(n: int, seed: int):
     for i in range(n):
         day, hour, minute = 6 + i % 7, int(rng.integers(0, 24)), int(rng.integers(0, 60))
         seq = [str(int(rng.integers(100000, 100050))) for _ in range(int(rng.integers(0, 5)))]
-        out.append([
-            str(int(rng.random() < 0.1)), f"2017/5/{day} {hour}:{minute:02d}", str(int(rng.integers(1, 2000))), str(int(rng.integers(100000, 100050))),
-            ["430548_1007", "430539_1007"][i % 2], str(int(rng.integers(1, 9000))), str(int(rng.integers(1, 400000))),
-            str(int(rng.integers(1, 250000))), "" if rng.random() < 0.2 else str(int(rng.integers(1, 450000))),
-            f"{rng.gamma(2.0, 50.0):.2f}", str(int(rng.integers(0, 90))), str(int(rng.integers(0, 12))), str(int(rng.integers(1, 3))),
-            str(int(rng.integers(0, 7))), "" if rng.random() < 0.5 else str(int(rng.integers(1, 4))), str(int(rng.integers(1, 4))),
-            str(int(rng.integers(0, 2))), "" if rng.random() < 0.3 else str(int(rng.integers(1, 5))), "^".join(seq),
-        ])
+        out.append(
+            [
+                str(int(rng.random() < 0.1)),
+                f"2017/5/{day} {hour}:{minute:02d}",
+                str(int(rng.integers(1, 2000))),
+                str(int(rng.integers(100000, 100050))),
+                ["430548_1007", "430539_1007"][i % 2],
+                str(int(rng.integers(1, 9000))),
+                str(int(rng.integers(1, 400000))),
+                str(int(rng.integers(1, 250000))),
+                "" if rng.random() < 0.2 else str(int(rng.integers(1, 450000))),
+                f"{rng.gamma(2.0, 50.0):.2f}",
+                str(int(rng.integers(0, 90))),
+                str(int(rng.integers(0, 12))),
+                str(int(rng.integers(1, 3))),
+                str(int(rng.integers(0, 7))),
+                "" if rng.random() < 0.5 else str(int(rng.integers(1, 4))),
+                str(int(rng.integers(1, 4))),
+                str(int(rng.integers(0, 2))),
+                "" if rng.random() < 0.3 else str(int(rng.integers(1, 5))),
+                "^".join(seq),
+            ]
+        )
     return out
 
 
@@ -109,8 +128,17 @@ def test_taobao_ad_csv_preset(tmp_path):
         data[split] = _taobao_rows(n, seed)
         (tmp_path / f"{split}.csv").write_text(TAOBAO_HEADER + "\n" + "\n".join(",".join(r) for r in data[split]) + "\n")
     small = [f"data.files.schema.tables[{i}].num_embeddings=5000" for i in (0, 1, 3, 4, 5, 6)]
-    cfg = load_config("taobao_ad", [f"data.files.train={tmp_path}/train.csv", f"data.files.eval={tmp_path}/valid.csv",
-                                    f"data.files.test={tmp_path}/test.csv", "data.files.csv.rows_per_block=100", *small, *TINY_MODEL])
+    cfg = load_config(
+        "taobao_ad",
+        [
+            f"data.files.train={tmp_path}/train.csv",
+            f"data.files.eval={tmp_path}/valid.csv",
+            f"data.files.test={tmp_path}/test.csv",
+            "data.files.csv.rows_per_block=100",
+            *small,
+            *TINY_MODEL,
+        ],
+    )
     src = build_source(cfg.data, 0)
     s = src.schema
     assert [(e.name, e.item_table, e.max_len) for e in s.event_types] == [("click", "adgroup", 50)]

@@ -55,16 +55,37 @@ def test_sigkilled_rank_is_restarted_and_run_matches_uninterrupted(tmp_path):
     args = [f"trainer.max_steps={steps}", "checkpoint.every_n_steps=100", "checkpoint.keep=5", *COMMON]
     ref = tmp_path / "ref"
     subprocess.run(
-        [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "kunlun.launch.main", "--config", "tiny",
-         f"run_dir={ref}", *args], cwd=REPO, env=job_env(), check=True, capture_output=True, timeout=400,
+        [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "kunlun.launch.main", "--config", "tiny", f"run_dir={ref}", *args],
+        cwd=REPO,
+        env=job_env(),
+        check=True,
+        capture_output=True,
+        timeout=400,
     )
     run = tmp_path / "killed"
     log_path = tmp_path / "torchx.out"
     with open(log_path, "w") as log_file:  # a file, not a pipe: a full pipe would block the job
         job = subprocess.Popen(
-            [str(BIN / "torchx"), "run", "-s", "local_cwd", "./launch/components.py:train", "-j", "1x2", "--max_restarts", "1",
-             "--config", "tiny", f"run_dir={run}", *args],
-            cwd=REPO, env=job_env(), stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                str(BIN / "torchx"),
+                "run",
+                "-s",
+                "local_cwd",
+                "./launch/components.py:train",
+                "-j",
+                "1x2",
+                "--max_restarts",
+                "1",
+                "--config",
+                "tiny",
+                f"run_dir={run}",
+                *args,
+            ],
+            cwd=REPO,
+            env=job_env(),
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         try:
             killed = None
@@ -167,8 +188,7 @@ def test_explicit_corrupted_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
 # --------------------------------------------------------------------- SIGTERM
 def test_sigterm_finishes_the_step_saves_and_exits_75(tmp_path):
     run = tmp_path / "r"
-    cmd = [sys.executable, "-m", "kunlun.launch.main", "--config", "tiny", f"run_dir={run}", "trainer.max_steps=100000",
-           "checkpoint.every_n_steps=0", *COMMON]
+    cmd = [sys.executable, "-m", "kunlun.launch.main", "--config", "tiny", f"run_dir={run}", "trainer.max_steps=100000", "checkpoint.every_n_steps=0", *COMMON]
     err_path = tmp_path / "stderr.txt"
     with open(err_path, "w") as err_file:  # files, not pipes, so the job can never block on output
         proc = subprocess.Popen(cmd, cwd=REPO, env=job_env(), stdout=subprocess.DEVNULL, stderr=err_file)
@@ -243,8 +263,7 @@ def test_too_many_consecutive_skips_stop(tmp_path, monkeypatch):
     for b in (2, 3, 4):
         _poison_batch(monkeypatch, global_batch=b)
     with pytest.raises(NonFiniteError, match="3 consecutive"):
-        train_in_process(tmp_path / "r", "data.shuffle=false", "trainer.max_steps=12", "trainer.nonfinite_policy=skip",
-                         "trainer.max_consecutive_skips=2")
+        train_in_process(tmp_path / "r", "data.shuffle=false", "trainer.max_steps=12", "trainer.nonfinite_policy=skip", "trainer.max_consecutive_skips=2")
 
 
 # ------------------------------------------------------------------- full disk
@@ -320,7 +339,9 @@ def test_no_environment_or_secrets_in_logs(tmp_path):
     cmd = [sys.executable, "-m", "kunlun.launch.main", "--config", "tiny", f"run_dir={run}", "trainer.max_steps=3", *COMMON]
     proc = subprocess.run(cmd, cwd=REPO, env={**job_env(), "AWS_SECRET_ACCESS_KEY": env_secret}, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0
-    everything = proc.stdout + proc.stderr + "".join(p.read_text(errors="replace") for p in run.rglob("*") if p.is_file() and p.suffix in (".log", ".yaml", ".json"))
+    everything = (
+        proc.stdout + proc.stderr + "".join(p.read_text(errors="replace") for p in run.rglob("*") if p.is_file() and p.suffix in (".log", ".yaml", ".json"))
+    )
     assert env_secret not in everything
 
 

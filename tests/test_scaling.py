@@ -21,7 +21,7 @@ _spec.loader.exec_module(scaling)
 
 def test_power_law_fit_recovers_exponent_and_prefactor():
     c = np.geomspace(1e12, 1e14, 6)
-    fit = scaling.fit_scaling(c, 3.0 * c ** -0.02)
+    fit = scaling.fit_scaling(c, 3.0 * c**-0.02)
     assert fit["power_b"] == pytest.approx(0.02, rel=1e-9)
     assert fit["power_a"] == pytest.approx(3.0, rel=1e-9)
     assert fit["power_r2"] == pytest.approx(1.0)
@@ -36,7 +36,7 @@ def test_fit_confidence_interval_covers_truth_at_the_nominal_rate():
     c = np.geomspace(1e12, 1e14, 5)
     covered = 0
     for _ in range(400):
-        ne = 2.0 * c ** -0.015 * np.exp(rng.normal(0, 0.004, len(c)))
+        ne = 2.0 * c**-0.015 * np.exp(rng.normal(0, 0.004, len(c)))
         lo, hi = scaling.fit_scaling(c, ne)["power_b_ci95"]
         covered += lo <= 0.015 <= hi
     assert 0.92 <= covered / 400 <= 0.98  # 95% intervals with n - 2 = 3 degrees of freedom
@@ -98,4 +98,6 @@ def test_miniature_sweep_ablations_and_report(tmp_path):
     for variant in ("CompSkip off", "full attention (no window)", "event personalisation off"):
         assert float(ablations[variant]["feature_flops_pct"]) < 0, variant
     ne_gain = float(ablations["PMA instead of HSP"]["feature_ne_gain_pct"])
-    assert ne_gain == pytest.approx(100 * (float(ablations["PMA instead of HSP"]["eval_ne"]) - float(base["eval_ne"])) / float(ablations["PMA instead of HSP"]["eval_ne"]))
+    assert ne_gain == pytest.approx(
+        100 * (float(ablations["PMA instead of HSP"]["eval_ne"]) - float(base["eval_ne"])) / float(ablations["PMA instead of HSP"]["eval_ne"])
+    )

@@ -23,8 +23,12 @@ def _schema(context=None, events=None) -> FeatureSchema:
     return FeatureSchema(
         tables=[TableSpec("user", 10), TableSpec("item", 20), TableSpec("tag", 6)],
         dense_features=["d"],
-        context_features=context if context is not None else [
-            ContextFeature("user_id", "user"), ContextFeature("item_id", "item"), ContextFeature("tags", "tag", max_ids=3),
+        context_features=context
+        if context is not None
+        else [
+            ContextFeature("user_id", "user"),
+            ContextFeature("item_id", "item"),
+            ContextFeature("tags", "tag", max_ids=3),
         ],
         event_types=events if events is not None else [EventType("click", "item", "tag", 4)],
     )
@@ -38,8 +42,11 @@ def _block(schema: FeatureSchema) -> ExampleBlock:
     }
     events = {e.name: EventColumns(np.array([1, 3, 0]), np.array([7, 8, 9, 10]), np.array([1, 1, 2, 0]), np.array([1, 2, 3, 4])) for e in schema.event_types}
     return ExampleBlock(
-        dense=np.ones((3, 1), np.float32), context={f.name: ctx[f.name] for f in schema.context_features}, events=events,
-        request_time=np.array([10, 10, 10]), labels=np.array([[1.0], [0.0], [1.0]], np.float32),
+        dense=np.ones((3, 1), np.float32),
+        context={f.name: ctx[f.name] for f in schema.context_features},
+        events=events,
+        request_time=np.array([10, 10, 10]),
+        labels=np.array([[1.0], [0.0], [1.0]], np.float32),
     )
 
 
@@ -49,7 +56,8 @@ def test_shared_tables_live_in_the_embedding_collection_only():
     assert [f.name for f in ec_context_features(s)] == ["item_id", "tags"]
     assert [(c.name, c.feature_names) for c in context_table_configs(s, D)] == [("ctx_user", ["user_id"])]
     assert [(c.name, c.feature_names) for c in sequence_table_configs(s, D)] == [
-        ("seq_item", ["click.item", "item_id"]), ("seq_tag", ["click.action", "tags"]),
+        ("seq_item", ["click.item", "item_id"]),
+        ("seq_tag", ["click.action", "tags"]),
     ]
     ebc, ec = build_embeddings(s, D, torch.device("cpu"))
     assert sorted(ebc.embedding_bags.keys()) == ["ctx_user"] and sorted(ec.embeddings.keys()) == ["seq_item", "seq_tag"]

@@ -357,10 +357,17 @@ def validate(cfg: JobConfig, world_size: Optional[int]) -> None:
             _check(tcfg.gdpa_impl in ("auto", "reference", "triton"), f"model.{tower_name}.gdpa_impl", tcfg.gdpa_impl, "one of ['auto', 'reference', 'triton']")
     k = cfg.model.kunlun
     for key, value in {
-        "model.kunlun.dim": k.dim, "model.kunlun.num_layers": k.num_layers, "model.kunlun.num_summary_tokens": k.num_summary_tokens,
-        "model.kunlun.pffn_kv_len": k.pffn_kv_len, "model.kunlun.kv_rank": k.kv_rank, "model.kunlun.hsp_rank": k.hsp_rank,
-        "model.kunlun.num_experts": k.num_experts, "model.kunlun.wukong_layers": k.wukong_layers, "model.kunlun.fm_rank": k.fm_rank,
-        "model.kunlun.wukong_mlp": k.wukong_mlp, "model.kunlun.temporal_buckets": k.temporal_buckets,
+        "model.kunlun.dim": k.dim,
+        "model.kunlun.num_layers": k.num_layers,
+        "model.kunlun.num_summary_tokens": k.num_summary_tokens,
+        "model.kunlun.pffn_kv_len": k.pffn_kv_len,
+        "model.kunlun.kv_rank": k.kv_rank,
+        "model.kunlun.hsp_rank": k.hsp_rank,
+        "model.kunlun.num_experts": k.num_experts,
+        "model.kunlun.wukong_layers": k.wukong_layers,
+        "model.kunlun.fm_rank": k.fm_rank,
+        "model.kunlun.wukong_mlp": k.wukong_mlp,
+        "model.kunlun.temporal_buckets": k.temporal_buckets,
     }.items():
         _check(value > 0, key, value, "an integer > 0")
     _check(k.summary in ("hsp", "pma"), "model.kunlun.summary", k.summary, "one of ['hsp', 'pma']")
@@ -384,11 +391,19 @@ def validate(cfg: JobConfig, world_size: Optional[int]) -> None:
     _check(sp.sharding_group_size >= 0, "parallel.sparse.sharding_group_size", sp.sharding_group_size, "an integer >= 0 (0 = the world size)")
     if sp.strategy == "2d":
         unsupported = sorted(set(sp.sharding_types) - {"table_wise", "row_wise", "column_wise"})
-        _check(not unsupported, "parallel.sparse.sharding_types", list(sp.sharding_types),
-               "with parallel.sparse.strategy=2d only table_wise, row_wise, column_wise (TorchRec 1.8 DMPCollection)")
+        _check(
+            not unsupported,
+            "parallel.sparse.sharding_types",
+            list(sp.sharding_types),
+            "with parallel.sparse.strategy=2d only table_wise, row_wise, column_wise (TorchRec 1.8 DMPCollection)",
+        )
     if sp.strategy == "2d" and sp.sharding_group_size and world_size is not None:
-        _check(world_size % sp.sharding_group_size == 0, "parallel.sparse.sharding_group_size", sp.sharding_group_size,
-               f"a divisor of the world size ({world_size} processes)")
+        _check(
+            world_size % sp.sharding_group_size == 0,
+            "parallel.sparse.sharding_group_size",
+            sp.sharding_group_size,
+            f"a divisor of the world size ({world_size} processes)",
+        )
     _validate_early_stopping(cfg)
     _check(cfg.data.synthetic.signal_strength >= 0, "data.synthetic.signal_strength", cfg.data.synthetic.signal_strength, "a value >= 0")
     _check(1.0 <= cfg.data.movielens.like_threshold <= 5.0, "data.movielens.like_threshold", cfg.data.movielens.like_threshold, "a rating in [1, 5]")
@@ -414,13 +429,18 @@ def _validate_early_stopping(cfg: JobConfig) -> None:
     parts = es.metric.split("/")
     _check(
         len(parts) in (2, 3) and parts[0] == "eval" and parts[1] in METRIC_MODES and all(parts),
-        "trainer.early_stopping.metric", es.metric,
+        "trainer.early_stopping.metric",
+        es.metric,
         f"eval/<metric> or eval/<metric>/<label> with <metric> one of {sorted(METRIC_MODES)} (validation split only)",
     )
     # A label name (third part) is checked by the trainer, once the data schema is known.
     if es.patience:
-        _check(cfg.trainer.eval_every_n_steps > 0, "trainer.early_stopping.patience", es.patience,
-               "0 when trainer.eval_every_n_steps=0 (early stopping needs periodic evaluations)")
+        _check(
+            cfg.trainer.eval_every_n_steps > 0,
+            "trainer.early_stopping.patience",
+            es.patience,
+            "0 when trainer.eval_every_n_steps=0 (early stopping needs periodic evaluations)",
+        )
 
 
 def _validate_files(data: DataConfig) -> None:

@@ -67,8 +67,7 @@ class BestTracker:
             return False
         self.last_step = step
         better = math.isfinite(value) and (
-            self.best_value is None
-            or (value < self.best_value - self.min_delta if self.mode == "min" else value > self.best_value + self.min_delta)
+            self.best_value is None or (value < self.best_value - self.min_delta if self.mode == "min" else value > self.best_value + self.min_delta)
         )
         if better:
             self.best_step, self.best_value = step, value

@@ -44,7 +44,21 @@ _REGION_CATEGORY = {
     "kunlun/backward": "dense_compute",
     "kunlun/optimizer": "optimizer",
 }
-_COMM_MARKERS = ("all_reduce", "allreduce", "all_to_all", "alltoall", "all2all", "all_gather", "allgather", "reduce_scatter", "broadcast", "c10d::", "gloo", "nccl", "record_param_comms")
+_COMM_MARKERS = (
+    "all_reduce",
+    "allreduce",
+    "all_to_all",
+    "alltoall",
+    "all2all",
+    "all_gather",
+    "allgather",
+    "reduce_scatter",
+    "broadcast",
+    "c10d::",
+    "gloo",
+    "nccl",
+    "record_param_comms",
+)
 _EMBEDDING_MARKERS = ("fbgemm", "split_embedding", "lookupfunction", "embedding_bag", "tbe")
 STEP_REGION = "kunlun/step"
 

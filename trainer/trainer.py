@@ -36,13 +36,13 @@ from kunlun.data.sources import build_source
 from kunlun.model.rec_model import RecModel
 from kunlun.parallel.planner import describe_plan
 from kunlun.parallel.sparse import shard_model
-from kunlun.trainer.checkpoint import CheckpointError, Checkpointer, global_shapes, write_json_atomic
+from kunlun.trainer.checkpoint import Checkpointer, CheckpointError, global_shapes, write_json_atomic
 from kunlun.trainer.config import ConfigError, JobConfig, flatten, to_yaml, validate
 from kunlun.trainer.early_stopping import BestTracker
 from kunlun.trainer.metrics import EvalAccumulator
 from kunlun.trainer.monitor import Monitor, setup_logging
-from kunlun.trainer.profiling import StepProfiler
 from kunlun.trainer.perf import TRAIN_FLOPS_FACTOR, average_sequence_lengths, format_flops, peak_tflops
+from kunlun.trainer.profiling import StepProfiler
 
 log = logging.getLogger("kunlun")
 
@@ -87,7 +87,10 @@ def init_distributed(cfg: JobConfig) -> DistInfo:
                 # gloo addresses ("connectFullMesh failed ... Connection refused"). Namespace
                 # every attempt's keys.
                 base = dist.TCPStore(
-                    os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                    os.environ["MASTER_ADDR"],
+                    int(os.environ["MASTER_PORT"]),
+                    world,
+                    is_master=False,
                     timeout=timedelta(minutes=10),
                 )
                 store = dist.PrefixStore(f"kunlun/attempt{restart}", base)
@@ -153,17 +156,24 @@ class Trainer:
         self.model = sharded.dmp
         self.plan = sharded.plan
         log.info("process groups:\n  %s\n  dense: %s", sharded.layout.describe(), cfg.parallel.dense.strategy)
-        log.info("sharding plan (%s):\n%s", f"{world} ranks" if not sharded.is_2d else f"per sharding group of {sharded.layout.sharding_group_size}", describe_plan(self.plan))
+        log.info(
+            "sharding plan (%s):\n%s",
+            f"{world} ranks" if not sharded.is_2d else f"per sharding group of {sharded.layout.sharding_group_size}",
+            describe_plan(self.plan),
+        )
         log.info("parameters: dense %s, embedding %s", f"{n_dense:,}", f"{n_sparse:,}")
         self.num_params = {"dense": n_dense, "embedding": n_sparse}
         self.avg_seq_len = average_sequence_lengths(self.source, seed=cfg.seed)
         self.flops_per_example = model.tower.flops_per_example(self.avg_seq_len)
         self.peak = peak_tflops(self.info.device)
         log.info(
-            "tower %s: %s/example forward, %s training (x%.0f) at mean history lengths %s; "
-            "peak %.3g TFLOP/s per rank (%s)",
-            cfg.model.tower, format_flops(self.flops_per_example), format_flops(TRAIN_FLOPS_FACTOR * self.flops_per_example), TRAIN_FLOPS_FACTOR,
-            {k: round(v, 1) for k, v in self.avg_seq_len.items()}, self.peak["peak"],
+            "tower %s: %s/example forward, %s training (x%.0f) at mean history lengths %s; peak %.3g TFLOP/s per rank (%s)",
+            cfg.model.tower,
+            format_flops(self.flops_per_example),
+            format_flops(TRAIN_FLOPS_FACTOR * self.flops_per_example),
+            TRAIN_FLOPS_FACTOR,
+            {k: round(v, 1) for k, v in self.avg_seq_len.items()},
+            self.peak["peak"],
             "datasheet" if self.info.device.type == "cuda" and self.peak["peak"] != self.peak["probe"] else "matmul probe",
         )
         self.optimizer = self._build_optimizer()
@@ -199,8 +209,8 @@ class Trainer:
             labels = list(self.schema.labels)
             if parts[2] not in labels:
                 raise ConfigError(
-                    f"config key 'trainer.early_stopping.metric' = {metric!r} is invalid: label {parts[2]!r} is not "
-                    f"one of the data's labels {labels}", key="trainer.early_stopping.metric",
+                    f"config key 'trainer.early_stopping.metric' = {metric!r} is invalid: label {parts[2]!r} is not one of the data's labels {labels}",
+                    key="trainer.early_stopping.metric",
                 )
             if len(labels) == 1:
                 return "/".join(parts[:2])
@@ -285,7 +295,11 @@ class Trainer:
             log.info("validation history: %s", self.best.describe())
         log.info(
             "resumed from %s: step %d, %d examples consumed (saved at %d ranks, now %d)",
-            path, self.step, self.examples_consumed, meta.get("world_size", -1), self.info.world_size,
+            path,
+            self.step,
+            self.examples_consumed,
+            meta.get("world_size", -1),
+            self.info.world_size,
         )
 
     # -------------------------------------------------------------------- loop
@@ -339,7 +353,13 @@ class Trainer:
         n_train = self.source.num_examples("train")
         log.info(
             "training steps %d → %d, global batch %d; one epoch = %s train examples = %.1f steps (%d steps = %.2f epochs)",
-            self.step, t_cfg.max_steps, g, f"{n_train:,}", n_train / g, t_cfg.max_steps, t_cfg.max_steps * g / n_train,
+            self.step,
+            t_cfg.max_steps,
+            g,
+            f"{n_train:,}",
+            n_train / g,
+            t_cfg.max_steps,
+            t_cfg.max_steps * g / n_train,
         )
         self._install_sigterm()
         try:
@@ -424,7 +444,11 @@ class Trainer:
                 if self.monitor.bar is None:
                     log.info(
                         "step %d | epoch %s | loss %.5f | %.0f examples/s | lr %.3g",
-                        self.step, self._epoch_text(), mean_loss, scalars["train/examples_per_sec"], lrs["dense"],
+                        self.step,
+                        self._epoch_text(),
+                        mean_loss,
+                        scalars["train/examples_per_sec"],
+                        lrs["dense"],
                     )
                 window_loss, window_steps, window_start = 0.0, 0, time.time()
 
@@ -447,7 +471,10 @@ class Trainer:
                 self.checkpointer.mark_best(self.step, {"metric": self.best.metric, "value": self.best.best_value})
             if self.best.stopped:
                 log.info(
-                    "early stopping at step %d (epoch %s): %s", self.step, self._epoch_text(), self.best.describe(),
+                    "early stopping at step %d (epoch %s): %s",
+                    self.step,
+                    self._epoch_text(),
+                    self.best.describe(),
                 )
 
         if last_saved != self.step:
@@ -531,11 +558,16 @@ class Trainer:
         if self.info.rank == 0:
             write_json_atomic(self.run_dir / "final_metrics.json", final)
             log.info(
-                "done (%s step %d of %d%s): test auc %.4f | test ne %.4f | test logloss %.4f\n"
-                "  TensorBoard: tensorboard --logdir %s\n  checkpoints: %s",
-                "best" if label else "last", tested_step, self.step, ", stopped early" if self.best.stopped else "",
-                test_metrics["auc"], test_metrics["ne"], test_metrics["logloss"],
-                self.run_dir / "tensorboard", self.checkpointer.root,
+                "done (%s step %d of %d%s): test auc %.4f | test ne %.4f | test logloss %.4f\n  TensorBoard: tensorboard --logdir %s\n  checkpoints: %s",
+                "best" if label else "last",
+                tested_step,
+                self.step,
+                ", stopped early" if self.best.stopped else "",
+                test_metrics["auc"],
+                test_metrics["ne"],
+                test_metrics["logloss"],
+                self.run_dir / "tensorboard",
+                self.checkpointer.root,
             )
         return final
 
@@ -605,7 +637,12 @@ class Trainer:
         self.monitor.flush()
         log.info(
             "%s: auc %.4f | ne %.4f | logloss %.4f (%d examples, %.1fs)",
-            label or f"{split} @ step {self.step}", metrics["auc"], metrics["ne"], metrics["logloss"], metrics["examples"], time.time() - t0,
+            label or f"{split} @ step {self.step}",
+            metrics["auc"],
+            metrics["ne"],
+            metrics["logloss"],
+            metrics["examples"],
+            time.time() - t0,
         )
         return metrics
 

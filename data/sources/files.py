@@ -128,8 +128,7 @@ class FileSource:
         load_vocabularies: False while ``kunlun data vocab`` builds them (vocab ids map to OOV).
     """
 
-    def __init__(self, data_cfg, seed: int = 0, validate: Optional[bool] = None, splits: Optional[Tuple[str, ...]] = None,
-                 load_vocabularies: bool = True):
+    def __init__(self, data_cfg, seed: int = 0, validate: Optional[bool] = None, splits: Optional[Tuple[str, ...]] = None, load_vocabularies: bool = True):
         self.cfg = data_cfg
         self.files_cfg = files = data_cfg.files
         self.source = data_cfg.source
@@ -299,7 +298,7 @@ class FileSource:
         order = np.argsort(chunk_ids, kind="stable")
         sorted_chunks = chunk_ids[order]
         bounds = np.searchsorted(sorted_chunks, uniq, side="left").tolist() + [len(order)]
-        parts = [take_block(self._chunk(int(c)), rows[order[bounds[k]: bounds[k + 1]]]) for k, c in enumerate(uniq)]
+        parts = [take_block(self._chunk(int(c)), rows[order[bounds[k] : bounds[k + 1]]]) for k, c in enumerate(uniq)]
         inverse = np.empty_like(order)
         inverse[order] = np.arange(len(order))
         return take_block(concat_blocks(parts), inverse)
@@ -347,7 +346,6 @@ class FileSource:
     def chunk_block(self, c: int) -> ExampleBlock:
         return self._chunk(c)
 
-
     def validate_all(self) -> None:
         """Decode every chunk of every split once (errors surface now; fills the cache)."""
         t0 = time.time()
@@ -361,7 +359,10 @@ class FileSource:
         finally:
             self._validating = False
         log.info(
-            "validated %d rows in %d chunks (%.1fs)%s", rows, len(used), time.time() - t0,
+            "validated %d rows in %d chunks (%.1fs)%s",
+            rows,
+            len(used),
+            time.time() - t0,
             f"; {self.bad_rows} bad rows kept with weight 0 (data.bad_row_policy=skip)" if self.bad_rows else "",
         )
         self._warn_zero_ids(f"counted over all {rows:,} rows")
@@ -385,4 +386,3 @@ class FileSource:
 def file_paths(files_cfg) -> Dict[str, List[str]]:
     """split (or ``all``) → files, expanded."""
     return {s: [f for p in pats for f in expand(p)] for s, pats in split_paths(files_cfg).items()}
-

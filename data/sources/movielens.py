@@ -196,8 +196,25 @@ def _parse_items_recbole(path: Path, tracker: BadRowTracker) -> Dict[int, Tuple[
 
 
 _GROUPLENS_GENRES = [
-    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama", "Fantasy",
-    "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western",
+    "unknown",
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children's",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
 ]
 
 
@@ -417,8 +434,14 @@ def _standardised_history_features(users, items, ratings, ts, genres, like_thres
     (user, time) order), standardised with the train split's mean and std (so the towers
     see unit-scale inputs); priors and scaling constants come from the train split only."""
     _, feats = history_features(
-        users, items, ratings, ts, genres, like_threshold,
-        mean_rating=float(ratings[train].mean()), mean_like=float((ratings[train] >= like_threshold).mean()),
+        users,
+        items,
+        ratings,
+        ts,
+        genres,
+        like_threshold,
+        mean_rating=float(ratings[train].mean()),
+        mean_like=float((ratings[train] >= like_threshold).mean()),
     )
     values = np.stack([feats[name] for name in HISTORY_FEATURES], axis=1)
     mean, std = values[train].mean(axis=0), values[train].std(axis=0)

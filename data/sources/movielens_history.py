@@ -22,11 +22,21 @@ RECENT_K = (5, 20)  # last-K windows of the user's history
 ITEM_WINDOW_DAYS = 30  # recent item popularity window
 # The features, in the order the source stacks them (keys of history_features' second result).
 HISTORY_FEATURES = (
-    "user_log_count", "user_mean_rating", "user_like_share",
-    "item_log_count", "item_mean_rating", "item_like_share",
+    "user_log_count",
+    "user_mean_rating",
+    "user_like_share",
+    "item_log_count",
+    "item_mean_rating",
+    "item_like_share",
     *(f"user_last{k}_{stat}" for k in RECENT_K for stat in ("mean_rating", "like_share")),
-    "user_genre_like_share", "user_genre_lift", "user_log_gap", "item_log_recent_count",
-    "user_resid_rating", "user_resid_like", "item_resid_rating", "item_resid_like",
+    "user_genre_like_share",
+    "user_genre_lift",
+    "user_log_gap",
+    "item_log_recent_count",
+    "user_resid_rating",
+    "user_resid_like",
+    "item_resid_rating",
+    "item_resid_like",
 )
 _SCALE = np.int64(10**10)  # timestamps are < 1e10 s (the source enforces it): (id, ts) packs into one int64
 
@@ -46,8 +56,14 @@ def _window_sums(values: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarr
 
 
 def history_features(
-    users: np.ndarray, items: np.ndarray, ratings: np.ndarray, ts: np.ndarray, genres: np.ndarray,
-    like_threshold: float, mean_rating: float, mean_like: float,
+    users: np.ndarray,
+    items: np.ndarray,
+    ratings: np.ndarray,
+    ts: np.ndarray,
+    genres: np.ndarray,
+    like_threshold: float,
+    mean_rating: float,
+    mean_like: float,
 ) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
     """History statistics of every event, from events with a **strictly earlier** timestamp.
 

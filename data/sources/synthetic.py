@@ -228,7 +228,7 @@ class SyntheticSource:
                 share = np.bincount(row, weights=match, minlength=n) / np.maximum(lengths, 1)
             affinity += weight * share
 
-        item_bias = (_static_hash(8, items, 1000) / 1000.0 - 0.5)
+        item_bias = _static_hash(8, items, 1000) / 1000.0 - 0.5
         seg_bias = 0.3 * (np.bincount(seg_row, weights=(segments % 4 == 0), minlength=n) > 0)
         dense0 = dense[:, 0] if c.num_dense else 0.0
         logits = c.signal_strength * (affinity - 0.35) + 0.5 * dense0 + item_bias + seg_bias

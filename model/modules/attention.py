@@ -14,8 +14,7 @@ import torch.nn.functional as F
 from kunlun.model.modules.jagged import padding_mask
 
 
-def masked_softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor,
-                             window: Optional[int] = None) -> torch.Tensor:
+def masked_softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor, window: Optional[int] = None) -> torch.Tensor:
     """``q [B, H, Lq, dh]``, ``k/v [B, H, Lk, dh]``, ``key_valid [B, Lk]`` → ``[B, H, Lq, dh]``.
 
     Rows with no visible key get zeros (not NaN).

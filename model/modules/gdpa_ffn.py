@@ -15,7 +15,7 @@ the activation's input at unit variance at init, since ``ln_q`` is normalised).
 
 from __future__ import annotations
 
-from typing import Union, Sequence
+from typing import Sequence, Union
 
 import torch
 from torch import nn
@@ -47,8 +47,9 @@ class KVGenerator(nn.Module):
 class GDPAFFN(nn.Module):
     """``seq [T, d]`` (jagged by ``offsets``) and ``X_sum`` → ``[T, d]``."""
 
-    def __init__(self, dim: int, heads: int, n_sum: int, d_ctx: int, m: int, rank: int,
-                 activation: Union[str, Sequence[str]] = "gelu_tanh", impl: str = "auto"):
+    def __init__(
+        self, dim: int, heads: int, n_sum: int, d_ctx: int, m: int, rank: int, activation: Union[str, Sequence[str]] = "gelu_tanh", impl: str = "auto"
+    ):
         super().__init__()
         if dim % heads:
             raise ValueError(f"GDPA-FFN: width {dim} is not divisible by {heads} heads")
@@ -64,8 +65,15 @@ class GDPAFFN(nn.Module):
         k, v = self.kv(x_sum)
         q = ln_q.view(-1, self.heads, self.head_dim)
         o = gdpa_dense_kv(
-            q, offsets, k.to(q.dtype), v.to(q.dtype), activation=self.activation,
-            qk_scale=self.head_dim**-0.5, out_scale=1.0 / self.m, impl=self.impl, max_q_len=max_len,
+            q,
+            offsets,
+            k.to(q.dtype),
+            v.to(q.dtype),
+            activation=self.activation,
+            qk_scale=self.head_dim**-0.5,
+            out_scale=1.0 / self.m,
+            impl=self.impl,
+            max_q_len=max_len,
         ).reshape(-1, self.dim)
         return self.norm_out(o + ln_q) + seq
 

@@ -71,8 +71,17 @@ class SeedAttention(nn.Module):
             qb = q.transpose(0, 1).unsqueeze(0).expand(b, -1, -1, -1)  # [B, H, n_seeds, dh]
             att = masked_softmax_attention(qb, k, v, padding_mask(offsets, max_len)).transpose(1, 2)
         else:
-            att = gdpa_shared_q(q.to(kv.dtype), kv[:, 0].contiguous(), kv[:, 1].contiguous(), offsets, activation=self.attention,
-                                qk_scale=self.head_dim**-0.5, out_scale=1.0 / self.max_len, impl=self.impl, max_kv_len=max_len)
+            att = gdpa_shared_q(
+                q.to(kv.dtype),
+                kv[:, 0].contiguous(),
+                kv[:, 1].contiguous(),
+                offsets,
+                activation=self.attention,
+                qk_scale=self.head_dim**-0.5,
+                out_scale=1.0 / self.max_len,
+                impl=self.impl,
+                max_kv_len=max_len,
+            )
         return self.out(att.reshape(b, self.n_seeds, self.dim))
 
     def flops_per_example(self, avg_len: float) -> float:
@@ -86,8 +95,7 @@ class SeedAttention(nn.Module):
 class HierarchicalSeedPooling(nn.Module):
     """HSP: ``n_seeds`` seeds → SumKronLinear → ``[B, n_tokens, d]``."""
 
-    def __init__(self, dim: int, heads: int, n_seeds: int, n_tokens: int, rank: int, max_len: int,
-                 attention: str = "softmax", impl: str = "auto"):
+    def __init__(self, dim: int, heads: int, n_seeds: int, n_tokens: int, rank: int, max_len: int, attention: str = "softmax", impl: str = "auto"):
         super().__init__()
         self.seed_attention = SeedAttention(dim, heads, n_seeds, max_len, attention, impl)
         self.compress = SumKronLinear(n_seeds, n_tokens, dim, rank)

@@ -90,8 +90,17 @@ def gdpa(
         from kunlun.model.ops.triton.gdpa import gdpa_triton
 
         return gdpa_triton(
-            q, k, v, q_offsets, kv_offsets, acts, qk_scale, out_scale, window,
-            _max_len(q_offsets, max_q_len), _max_len(kv_offsets, max_kv_len),
+            q,
+            k,
+            v,
+            q_offsets,
+            kv_offsets,
+            acts,
+            qk_scale,
+            out_scale,
+            window,
+            _max_len(q_offsets, max_q_len),
+            _max_len(kv_offsets, max_kv_len),
         )
     if window is not None:
         if not torch.equal(q_offsets, kv_offsets):
@@ -99,18 +108,14 @@ def gdpa(
     return gdpa_reference(q, k, v, q_offsets, kv_offsets, acts, qk_scale, out_scale, window, max_q_len, max_kv_len)
 
 
-def gdpa_dense_kv(
-    q: torch.Tensor, q_offsets: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs
-) -> torch.Tensor:
+def gdpa_dense_kv(q: torch.Tensor, q_offsets: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
     """Personalised FFN: ``k [B, n_kv, H, Dh]``, ``v [B, n_kv, H, Dv]`` per sample, jagged ``q``."""
     b, n_kv = k.shape[0], k.shape[1]
     kv_offsets = torch.arange(b + 1, device=q.device, dtype=q_offsets.dtype) * n_kv
     return gdpa(q, k.reshape(b * n_kv, *k.shape[2:]), v.reshape(b * n_kv, *v.shape[2:]), q_offsets, kv_offsets, max_kv_len=n_kv, **kwargs)
 
 
-def gdpa_shared_q(
-    seeds: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_offsets: torch.Tensor, **kwargs
-) -> torch.Tensor:
+def gdpa_shared_q(seeds: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_offsets: torch.Tensor, **kwargs) -> torch.Tensor:
     """Seed pooling: ``seeds [n_seeds, H, Dh]`` shared by all samples → ``[B, n_seeds, H, Dv]``."""
     b = kv_offsets.numel() - 1
     n = seeds.shape[0]

@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Dict
 
 import torch
-from torch import nn
 
 from kunlun.data.schema import FeatureSchema
 from kunlun.model.towers.base import DenseTower, TowerInputs, jagged_mean, mlp

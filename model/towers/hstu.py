@@ -57,9 +57,18 @@ class HSTULayer(nn.Module):
         u = F.silu(u)
         shape = (t, self.heads, self.head_dim)
         av = gdpa(
-            q.reshape(shape), k.reshape(shape), v.reshape(shape), offsets, offsets,
-            activation="silu", qk_scale=self.head_dim**-0.5, out_scale=1.0 / self.max_len,
-            window=None, impl=self.impl, max_q_len=self.max_len, max_kv_len=self.max_len,
+            q.reshape(shape),
+            k.reshape(shape),
+            v.reshape(shape),
+            offsets,
+            offsets,
+            activation="silu",
+            qk_scale=self.head_dim**-0.5,
+            out_scale=1.0 / self.max_len,
+            window=None,
+            impl=self.impl,
+            max_q_len=self.max_len,
+            max_kv_len=self.max_len,
         ).reshape(t, self.dim)
         return seq + self.out(u * self.norm_attn(av))
 

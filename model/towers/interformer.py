@@ -56,6 +56,7 @@ from kunlun.model.modules.window_attention import WindowSelfAttention
 from kunlun.model.modules.wukong import WukongLayer
 from kunlun.model.towers.base import DenseTower, TowerInputs, mlp
 
+
 class SequenceSummary(nn.Module):
     """Cross arch, sequence side: ``S [T + B, d]`` (CLS first) → ``Gating([S_CLS ‖ PMA(S) ‖ S_recent])``."""
 
@@ -93,13 +94,8 @@ class InterFormerSequence(nn.Module):
         self.cls = nn.Parameter(torch.randn(d) * 0.02)
         self.token = nn.Linear(2 * emb_dim, d)
         self.temporal = TemporalEncoding(d, cfg.temporal_buckets)
-        self.summaries = nn.ModuleList(
-            SequenceSummary(d, heads, cfg.pma_tokens, cfg.recent_tokens, self.max_len, impl) for _ in range(cfg.num_layers + 1)
-        )
-        self.pffn = nn.ModuleList(
-            GDPAFFN(d, heads, n_sum, d, cfg.pffn_kv_len, cfg.kv_rank, cfg.pffn_activation, impl)
-            for _ in range(cfg.num_layers)
-        )
+        self.summaries = nn.ModuleList(SequenceSummary(d, heads, cfg.pma_tokens, cfg.recent_tokens, self.max_len, impl) for _ in range(cfg.num_layers + 1))
+        self.pffn = nn.ModuleList(GDPAFFN(d, heads, n_sum, d, cfg.pffn_kv_len, cfg.kv_rank, cfg.pffn_activation, impl) for _ in range(cfg.num_layers))
         self.mha = nn.ModuleList(WindowSelfAttention(d, heads, None) for _ in range(cfg.num_layers))
         self.n_tokens = self.summaries[0].n_tokens
 
@@ -145,9 +141,7 @@ class InterFormerTower(DenseTower):
         self.context_summaries = nn.ModuleList(ContextSummary(self.n_ns, n_sum, d) for _ in range(cfg.num_layers + 1))
         n_in = n_sum + n_seq_tokens
         n_fmb = self.n_ns - self.n_ns // 2
-        self.interactions = nn.ModuleList(
-            WukongLayer(n_in, d, cfg.fm_rank, n_fmb, self.n_ns - n_fmb, cfg.wukong_mlp) for _ in range(cfg.num_layers)
-        )
+        self.interactions = nn.ModuleList(WukongLayer(n_in, d, cfg.fm_rank, n_fmb, self.n_ns - n_fmb, cfg.wukong_mlp) for _ in range(cfg.num_layers))
         self.norms = nn.ModuleList(nn.LayerNorm(d) for _ in range(cfg.num_layers))
         self.head_sizes: List[int] = [n_in * d, *cfg.head_mlp, num_labels]
         self.head = mlp(self.head_sizes, final_activation=False)

@@ -117,24 +117,18 @@ class KunlunTower(DenseTower):
         self.cfg = cfg
         unknown = sorted(set(cfg.events) - {e.name for e in schema.event_types})
         if unknown:
-            raise ValueError(
-                f"model.kunlun.events: {unknown} are not event types of the data; event types: {[e.name for e in schema.event_types]}"
-            )
+            raise ValueError(f"model.kunlun.events: {unknown} are not event types of the data; event types: {[e.name for e in schema.event_types]}")
         n_ctx = len(schema.context_features)
         self.context_proj = nn.Parameter(torch.randn(n_ctx, embedding_dim, d) / embedding_dim**0.5)
         self.dense_proj = nn.Linear(schema.num_dense, d) if schema.num_dense else None
         self.n_ns = n_ctx + (1 if self.dense_proj is not None else 0)
         self.events = nn.ModuleDict(
-            {
-                e.name: EventTower(e.name, embedding_dim, e.max_len, cfg.events.get(e.name, cfg.default_event), cfg)
-                for e in schema.event_types
-            }
+            {e.name: EventTower(e.name, embedding_dim, e.max_len, cfg.events.get(e.name, cfg.default_event), cfg) for e in schema.event_types}
         )
         n_tokens = cfg.num_summary_tokens + sum(t.num_tokens for t in self.events.values())
         self.summaries = nn.ModuleList(ContextSummary(self.n_ns, cfg.num_summary_tokens, d) for _ in range(cfg.num_layers))
         self.interactions = nn.ModuleList(
-            MixtureOfWukongExperts(n_tokens, self.n_ns, d, cfg.num_experts, cfg.wukong_layers, cfg.fm_rank, cfg.wukong_mlp)
-            for _ in range(cfg.num_layers)
+            MixtureOfWukongExperts(n_tokens, self.n_ns, d, cfg.num_experts, cfg.wukong_layers, cfg.fm_rank, cfg.wukong_mlp) for _ in range(cfg.num_layers)
         )
         self.norms = nn.ModuleList(nn.LayerNorm(d) for _ in range(cfg.num_layers))
         self.head = mlp([self.n_ns * d, *cfg.head_mlp, num_labels], final_activation=False)

@@ -88,7 +88,8 @@ def _load_tile(base, row0, offs, n_valid, stride_t, head_off, offs_d, D: tl.cons
     """Rows ``row0 + offs`` (masked to ``n_valid``) of one head, ``D`` columns (padded to the block)."""
     return tl.load(
         base + (row0 + offs)[:, None] * stride_t + head_off + offs_d[None, :],
-        mask=(offs < n_valid)[:, None] & (offs_d[None, :] < D), other=0.0,
+        mask=(offs < n_valid)[:, None] & (offs_d[None, :] < D),
+        other=0.0,
     )
 
 
@@ -96,7 +97,8 @@ def _load_tile(base, row0, offs, n_valid, stride_t, head_off, offs_d, D: tl.cons
 def _store_tile(base, value, row0, offs, n_valid, stride_t, head_off, offs_d, D: tl.constexpr):
     tl.store(
         base + (row0 + offs)[:, None] * stride_t + head_off + offs_d[None, :],
-        value.to(base.dtype.element_ty), mask=(offs < n_valid)[:, None] & (offs_d[None, :] < D),
+        value.to(base.dtype.element_ty),
+        mask=(offs < n_valid)[:, None] & (offs_d[None, :] < D),
     )
 
 
@@ -125,12 +127,34 @@ def _valid(offs_m, offs_n, lq, lk, window, HAS_WINDOW: tl.constexpr):
 
 @triton.jit
 def _gdpa_fwd_kernel(
-    Q, K, V, O, q_off, kv_off, heads,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-    qk_scale, out_scale, window,
-    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACT: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    PRECISION: tl.constexpr, FAST: tl.constexpr,
+    Q,
+    K,
+    V,
+    Out,
+    q_off,
+    kv_off,
+    heads,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_ot,
+    stride_oh,
+    qk_scale,
+    out_scale,
+    window,
+    D: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    ACT: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    PRECISION: tl.constexpr,
+    FAST: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     b = tl.program_id(1)
@@ -154,17 +178,41 @@ def _gdpa_fwd_kernel(
         p = tl.where(_valid(offs_m, offs_n, lq, lk, window, HAS_WINDOW), _act(s, ACT, FAST) * out_scale, 0.0)
         v = _load_tile(V, kv_start, offs_n, lk, stride_vt, h * stride_vh, offs_dv, DV)
         acc += tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-    _store_tile(O, acc, q_start, offs_m, lq, stride_ot, h * stride_oh, offs_dv, DV)
+    _store_tile(Out, acc, q_start, offs_m, lq, stride_ot, h * stride_oh, offs_dv, DV)
 
 
 @triton.jit
 def _gdpa_bwd_dkv_kernel(
-    Q, K, V, DO, DK, DV_, q_off, kv_off, heads,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-    qk_scale, out_scale, window,
-    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACT: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    PRECISION: tl.constexpr, FAST: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    DK,
+    DV_,
+    q_off,
+    kv_off,
+    heads,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_ot,
+    stride_oh,
+    qk_scale,
+    out_scale,
+    window,
+    D: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    ACT: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    PRECISION: tl.constexpr,
+    FAST: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     b = tl.program_id(1)
@@ -200,12 +248,35 @@ def _gdpa_bwd_dkv_kernel(
 
 @triton.jit
 def _gdpa_bwd_dq_kernel(
-    Q, K, V, DO, DQ, q_off, kv_off, heads,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-    qk_scale, out_scale, window,
-    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACT: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    PRECISION: tl.constexpr, FAST: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    DQ,
+    q_off,
+    kv_off,
+    heads,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_ot,
+    stride_oh,
+    qk_scale,
+    out_scale,
+    window,
+    D: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    ACT: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    PRECISION: tl.constexpr,
+    FAST: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     b = tl.program_id(1)
@@ -265,8 +336,17 @@ def _launch_config(d: int, dv: int, dtype: torch.dtype, tune: Optional[dict], ba
 
 def _common(q, k, v, o_like, qk_scale, out_scale, window):
     return (
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o_like.stride(0), o_like.stride(1),
-        float(qk_scale), float(out_scale), int(window or 0),
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        o_like.stride(0),
+        o_like.stride(1),
+        float(qk_scale),
+        float(out_scale),
+        int(window or 0),
     )
 
 
@@ -282,8 +362,20 @@ def gdpa_forward(q, k, v, q_offsets, kv_offsets, activations, qk_scale, out_scal
     for code, heads in _head_groups(activations, q.device):
         grid = (triton.cdiv(max(max_q_len, 1), cfg["BLOCK_M"]), b, heads.numel())
         _gdpa_fwd_kernel[grid](
-            q, k, v, out, q_offsets, kv_offsets, heads, *_common(q, k, v, out, qk_scale, out_scale, window),
-            D=d, DV=dv, ACT=code, HAS_WINDOW=window is not None, PRECISION=precision, **cfg,
+            q,
+            k,
+            v,
+            out,
+            q_offsets,
+            kv_offsets,
+            heads,
+            *_common(q, k, v, out, qk_scale, out_scale, window),
+            D=d,
+            DV=dv,
+            ACT=code,
+            HAS_WINDOW=window is not None,
+            PRECISION=precision,
+            **cfg,
         )
     return out
 
@@ -304,9 +396,7 @@ def gdpa_backward(do, q, k, v, q_offsets, kv_offsets, activations, qk_scale, out
         _gdpa_bwd_dkv_kernel[(triton.cdiv(max(max_kv_len, 1), cfg["BLOCK_N"]), b, heads.numel())](
             q, k, v, do, dk, dvv, q_offsets, kv_offsets, heads, *common, **meta
         )
-        _gdpa_bwd_dq_kernel[(triton.cdiv(max(max_q_len, 1), cfg["BLOCK_M"]), b, heads.numel())](
-            q, k, v, do, dq, q_offsets, kv_offsets, heads, *common, **meta
-        )
+        _gdpa_bwd_dq_kernel[(triton.cdiv(max(max_q_len, 1), cfg["BLOCK_M"]), b, heads.numel())](q, k, v, do, dq, q_offsets, kv_offsets, heads, *common, **meta)
     return dq, dk, dvv
 
 
@@ -329,9 +419,17 @@ class GDPATritonFunction(torch.autograd.Function):
 
 
 def gdpa_triton(
-    q, k, v, q_offsets, kv_offsets, activations: Sequence[str], qk_scale: float, out_scale: float,
-    window: Optional[int], max_q_len: int, max_kv_len: int, block: Optional[dict] = None,
+    q,
+    k,
+    v,
+    q_offsets,
+    kv_offsets,
+    activations: Sequence[str],
+    qk_scale: float,
+    out_scale: float,
+    window: Optional[int],
+    max_q_len: int,
+    max_kv_len: int,
+    block: Optional[dict] = None,
 ) -> torch.Tensor:
-    return GDPATritonFunction.apply(
-        q, k, v, q_offsets, kv_offsets, tuple(activations), qk_scale, out_scale, window, max_q_len, max_kv_len, block
-    )
+    return GDPATritonFunction.apply(q, k, v, q_offsets, kv_offsets, tuple(activations), qk_scale, out_scale, window, max_q_len, max_kv_len, block)
