@@ -14,7 +14,7 @@
 at a time) whose ``final_metrics.json`` is the record; a run whose record exists is not
 repeated, so an interrupted sweep resumes where it stopped.
 
-Budget rule (docs/kunlun-architecture.md §6): data and steps fixed. Every run makes one
+Budget rule: data and steps fixed. Every run makes one
 pass over the same 120k synthetic training examples in the same order (``configs/
 scaling.yaml``: rich planted signal, batch 256, AdamW); towers and sizes differ only in
 width, so training compute C = 3 × forward FLOPs/example × examples seen. Width ``w``
@@ -109,8 +109,8 @@ def tower_overrides(tower: str, w: int, low_value_event: str = "purchase") -> Li
 
 
 # Ablations of Kunlun at ABLATION_WIDTH: variant → (overrides on top of the sized config,
-# the feature the variant removes, the paper's reported effect of that feature,
-# docs/kunlun-architecture.md §8).
+# the feature the variant removes, the paper's reported effect of that feature (the
+# Kunlun paper's ablation table, arXiv 2602.10016)).
 ABLATIONS: Dict[str, Tuple[Optional[List[str]], str, str]] = {
     "kunlun (all on)": ([], "", ""),
     "CompSkip off": (["model.kunlun.compskip=false"], "CompSkip", "−43.1% FLOPs, +35% QPS, NE-neutral"),

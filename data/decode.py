@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from kunlun.data.block import EventColumns, ExampleBlock, Jagged, ranges
-from kunlun.data.errors import RowIssues
+from kunlun.data.errors import RowIssues, scalar_text
 from kunlun.data.file_schema import ColumnSpec, FilePlan
 
 
@@ -87,7 +87,7 @@ class Decoder:
             row_mask = np.zeros(n, dtype=bool)
             row_mask[bad if rows_of is None else rows_of[bad]] = True
             expected = f"an id in [0, {mapper.num_embeddings}) (table {spec.table!r}, id_mapping=identity; or data.id_policy=modulo)"  # type: ignore[attr-defined]
-            issues.flag(row_mask, spec.name, lambda i: _py(raw[i]), expected)
+            issues.flag(row_mask, spec.name, lambda i: scalar_text(raw[i]), expected)
         if mapper.kind == "identity":  # type: ignore[attr-defined]
             self._count_zero_ids(spec, values, rows, bad)
         return rows
@@ -109,7 +109,7 @@ class Decoder:
             arr = _col(table, spec.name)
             request_time, valid = _seconds(arr, spec)
             what = f"a time like {spec.time_format!r}" if spec.time_format else "a request time in seconds"
-            issues.flag(~valid, spec.name, lambda i, arr=arr: _py(arr[i]), what)
+            issues.flag(~valid, spec.name, lambda i, arr=arr: scalar_text(arr[i]), what)
         else:
             request_time = np.zeros(n, dtype=np.int64)
 
@@ -118,12 +118,12 @@ class Decoder:
         for j, spec in enumerate(plan.labels):
             arr = _col(table, spec.name)
             x = _floats(arr)
-            issues.flag(np.isnan(x), spec.name, lambda i, arr=arr: _py(arr[i]), "a label (not null)")
+            issues.flag(np.isnan(x), spec.name, lambda i, arr=arr: scalar_text(arr[i]), "a label (not null)")
             if spec.threshold is not None:
                 y = (x >= spec.threshold).astype(np.float32)
             else:
                 bad = ~np.isnan(x) & ~((x >= 0) & (x <= 1))
-                issues.flag(bad, spec.name, lambda i, arr=arr: _py(arr[i]), "a label in [0, 1] (or set a threshold)")
+                issues.flag(bad, spec.name, lambda i, arr=arr: scalar_text(arr[i]), "a label in [0, 1] (or set a threshold)")
                 y = np.where((x >= 0) & (x <= 1), x, 0).astype(np.float32)
             labels[:, j] = y
 
@@ -134,7 +134,7 @@ class Decoder:
             arr = _col(table, spec.name)
             w = _floats(arr)
             bad = ~np.isfinite(w) | (w < 0)
-            issues.flag(bad, spec.name, lambda i, arr=arr: _py(arr[i]), "a finite example weight >= 0")
+            issues.flag(bad, spec.name, lambda i, arr=arr: scalar_text(arr[i]), "a finite example weight >= 0")
             weights = np.where(bad, 0.0, w).astype(np.float32)
 
         # ------------------------------------------------------------------- dense
@@ -142,7 +142,7 @@ class Decoder:
         for j, spec in enumerate(plan.dense):
             arr = _col(table, spec.name)
             x = _floats(arr)
-            issues.flag(np.isinf(x), spec.name, lambda i, arr=arr: _py(arr[i]), "a finite number (nulls and NaN take the column's fill value)")
+            issues.flag(np.isinf(x), spec.name, lambda i, arr=arr: scalar_text(arr[i]), "a finite number (nulls and NaN take the column's fill value)")
             x = np.where(np.isfinite(x), x, spec.fill)
             if spec.transform == "log1p":
                 x = np.log1p(np.maximum(x, 0.0))
@@ -188,7 +188,7 @@ class Decoder:
                     t_rows = np.repeat(np.arange(n), t_len)
                     bad = np.zeros(n, dtype=bool)
                     bad[t_rows[~t_valid]] = True
-                    issues.flag(bad, ev.timestamp.name, lambda i, t_arr=t_arr: _py(t_arr[i]), "event timestamps in seconds (no nulls)")
+                    issues.flag(bad, ev.timestamp.name, lambda i, t_arr=t_arr: scalar_text(t_arr[i]), "event timestamps in seconds (no nulls)")
                 timestamps = _align(t_vals, t_len, lengths, ok) if mismatch.any() else t_vals
             else:
                 timestamps = np.repeat(request_time, lengths)
@@ -222,7 +222,7 @@ def _attribute_list(table: pa.Table, column, item_column, lengths: np.ndarray, i
     have, flat = _list_parts(arr)
     mismatch = have != lengths
     issues.flag(
-        mismatch, column.name, lambda i, arr=arr: _py(arr[i]), f"a list as long as {item_column.name!r} ({int(lengths[issues_first(mismatch)])} events)"
+        mismatch, column.name, lambda i, arr=arr: scalar_text(arr[i]), f"a list as long as {item_column.name!r} ({int(lengths[issues_first(mismatch)])} events)"
     )
     return arr, have, flat, mismatch
 
@@ -235,10 +235,3 @@ def _align(values: np.ndarray, have: np.ndarray, want: np.ndarray, ok: np.ndarra
     rows = np.flatnonzero(ok)
     out[ranges(dst_starts[rows], want[rows])] = values[ranges(src_starts[rows], have[rows])]
     return out
-
-
-def _py(value):
-    try:
-        return value.as_py()
-    except Exception:  # noqa: BLE001 - only for messages
-        return str(value)

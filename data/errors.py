@@ -83,3 +83,11 @@ class RowIssues:
         """A whole-row problem (wrong number of fields, ...)."""
         self._report(f"{self.where(row)}: {what}")
         self.bad[row] = True
+
+
+def scalar_text(value):
+    """An Arrow scalar (or anything) as a Python value for an error message."""
+    try:
+        return value.as_py()
+    except Exception:  # noqa: BLE001 - only for messages
+        return str(value)

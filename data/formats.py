@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from kunlun.data.errors import DataError, RowIssues
+from kunlun.data.errors import DataError, RowIssues, scalar_text
 from kunlun.data.file_schema import ColumnSpec, FilePlan
 
 log = logging.getLogger(__name__)
@@ -71,13 +71,6 @@ def describe_expected(spec: ColumnSpec) -> str:
     if spec.is_list:
         return f"a list of {spec.element_dtype} ({spec.dtype})"
     return {"int64": "an integer (int64)", "float32": "a number (float32)", "string": "a string"}[spec.dtype]
-
-
-def _py(value):
-    try:
-        return value.as_py()
-    except Exception:  # noqa: BLE001 - only for messages
-        return str(value)
 
 
 # ---------------------------------------------------------------------- Parquet
@@ -141,7 +134,7 @@ class ParquetReader:
             col = pf.read_row_group(rg, columns=[name]).column(0)
             valid = np.flatnonzero(col.is_valid().to_numpy(zero_copy_only=False)) if len(col) else []
             if len(valid):
-                return row0 + int(valid[0]), _py(col[int(valid[0])])
+                return row0 + int(valid[0]), scalar_text(col[int(valid[0])])
             row0 += len(col)
         return 0, None
 

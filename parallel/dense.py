@@ -4,7 +4,7 @@
 ``data_parallel_wrapper``: after the embedding tables are sharded, it applies FSDP2
 ``fully_shard`` to every child of the wrapped model that holds no sharded embedding
 module (the dense tower), over a 1D mesh of all ranks. The root, which holds the sharded
-tables, is never wrapped (notes §8).
+tables, is never wrapped (FSDP would try to flatten the sharded tables).
 """
 
 from __future__ import annotations

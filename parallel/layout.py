@@ -38,9 +38,6 @@ class ParallelLayout:
         step = self.num_replica_groups
         return [[b * step + j for j in range(step)] for b in range(self.sharding_group_size)]
 
-    def sharding_group_of(self, rank: int) -> List[int]:
-        return next(g for g in self.sharding_groups() if rank in g)
-
     def replica_group_of(self, rank: int) -> List[int]:
         return next(g for g in self.replica_groups() if rank in g)
 

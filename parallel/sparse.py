@@ -158,7 +158,8 @@ def table_names(model: torch.nn.Module) -> List[str]:
 
 def broadcast_replicas(dmp: DMPCollection) -> None:
     """Make every replica group start from the same tables: TorchRec initialises each
-    replica independently (notes §4); copy replica-group rank 0's weights to the others."""
+    replica independently (each replica group draws its own init), so replicas would start
+    apart; copy replica-group rank 0's weights to the others."""
     with torch.no_grad():
         for ctx in dmp._ctxs:
             for tensors in ctx.weights_by_dtype.values():

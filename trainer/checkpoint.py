@@ -18,7 +18,8 @@ which is never loaded and is removed at the next start. Retention deletes older
 checkpoints only after the new one is committed.
 
 Non-tensor state (step, data position) lives in ``meta.json``, not in DCP: DCP treats
-non-tensor leaves as rank-local and fails to load them at another world size (notes §7),
+non-tensor leaves as rank-local and fails to load them at another world size ("Missing
+key in checkpoint state_dict"),
 and JSON is not executable. DCP reshards tables and optimizer state on load, so a
 checkpoint saved at 2 ranks loads at 1 or 4.
 """

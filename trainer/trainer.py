@@ -278,7 +278,8 @@ class Trainer:
             log.info("starting from scratch (checkpoint.resume=%s)", self.cfg.checkpoint.resume)
             return
         # Optimizer state is lazy (Adam creates it at the first step); materialise it so
-        # DCP has tensors to load into (notes §7, trap 2). The dummy step's effects are
+        # DCP has tensors to load into (otherwise DCP finds no optimizer keys and silently
+        # loads nothing into them). The dummy step's effects are
         # overwritten by the load.
         self.optimizer.init_state(set(self.model.sparse_grad_parameter_names()))
         state = self._state()
@@ -654,7 +655,3 @@ class Trainer:
         if dist.is_initialized() and synchronize:
             dist.barrier()
             dist.destroy_process_group()
-
-
-def summary_json(metrics: Dict[str, float]) -> str:
-    return json.dumps(metrics, indent=2, sort_keys=True)

@@ -39,5 +39,5 @@ def build_source(data_cfg, seed: int) -> ExampleSource:
     if data_cfg.source in ("parquet", "csv"):
         from kunlun.data.sources.files import FileSource
 
-        return FileSource(data_cfg, seed=seed)
+        return FileSource(data_cfg)  # shuffling is the loader's (seeded permutation)
     raise ValueError(f"data.source = {data_cfg.source!r}: expected 'synthetic', 'movielens', 'parquet' or 'csv'")

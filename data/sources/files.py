@@ -122,13 +122,12 @@ class FileSource:
 
     Args:
         data_cfg: the ``data`` section (``DataConfig``); ``data.files`` holds paths, split and schema.
-        seed: unused (shuffling is the loader's); kept for the ``build_source`` signature.
         validate: decode every row once now (default: ``data.files.validate``).
         splits: restrict to these splits (the CLI reads one split at a time).
         load_vocabularies: False while ``kunlun data vocab`` builds them (vocab ids map to OOV).
     """
 
-    def __init__(self, data_cfg, seed: int = 0, validate: Optional[bool] = None, splits: Optional[Tuple[str, ...]] = None, load_vocabularies: bool = True):
+    def __init__(self, data_cfg, validate: Optional[bool] = None, splits: Optional[Tuple[str, ...]] = None, load_vocabularies: bool = True):
         self.cfg = data_cfg
         self.files_cfg = files = data_cfg.files
         self.source = data_cfg.source
@@ -343,9 +342,6 @@ class FileSource:
         issues = RowIssues(self.tracker, self.reader.where(path, ch.row0), ch.num_rows)
         return self.reader.read(path, ch.part, ch.row0, ch.num_rows, issues), issues
 
-    def chunk_block(self, c: int) -> ExampleBlock:
-        return self._chunk(c)
-
     def validate_all(self) -> None:
         """Decode every chunk of every split once (errors surface now; fills the cache)."""
         t0 = time.time()
@@ -381,8 +377,3 @@ class FileSource:
         lines.append("  examples: " + ", ".join(f"{s} {seg.num_examples:,}" for s, seg in self._segments.items()))
         lines.append("  id mapping: " + ", ".join(f"{name}={t.id_mapping}" for name, t in self.plan.tables.items()))
         return "\n".join(lines)
-
-
-def file_paths(files_cfg) -> Dict[str, List[str]]:
-    """split (or ``all``) → files, expanded."""
-    return {s: [f for p in pats for f in expand(p)] for s, pats in split_paths(files_cfg).items()}
