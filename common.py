@@ -23,3 +23,40 @@ class ConfigError(ValueError):
 def default_cache_dir() -> Path:
     """``$KUNLUN_CACHE``, else ``~/.cache/kunlun``: downloads and indexes, never the repository."""
     return Path(os.environ.get("KUNLUN_CACHE", Path.home() / ".cache" / "kunlun")).expanduser()
+
+
+class FieldError(ConfigError):
+    """A config field with an impossible value, raised by the dataclass's ``__post_init__``
+    (validation lives beside the fields). The dataclass does not know where it sits in the
+    job config, so it names itself (``owner``) and the field relative to itself;
+    ``kunlun.trainer.config.load_config`` turns that into the full key and the file:line or
+    command line it came from."""
+
+    def __init__(self, owner: type, field: str, value, expected: str):
+        self.owner, self.field, self.value, self.expected = owner, field, value, expected
+        super().__init__(f"config key {owner.__name__}.{field} = {value!r} is invalid: expected {expected}", key=field)
+
+    def with_prefix(self, prefix: str) -> ConfigError:
+        """The same error with the full key ``<prefix>.<field>`` (the job config's message)."""
+        key = f"{prefix}.{self.field}" if prefix else self.field
+        return ConfigError(f"config key {key!r} = {self.value!r} is invalid: expected {self.expected}", key=key)
+
+
+def check(owner, ok: bool, field: str, expected: str) -> None:
+    """Raise :class:`FieldError` for ``owner.<field>`` unless ``ok`` (``field`` may be dotted,
+    e.g. ``events.dislike.heads``, for values the owner checks on behalf of a child)."""
+    if not ok:
+        value = owner
+        for part in field.split("."):
+            value = value[part] if isinstance(value, dict) else getattr(value, part)
+        raise FieldError(type(owner), field, list(value) if isinstance(value, (list, tuple)) else value, expected)
+
+
+def check_positive(owner, *fields: str) -> None:
+    """Every named integer field is > 0."""
+    for name in fields:
+        check(owner, getattr(owner, name) > 0, name, "an integer > 0")
+
+
+def check_choice(owner, field: str, allowed) -> None:
+    check(owner, getattr(owner, field) in allowed, field, f"one of {list(allowed)}")

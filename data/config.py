@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
+from kunlun.common import check, check_choice, check_positive
+
 
 @dataclass
 class SyntheticConfig:
@@ -28,6 +30,12 @@ class SyntheticConfig:
     # user x category preference, dense cross term (harder; the scaling-law preset).
     signal: str = "basic"
 
+    def __post_init__(self) -> None:
+        check_positive(self, "num_users", "num_items", "num_categories", "num_actions", "max_seq_len", "train_examples", "eval_examples", "test_examples")
+        check(self, self.num_dense >= 0, "num_dense", "a value >= 0")
+        check(self, self.signal_strength >= 0, "signal_strength", "a value >= 0")
+        check_choice(self, "signal", ("basic", "rich"))
+
 
 @dataclass
 class MovieLensConfig:
@@ -39,6 +47,10 @@ class MovieLensConfig:
     cache_dir: Optional[str] = None  # default: $KUNLUN_CACHE or ~/.cache/kunlun
     max_history_len: int = 50  # most recent events kept per event type
     like_threshold: float = 4.0  # rating >= threshold: label 1 and event type "like"
+
+    def __post_init__(self) -> None:
+        check_positive(self, "max_history_len")
+        check(self, 1.0 <= self.like_threshold <= 5.0, "like_threshold", "a rating in [1, 5]")
 
 
 @dataclass
@@ -135,3 +147,10 @@ class DataConfig:
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     movielens: MovieLensConfig = field(default_factory=MovieLensConfig)
     files: FilesConfig = field(default_factory=FilesConfig)  # source: parquet | csv
+
+    def __post_init__(self) -> None:
+        check_choice(self, "source", ("synthetic", "movielens", "parquet", "csv"))
+        check_positive(self, "batch_size", "eval_batch_size")
+        check(self, self.num_workers >= 0, "num_workers", "a value >= 0")
+        check_choice(self, "bad_row_policy", ("error", "skip"))
+        check_choice(self, "id_policy", ("error", "modulo"))

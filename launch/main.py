@@ -11,14 +11,13 @@ checkpoint (the message says which file/key/value); 3 non-finite loss or gradien
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import warnings
 from typing import List, Optional
 
 from kunlun.data.errors import DataError
 from kunlun.trainer.checkpoint import CheckpointError
-from kunlun.trainer.config import ConfigError, load_config, validate
+from kunlun.trainer.config import ConfigError, load_config
 
 
 def parse_args(argv: Optional[List[str]] = None):
@@ -31,9 +30,7 @@ def parse_args(argv: Optional[List[str]] = None):
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
-        # World-size checks before any process group or data exists (torchrun sets WORLD_SIZE).
-        validate(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+        cfg = load_config(args.config, args.overrides)  # world-size checks: the trainer, once it has the group
         # Deprecation chatter from TorchRec/torch internals, not actionable by users.
         warnings.filterwarnings("ignore", category=FutureWarning)
         # heavy imports only after the config is valid

@@ -2,6 +2,8 @@
 
 Plain dataclasses (no omegaconf import) so model code and benchmarks can build towers on
 machines with only torch; ``kunlun.trainer.config`` composes them into the job config.
+Each class checks its own fields in ``__post_init__`` (``kunlun.common.FieldError``); the
+fields several towers share live in small base classes.
 """
 
 from __future__ import annotations
@@ -9,16 +11,31 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, List
 
+from kunlun.common import check, check_choice, check_positive
+
+TOWER_NAMES = ("dcnv2", "dlrm", "hstu", "interformer", "kunlun", "wukong")  # = kunlun.model.towers.TOWERS
+GDPA_IMPLS = ("auto", "reference", "triton")
+ACTIVATIONS = ("identity", "relu", "silu", "gelu", "gelu_tanh")
+
+
+def _check_widths(owner, *fields: str) -> None:
+    for name in fields:
+        check(owner, all(w > 0 for w in getattr(owner, name)), name, "a list of layer widths > 0")
+
 
 @dataclass
 class DLRMConfig:
     bottom_mlp: List[int] = field(default_factory=lambda: [64])
     top_mlp: List[int] = field(default_factory=lambda: [128, 64])
 
+    def __post_init__(self) -> None:
+        _check_widths(self, "bottom_mlp", "top_mlp")
+
 
 @dataclass
 class EventTowerConfig:
-    """Per-event-type capacity (event-level personalisation, docs/architecture.md §4.4)."""
+    """Per-event-type capacity (event-level personalisation, docs/architecture.md §4.4).
+    Checked by :class:`KunlunConfig`, which knows the number of layers."""
 
     dim: int = 64  # sequence width d_e
     heads: int = 2
@@ -28,27 +45,78 @@ class EventTowerConfig:
     num_seeds: int = 16  # over-complete HSP seeds (> num_tokens)
 
 
+# ----------------------------------------------------------- fields towers share
 @dataclass
-class KunlunConfig:
-    dim: int = 64  # context token width d
+class _TowerBase:
+    """Width, depth and prediction head of a token tower."""
+
+    dim: int = 64  # token width d
     num_layers: int = 2
-    num_summary_tokens: int = 4  # n_sum of X_sum = Gating(LCE(X))
+    head_mlp: List[int] = field(default_factory=lambda: [128, 64])
+
+    def __post_init__(self) -> None:
+        check_positive(self, "dim", "num_layers")
+        _check_widths(self, "head_mlp")
+
+
+@dataclass
+class _SequenceTowerBase(_TowerBase):
+    """A tower that summarises event sequences with time encodings and GDPA kernels."""
+
+    num_summary_tokens: int = 4  # n_sum summary tokens
+    temporal_buckets: int = 64  # log-spaced time-gap buckets
+    gdpa_impl: str = "auto"  # auto | reference | triton
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive(self, "num_summary_tokens", "temporal_buckets")
+        check_choice(self, "gdpa_impl", GDPA_IMPLS)
+
+
+@dataclass
+class _PersonalisedFFNFields:
+    """The GDPA personalised FFN and Wukong interaction blocks of Kunlun and InterFormer."""
+
     pffn_kv_len: int = 32  # m: keys per sample of the GDPA personalised FFN
     pffn_activation: str = "gelu_tanh"
     kv_rank: int = 64  # bottleneck of the K/V generator
+    fm_rank: int = 8
+    wukong_mlp: int = 128
+
+    def _check_pffn(self) -> None:
+        check_positive(self, "pffn_kv_len", "kv_rank", "fm_rank", "wukong_mlp")
+        check_choice(self, "pffn_activation", ACTIVATIONS)
+
+
+def _check_heads(owner) -> None:
+    check(owner, owner.heads > 0, "heads", "an integer > 0")
+    check(owner, owner.dim % owner.heads == 0, "heads", f"a divisor of dim={owner.dim}")
+
+
+# ---------------------------------------------------------------------- towers
+@dataclass
+class KunlunConfig(_PersonalisedFFNFields, _SequenceTowerBase):
     hsp_rank: int = 4  # k of SumKronLinear
     summary: str = "hsp"  # hsp | pma (ablation)
     seed_attention: str = "softmax"  # softmax | a GDPA activation (silu, gelu, ...)
     compskip: bool = True  # odd layers global (PFFN + fresh HSP), even layers local (SWA)
     num_experts: int = 2  # Mixture of Wukong Experts
     wukong_layers: int = 1  # per expert per Kunlun layer
-    fm_rank: int = 8
-    wukong_mlp: int = 128
-    head_mlp: List[int] = field(default_factory=lambda: [128, 64])
-    temporal_buckets: int = 64
-    gdpa_impl: str = "auto"  # auto | reference | triton
     default_event: EventTowerConfig = field(default_factory=EventTowerConfig)
     events: Dict[str, EventTowerConfig] = field(default_factory=dict)  # per event type overrides
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._check_pffn()
+        check_positive(self, "hsp_rank", "num_experts", "wukong_layers")
+        check_choice(self, "summary", ("hsp", "pma"))
+        check_choice(self, "seed_attention", ("softmax", *ACTIVATIONS))
+        for name, event in [("default_event", self.default_event)] + [(f"events.{n}", e) for n, e in self.events.items()]:
+            for attr in ("dim", "heads", "layers", "num_tokens", "num_seeds"):
+                check(self, getattr(event, attr) > 0, f"{name}.{attr}", "an integer > 0")
+            check(self, event.dim % event.heads == 0, f"{name}.heads", f"a divisor of the event width dim={event.dim}")
+            check(self, event.layers <= self.num_layers, f"{name}.layers", f"at most num_layers={self.num_layers}")
+            check(self, event.window >= -1, f"{name}.window", "a half width >= 0, or -1 for full attention")
 
 
 @dataclass
@@ -59,49 +127,48 @@ class DCNv2Config:
     low_rank: int = 0  # 0: full-rank W; r > 0: W = U Vᵀ of rank r
     deep_mlp: List[int] = field(default_factory=lambda: [128, 64])
 
+    def __post_init__(self) -> None:
+        check_positive(self, "num_cross_layers")
+        check(self, self.low_rank >= 0, "low_rank", "an integer >= 0")
+        _check_widths(self, "deep_mlp")
+
 
 @dataclass
-class WukongTowerConfig:
+class WukongTowerConfig(_TowerBase):
     """Wukong (Zhang et al., 2024) as a whole tower: stacked FM + LCB layers on feature tokens."""
 
-    dim: int = 64
-    num_layers: int = 2
     fm_rank: int = 8
     mlp_hidden: int = 128
-    head_mlp: List[int] = field(default_factory=lambda: [128, 64])
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive(self, "fm_rank", "mlp_hidden")
 
 
 @dataclass
-class HSTUConfig:
+class HSTUConfig(_SequenceTowerBase):
     """HSTU-style sequence tower (Zhai et al., 2024): SiLU pointwise attention through ``gdpa``."""
 
-    dim: int = 64
     heads: int = 2
-    num_layers: int = 2
-    num_summary_tokens: int = 4
-    head_mlp: List[int] = field(default_factory=lambda: [128, 64])
-    temporal_buckets: int = 64
-    gdpa_impl: str = "auto"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_heads(self)
 
 
 @dataclass
-class InterFormerConfig:
+class InterFormerConfig(_PersonalisedFFNFields, _SequenceTowerBase):
     """InterFormer (Zeng et al., 2024): interleaved context/sequence arches with PFFN, PMA, gating."""
 
-    dim: int = 64
     heads: int = 2
-    num_layers: int = 2
-    num_summary_tokens: int = 4  # X_sum tokens
     pma_tokens: int = 2
     recent_tokens: int = 2
-    head_mlp: List[int] = field(default_factory=lambda: [128, 64])
-    pffn_kv_len: int = 32  # the PFFN/interaction blocks match Kunlun's defaults
-    kv_rank: int = 64
-    pffn_activation: str = "gelu_tanh"
-    fm_rank: int = 8
-    wukong_mlp: int = 128
-    temporal_buckets: int = 64
-    gdpa_impl: str = "auto"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._check_pffn()
+        _check_heads(self)
+        check_positive(self, "pma_tokens", "recent_tokens")
 
 
 @dataclass
@@ -114,3 +181,7 @@ class ModelConfig:
     wukong: WukongTowerConfig = field(default_factory=WukongTowerConfig)
     hstu: HSTUConfig = field(default_factory=HSTUConfig)
     interformer: InterFormerConfig = field(default_factory=InterFormerConfig)
+
+    def __post_init__(self) -> None:
+        check_choice(self, "tower", TOWER_NAMES)
+        check_positive(self, "embedding_dim")

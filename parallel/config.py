@@ -6,6 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List
 
+from kunlun.common import check, check_choice
+
+SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "table_column_wise", "table_row_wise", "data_parallel")
+# TorchRec 1.8 DMPCollection supports these for 2D
+SHARDING_TYPES_2D = ("table_wise", "row_wise", "column_wise")
+
 
 @dataclass
 class SparseParallelConfig:
@@ -18,10 +24,24 @@ class SparseParallelConfig:
     # Sharding types the planner may choose from; empty = the fused types (no data_parallel).
     sharding_types: List[str] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        check_choice(self, "strategy", ("1d", "2d"))
+        check(self, self.sharding_group_size >= 0, "sharding_group_size", "an integer >= 0 (0 = the world size)")
+        check(self, self.sync_every_n_steps >= 0, "sync_every_n_steps", "an integer >= 0 (0 = never)")
+        check(self, all(t in SHARDING_TYPES for t in self.sharding_types), "sharding_types", f"a list drawn from {list(SHARDING_TYPES)}")
+        if self.strategy == "2d":
+            check(
+                self, set(self.sharding_types) <= set(SHARDING_TYPES_2D), "sharding_types",
+                f"with strategy=2d only {', '.join(SHARDING_TYPES_2D)} (TorchRec 1.8 DMPCollection)",
+            )
+
 
 @dataclass
 class DenseParallelConfig:
     strategy: str = "ddp"  # ddp: replicate the dense tower | fsdp: FSDP2 fully_shard it
+
+    def __post_init__(self) -> None:
+        check_choice(self, "strategy", ("ddp", "fsdp"))
 
 
 @dataclass
@@ -29,3 +49,6 @@ class ParallelConfig:
     backend: str = "auto"  # auto (nccl on cuda, gloo on cpu) | gloo | nccl
     sparse: SparseParallelConfig = field(default_factory=SparseParallelConfig)
     dense: DenseParallelConfig = field(default_factory=DenseParallelConfig)
+
+    def __post_init__(self) -> None:
+        check_choice(self, "backend", ("auto", "gloo", "nccl"))

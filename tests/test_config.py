@@ -276,7 +276,38 @@ def test_checkpoint_resume_must_exist(tmp_path: Path):
 
 def test_validate_on_modified_object():
     cfg = load_config("tiny")
-    bad = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, max_steps=-3))
-    with pytest.raises(ConfigError, match=r"'trainer\.max_steps' = -3"):
-        validate(bad, world_size=1)
+    # Field checks run as a config object is built: an impossible one cannot exist.
+    with pytest.raises(ConfigError, match=r"TrainerConfig\.max_steps = -3 is invalid: expected an integer > 0"):
+        dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, max_steps=-3))
     validate(cfg, world_size=1)  # the original is untouched and valid
+
+
+def test_tower_names_of_the_config_are_the_registered_towers():
+    from kunlun.model.config import TOWER_NAMES
+    from kunlun.model.towers import TOWERS
+
+    assert sorted(TOWER_NAMES) == sorted(TOWERS)
+
+
+@pytest.mark.parametrize(
+    "override, key, expected",
+    [
+        ("model.hstu.heads=3", "model.hstu.heads", "a divisor of dim=64"),
+        ("model.kunlun.events={dislike: {dim: 16, heads: 3}}", "model.kunlun.events.dislike.heads", "a divisor of the event width dim=16"),
+        ("model.interformer.pffn_activation=tanh", "model.interformer.pffn_activation", "one of"),
+        ("model.dcnv2.low_rank=-1", "model.dcnv2.low_rank", "an integer >= 0"),
+        ("trainer.early_stopping.mode=best", "trainer.early_stopping.mode", "one of ['auto', 'min', 'max']"),
+    ],
+)
+def test_field_checks_beside_the_fields_name_the_full_key(override, key, expected):
+    """Checks in each dataclass's __post_init__ still name the full key and the command line."""
+    msg = _err(None, [override])
+    assert msg.startswith("command line: ") or "command line" in msg, msg
+    assert f"'{key}'" in msg and expected in msg, msg
+
+
+def test_field_check_in_a_preset_names_its_line(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("model:\n  tower: hstu\n  hstu:\n    dim: 30\n    heads: 4\n")
+    msg = _err(str(preset), [])
+    assert f"{preset}:5:" in msg and "'model.hstu.heads' = 4" in msg and "a divisor of dim=30" in msg, msg

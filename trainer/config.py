@@ -16,7 +16,7 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -25,7 +25,7 @@ from omegaconf.errors import OmegaConfBaseException
 # Each package owns its config; the job config composes them (and re-exports them, so
 # ``from kunlun.trainer.config import DataConfig`` keeps working). Model configs live beside
 # the model, importable without omegaconf (e.g. on GPU boxes).
-from kunlun.common import ConfigError, default_cache_dir  # noqa: F401
+from kunlun.common import ConfigError, FieldError, check, check_choice, check_positive, default_cache_dir  # noqa: F401
 from kunlun.data.config import (  # noqa: F401
     ColumnConfig,
     CsvConfig,
@@ -63,6 +63,14 @@ class OptimizerConfig:
     warmup_steps: int = 0  # linear warmup of both learning rates
     schedule: str = "constant"  # constant | linear | cosine (decay to 0 at trainer.max_steps)
 
+    def __post_init__(self) -> None:
+        for name in ("sparse_lr", "dense_lr"):
+            check(self, getattr(self, name) > 0, name, "a learning rate > 0")
+        for name in ("sparse_eps", "weight_decay", "warmup_steps"):
+            check(self, getattr(self, name) >= 0, name, "a value >= 0")
+        check_choice(self, "dense", ("adam", "adamw", "adagrad", "sgd"))
+        check_choice(self, "schedule", ("constant", "linear", "cosine"))
+
 
 # ------------------------------------------------------------------------ trainer
 @dataclass
@@ -73,6 +81,23 @@ class EarlyStoppingConfig:
     mode: str = "auto"  # auto (lower is better for ne/logloss, higher for auc) | min | max
     patience: int = 0  # stop after this many evaluations in a row without improvement; 0 = never stop early
     min_delta: float = 0.0  # smallest change of the metric that counts as an improvement
+
+    def __post_init__(self) -> None:
+        # A validation metric the evaluator reports, never a test metric: the test split
+        # must not choose the model it then scores. A label name (third part) is checked by
+        # the trainer, once the data schema is known.
+        from kunlun.trainer.early_stopping import METRIC_MODES
+
+        parts = self.metric.split("/")
+        check(
+            self,
+            len(parts) in (2, 3) and parts[0] == "eval" and parts[1] in METRIC_MODES and all(parts),
+            "metric",
+            f"eval/<metric> or eval/<metric>/<label> with <metric> one of {sorted(METRIC_MODES)} (validation split only)",
+        )
+        check_choice(self, "mode", ("auto", "min", "max"))
+        for name in ("patience", "min_delta"):
+            check(self, getattr(self, name) >= 0, name, "a value >= 0")
 
 
 @dataclass
@@ -87,6 +112,17 @@ class TrainerConfig:
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     # Epochs are implicit: training loops over the train split until max_steps.
 
+    def __post_init__(self) -> None:
+        check_positive(self, "max_steps", "max_consecutive_skips")
+        for name in ("eval_every_n_steps", "eval_max_batches"):
+            check(self, getattr(self, name) >= 0, name, "a value >= 0")
+        check_choice(self, "device", ("auto", "cpu", "cuda"))
+        check_choice(self, "nonfinite_policy", ("stop", "skip"))
+        if self.early_stopping.patience:
+            check(
+                self, self.eval_every_n_steps > 0, "early_stopping.patience", "0 when trainer.eval_every_n_steps=0 (early stopping needs periodic evaluations)"
+            )
+
 
 @dataclass
 class CheckpointConfig:
@@ -98,6 +134,12 @@ class CheckpointConfig:
     resume: str = "auto"  # auto | never | <path of a checkpoint directory>
     verify: bool = True  # check the manifest's sizes and sha256 before loading
 
+    def __post_init__(self) -> None:
+        check(self, self.every_n_steps >= 0, "every_n_steps", "a value >= 0")
+        check_positive(self, "keep")
+        if self.resume not in ("auto", "never"):
+            check(self, Path(self.resume).expanduser().is_dir(), "resume", "'auto', 'never' or an existing checkpoint directory")
+
 
 @dataclass
 class ProfileConfig:
@@ -105,6 +147,10 @@ class ProfileConfig:
 
     start_step: int = 10  # 0-based step index of the first profiled step (skip warm-up)
     num_steps: int = 0  # 0: off; else trace + time split under <run_dir>/profile/
+
+    def __post_init__(self) -> None:
+        for name in ("start_step", "num_steps"):
+            check(self, getattr(self, name) >= 0, name, "a value >= 0")
 
 
 @dataclass
@@ -114,6 +160,10 @@ class LoggingConfig:
     progress_bar: bool = True  # tqdm on rank 0, and only when stderr is a TTY
     level: str = "INFO"
     profile: ProfileConfig = field(default_factory=ProfileConfig)
+
+    def __post_init__(self) -> None:
+        check_positive(self, "log_every_n_steps")
+        check_choice(self, "level", ("DEBUG", "INFO", "WARNING", "ERROR"))
 
 
 @dataclass
@@ -127,6 +177,9 @@ class JobConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        check(self, bool(self.run_dir), "run_dir", "a folder path")
 
 
 # ------------------------------------------------------------------------ loading
@@ -228,9 +281,9 @@ def _explain(err: OmegaConfBaseException, source: str, path: Optional[Path] = No
 def load_config(preset: Optional[str] = None, overrides: Sequence[str] = ()) -> JobConfig:
     """Defaults ← YAML preset ← ``key=value`` overrides, validated.
 
-    World-size dependent checks (batch and sharding-group divisibility) are skipped here;
-    the entry point runs :func:`validate` with ``WORLD_SIZE`` and the trainer with the
-    process group's size.
+    Every dataclass checks its fields as it is built; :func:`validate` adds the checks
+    across sections and files. World-size checks (batch and sharding-group divisibility)
+    run once, in the trainer, with the process group's size.
     """
     cfg = OmegaConf.structured(JobConfig)
     if preset:
@@ -260,18 +313,23 @@ def load_config(preset: Optional[str] = None, overrides: Sequence[str] = ()) -> 
                 # Name the whole override when OmegaConf's message lost the key or value.
                 err = ConfigError(str(err).replace("command line:", f"command line: {item!r}:", 1))
             raise err from e
-    job: JobConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     try:
+        job: JobConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]  # runs every __post_init__
         validate(job, world_size=None)
-    except ConfigError as e:
+    except ConfigError as raised:
+        err = raised
+        if isinstance(raised, FieldError):  # name the full key (data.synthetic.num_users)
+            err = raised.with_prefix(_section_prefixes().get(raised.owner, raised.owner.__name__))
         # Say where the bad value came from: the command line wins over the preset.
-        from_cli = e.key is not None and any(o.split("=", 1)[0] == e.key for o in overrides)
-        line = _yaml_line(path, e.key) if (preset and e.key and not from_cli) else None
+        from_cli = err.key is not None and any(err.key == k or err.key.startswith(k + ".") for k in (o.split("=", 1)[0] for o in overrides))
+        line = _yaml_line(path, err.key) if (preset and err.key and not from_cli) else None
         if line is not None:
-            raise ConfigError(f"{path}:{line}: {e}", key=e.key) from e
+            raise ConfigError(f"{path}:{line}: {err}", key=err.key) from raised
         if from_cli:
-            raise ConfigError(f"command line: {e}", key=e.key) from e
-        raise
+            raise ConfigError(f"command line: {err}", key=err.key) from raised
+        if err is raised:
+            raise
+        raise err from raised
     return job
 
 
@@ -280,167 +338,48 @@ def _check(cond: bool, key: str, value: Any, allowed: str) -> None:
         raise ConfigError(f"config key {key!r} = {value!r} is invalid: expected {allowed}", key=key)
 
 
-def validate(cfg: JobConfig, world_size: Optional[int]) -> None:
-    """Semantic checks that types alone cannot express. Raises :class:`ConfigError`.
+def _section_prefixes() -> Dict[type, str]:
+    """Config dataclass → its path in the job config (``SyntheticConfig`` → ``data.synthetic``),
+    used to name the full key of a :class:`FieldError` raised by a nested ``__post_init__``."""
+    prefixes: Dict[type, str] = {}
 
-    ``world_size=None`` (at load time, before the launcher is known) skips the checks that
-    depend on it; the entry point and the trainer call it again with the real one.
+    def walk(cls: type, prefix: str) -> None:
+        prefixes[cls] = prefix
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
+            if dataclasses.is_dataclass(default):
+                walk(type(default), f"{prefix}.{f.name}" if prefix else f.name)
+
+    walk(JobConfig, "")
+    return prefixes
+
+
+def validate(cfg: JobConfig, world_size: Optional[int]) -> None:
+    """The checks that span sections or need the files or the world size. Raises :class:`ConfigError`.
+
+    Each field's own checks run in its dataclass's ``__post_init__`` (so a config object
+    with an impossible value cannot be built); this adds what one dataclass cannot see.
+    ``world_size=None`` (``load_config``, before the launcher is known) runs the checks that
+    need files or several sections; the trainer calls it once with the process group's size
+    for the world-size checks only.
     """
-    positive = {
-        "data.batch_size": cfg.data.batch_size,
-        "data.eval_batch_size": cfg.data.eval_batch_size,
-        "model.embedding_dim": cfg.model.embedding_dim,
-        "trainer.max_steps": cfg.trainer.max_steps,
-        "checkpoint.keep": cfg.checkpoint.keep,
-        "logging.log_every_n_steps": cfg.logging.log_every_n_steps,
-        "trainer.max_consecutive_skips": cfg.trainer.max_consecutive_skips,
-        "data.synthetic.num_users": cfg.data.synthetic.num_users,
-        "data.synthetic.num_items": cfg.data.synthetic.num_items,
-        "data.synthetic.num_categories": cfg.data.synthetic.num_categories,
-        "data.synthetic.num_actions": cfg.data.synthetic.num_actions,
-        "data.synthetic.max_seq_len": cfg.data.synthetic.max_seq_len,
-        "data.synthetic.train_examples": cfg.data.synthetic.train_examples,
-        "data.synthetic.eval_examples": cfg.data.synthetic.eval_examples,
-        "data.synthetic.test_examples": cfg.data.synthetic.test_examples,
-        "data.movielens.max_history_len": cfg.data.movielens.max_history_len,
-    }
-    for key, value in positive.items():
-        _check(value > 0, key, value, "an integer > 0")
-    non_negative = {
-        "data.num_workers": cfg.data.num_workers,
-        "data.synthetic.num_dense": cfg.data.synthetic.num_dense,
-        "trainer.eval_every_n_steps": cfg.trainer.eval_every_n_steps,
-        "trainer.eval_max_batches": cfg.trainer.eval_max_batches,
-        "checkpoint.every_n_steps": cfg.checkpoint.every_n_steps,
-        "optim.warmup_steps": cfg.optim.warmup_steps,
-        "trainer.early_stopping.patience": cfg.trainer.early_stopping.patience,
-        "trainer.early_stopping.min_delta": cfg.trainer.early_stopping.min_delta,
-        "optim.weight_decay": cfg.optim.weight_decay,
-        "optim.sparse_eps": cfg.optim.sparse_eps,
-        "logging.profile.start_step": cfg.logging.profile.start_step,
-        "logging.profile.num_steps": cfg.logging.profile.num_steps,
-    }
-    for key, value in non_negative.items():
-        _check(value >= 0, key, value, "a value >= 0")
-    for key, value in {"optim.sparse_lr": cfg.optim.sparse_lr, "optim.dense_lr": cfg.optim.dense_lr}.items():
-        _check(value > 0, key, value, "a learning rate > 0")
-    for key, mlp in {"model.dlrm.bottom_mlp": cfg.model.dlrm.bottom_mlp, "model.dlrm.top_mlp": cfg.model.dlrm.top_mlp}.items():
-        _check(all(w > 0 for w in mlp), key, list(mlp), "a list of layer widths > 0")
-    choices = {
-        "data.source": (cfg.data.source, ("synthetic", "movielens", "parquet", "csv")),
-        "data.synthetic.signal": (cfg.data.synthetic.signal, ("basic", "rich")),
-        "data.bad_row_policy": (cfg.data.bad_row_policy, ("error", "skip")),
-        "data.id_policy": (cfg.data.id_policy, ("error", "modulo")),
-        "trainer.nonfinite_policy": (cfg.trainer.nonfinite_policy, ("stop", "skip")),
-        "model.tower": (cfg.model.tower, tuple(_tower_names())),
-        "parallel.backend": (cfg.parallel.backend, ("auto", "gloo", "nccl")),
-        "optim.dense": (cfg.optim.dense, ("adam", "adamw", "adagrad", "sgd")),
-        "optim.schedule": (cfg.optim.schedule, ("constant", "linear", "cosine")),
-        "trainer.device": (cfg.trainer.device, ("auto", "cpu", "cuda")),
-        "trainer.early_stopping.mode": (cfg.trainer.early_stopping.mode, ("auto", "min", "max")),
-        "logging.level": (cfg.logging.level, ("DEBUG", "INFO", "WARNING", "ERROR")),
-    }
-    for key, (value, allowed) in choices.items():
-        _check(value in allowed, key, value, f"one of {list(allowed)}")
-    for tower_name in ("dcnv2", "wukong", "hstu", "interformer"):
-        tcfg = getattr(cfg.model, tower_name)
-        for f in dataclasses.fields(tcfg):
-            value = getattr(tcfg, f.name)
-            if isinstance(value, int) and not isinstance(value, bool):
-                ok = value >= 0 if f.name == "low_rank" else value > 0
-                _check(ok, f"model.{tower_name}.{f.name}", value, "an integer >= 0" if f.name == "low_rank" else "an integer > 0")
-            elif isinstance(value, list):
-                _check(all(w > 0 for w in value), f"model.{tower_name}.{f.name}", list(value), "a list of layer widths > 0")
-        if hasattr(tcfg, "heads"):
-            _check(tcfg.dim % tcfg.heads == 0, f"model.{tower_name}.heads", tcfg.heads, f"a divisor of model.{tower_name}.dim={tcfg.dim}")
-        if hasattr(tcfg, "gdpa_impl"):
-            _check(tcfg.gdpa_impl in ("auto", "reference", "triton"), f"model.{tower_name}.gdpa_impl", tcfg.gdpa_impl, "one of ['auto', 'reference', 'triton']")
-    k = cfg.model.kunlun
-    for key, value in {
-        "model.kunlun.dim": k.dim,
-        "model.kunlun.num_layers": k.num_layers,
-        "model.kunlun.num_summary_tokens": k.num_summary_tokens,
-        "model.kunlun.pffn_kv_len": k.pffn_kv_len,
-        "model.kunlun.kv_rank": k.kv_rank,
-        "model.kunlun.hsp_rank": k.hsp_rank,
-        "model.kunlun.num_experts": k.num_experts,
-        "model.kunlun.wukong_layers": k.wukong_layers,
-        "model.kunlun.fm_rank": k.fm_rank,
-        "model.kunlun.wukong_mlp": k.wukong_mlp,
-        "model.kunlun.temporal_buckets": k.temporal_buckets,
-    }.items():
-        _check(value > 0, key, value, "an integer > 0")
-    _check(k.summary in ("hsp", "pma"), "model.kunlun.summary", k.summary, "one of ['hsp', 'pma']")
-    _check(k.gdpa_impl in ("auto", "reference", "triton"), "model.kunlun.gdpa_impl", k.gdpa_impl, "one of ['auto', 'reference', 'triton']")
-    acts = ("identity", "relu", "silu", "gelu", "gelu_tanh")
-    _check(k.pffn_activation in acts, "model.kunlun.pffn_activation", k.pffn_activation, f"one of {list(acts)}")
-    _check(k.seed_attention in ("softmax",) + acts, "model.kunlun.seed_attention", k.seed_attention, f"one of {['softmax', *acts]}")
-    for name, ev in [("default_event", k.default_event)] + [(f"events.{n}", e) for n, e in k.events.items()]:
-        for field_name in ("dim", "heads", "layers", "num_tokens", "num_seeds"):
-            _check(getattr(ev, field_name) > 0, f"model.kunlun.{name}.{field_name}", getattr(ev, field_name), "an integer > 0")
-        _check(ev.dim % ev.heads == 0, f"model.kunlun.{name}.heads", ev.heads, f"a divisor of the event width dim={ev.dim}")
-        _check(ev.layers <= k.num_layers, f"model.kunlun.{name}.layers", ev.layers, f"at most model.kunlun.num_layers={k.num_layers}")
-        _check(ev.window >= -1, f"model.kunlun.{name}.window", ev.window, "a half width >= 0, or -1 for full attention")
-    known_types = ("table_wise", "row_wise", "column_wise", "table_column_wise", "table_row_wise", "data_parallel")
-    sp = cfg.parallel.sparse
-    for t in sp.sharding_types:
-        _check(t in known_types, "parallel.sparse.sharding_types", list(sp.sharding_types), f"a list drawn from {list(known_types)}")
-    _check(sp.strategy in ("1d", "2d"), "parallel.sparse.strategy", sp.strategy, "one of ['1d', '2d']")
-    _check(cfg.parallel.dense.strategy in ("ddp", "fsdp"), "parallel.dense.strategy", cfg.parallel.dense.strategy, "one of ['ddp', 'fsdp']")
-    _check(sp.sync_every_n_steps >= 0, "parallel.sparse.sync_every_n_steps", sp.sync_every_n_steps, "an integer >= 0 (0 = never)")
-    _check(sp.sharding_group_size >= 0, "parallel.sparse.sharding_group_size", sp.sharding_group_size, "an integer >= 0 (0 = the world size)")
-    if sp.strategy == "2d":
-        unsupported = sorted(set(sp.sharding_types) - {"table_wise", "row_wise", "column_wise"})
-        _check(
-            not unsupported,
-            "parallel.sparse.sharding_types",
-            list(sp.sharding_types),
-            "with parallel.sparse.strategy=2d only table_wise, row_wise, column_wise (TorchRec 1.8 DMPCollection)",
-        )
-    if sp.strategy == "2d" and sp.sharding_group_size and world_size is not None:
-        _check(
-            world_size % sp.sharding_group_size == 0,
-            "parallel.sparse.sharding_group_size",
-            sp.sharding_group_size,
-            f"a divisor of the world size ({world_size} processes)",
-        )
-    _validate_early_stopping(cfg)
-    _check(cfg.data.synthetic.signal_strength >= 0, "data.synthetic.signal_strength", cfg.data.synthetic.signal_strength, "a value >= 0")
-    _check(1.0 <= cfg.data.movielens.like_threshold <= 5.0, "data.movielens.like_threshold", cfg.data.movielens.like_threshold, "a rating in [1, 5]")
-    for key, batch in {"data.batch_size": cfg.data.batch_size, "data.eval_batch_size": cfg.data.eval_batch_size}.items():
-        _check(world_size is None or batch % world_size == 0, key, batch, f"a multiple of the world size ({world_size} processes)")
+    if world_size is not None:
+        sp = cfg.parallel.sparse
+        if sp.strategy == "2d" and sp.sharding_group_size:
+            _check(
+                world_size % sp.sharding_group_size == 0,
+                "parallel.sparse.sharding_group_size",
+                sp.sharding_group_size,
+                f"a divisor of the world size ({world_size} processes)",
+            )
+        for key, batch in {"data.batch_size": cfg.data.batch_size, "data.eval_batch_size": cfg.data.eval_batch_size}.items():
+            _check(batch % world_size == 0, key, batch, f"a multiple of the world size ({world_size} processes)")
+        return
     if cfg.data.source in ("parquet", "csv"):
         _validate_files(cfg.data)
     if cfg.data.source == "movielens" and cfg.data.movielens.path is not None:
         p = Path(cfg.data.movielens.path).expanduser()
         _check(p.is_dir(), "data.movielens.path", cfg.data.movielens.path, "an existing folder holding ml-100k files (u.data or ml-100k.inter)")
-    _check(bool(cfg.run_dir), "run_dir", cfg.run_dir, "a folder path")
-    resume = cfg.checkpoint.resume
-    if resume not in ("auto", "never"):
-        _check(Path(resume).expanduser().is_dir(), "checkpoint.resume", resume, "'auto', 'never' or an existing checkpoint directory")
-
-
-def _validate_early_stopping(cfg: JobConfig) -> None:
-    """The metric must be a validation metric the evaluator reports (never a test metric:
-    the test split must not choose the model it then scores)."""
-    from kunlun.trainer.early_stopping import METRIC_MODES
-
-    es = cfg.trainer.early_stopping
-    parts = es.metric.split("/")
-    _check(
-        len(parts) in (2, 3) and parts[0] == "eval" and parts[1] in METRIC_MODES and all(parts),
-        "trainer.early_stopping.metric",
-        es.metric,
-        f"eval/<metric> or eval/<metric>/<label> with <metric> one of {sorted(METRIC_MODES)} (validation split only)",
-    )
-    # A label name (third part) is checked by the trainer, once the data schema is known.
-    if es.patience:
-        _check(
-            cfg.trainer.eval_every_n_steps > 0,
-            "trainer.early_stopping.patience",
-            es.patience,
-            "0 when trainer.eval_every_n_steps=0 (early stopping needs periodic evaluations)",
-        )
 
 
 def _validate_files(data: DataConfig) -> None:
@@ -456,12 +395,6 @@ def _validate_files(data: DataConfig) -> None:
         for i, pattern in enumerate(patterns):
             key = f"data.files.{name}" if len(patterns) == 1 else f"data.files.{name}[{i}]"
             _check(bool(expand(pattern)), key, pattern, "an existing file, a directory holding files, or a glob matching files")
-
-
-def _tower_names() -> List[str]:
-    from kunlun.model.towers import TOWERS
-
-    return sorted(TOWERS)
 
 
 def to_yaml(cfg: JobConfig) -> str:
