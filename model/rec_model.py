@@ -12,18 +12,9 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from kunlun.data.batch import Batch
 from kunlun.data.schema import FeatureSchema
 from kunlun.model.embeddings import build_embeddings, ec_context_features, mean_pooled_tables
+from kunlun.model.modules.jagged import jagged_pool
 from kunlun.model.towers import build_tower
 from kunlun.model.towers.base import EventSequence, TowerInputs
-
-
-def _pool(values: torch.Tensor, lengths: torch.Tensor, mean: bool) -> torch.Tensor:
-    """Jagged ``values [T, D]`` with ``lengths [B]`` → ``[B, D]`` sums (or means; 0 for empty bags)."""
-    b = lengths.shape[0]
-    seg = torch.repeat_interleave(torch.arange(b, device=values.device), lengths.long())
-    out = torch.zeros(b, values.shape[1], dtype=values.dtype, device=values.device).index_add_(0, seg, values)
-    if mean:
-        out = out / lengths.clamp(min=1).unsqueeze(1).to(values.dtype)
-    return out
 
 
 class RecModel(nn.Module):
@@ -75,7 +66,7 @@ class RecModel(nn.Module):
                 context[k] = pooled[k]
             else:
                 jt = seqs[k]
-                context[k] = _pool(jt.values(), jt.lengths(), mean=self._ec_ctx_mean[k])
+                context[k] = jagged_pool(jt.values(), jt.lengths(), mean=self._ec_ctx_mean[k])
         ts = batch.timestamps.to_dict()
         events: Dict[str, EventSequence] = {}
         for e in self.schema.event_types:

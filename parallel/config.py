@@ -31,7 +31,9 @@ class SparseParallelConfig:
         check(self, all(t in SHARDING_TYPES for t in self.sharding_types), "sharding_types", f"a list drawn from {list(SHARDING_TYPES)}")
         if self.strategy == "2d":
             check(
-                self, set(self.sharding_types) <= set(SHARDING_TYPES_2D), "sharding_types",
+                self,
+                set(self.sharding_types) <= set(SHARDING_TYPES_2D),
+                "sharding_types",
                 f"with strategy=2d only {', '.join(SHARDING_TYPES_2D)} (TorchRec 1.8 DMPCollection)",
             )
 

@@ -20,6 +20,9 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from kunlun.data.loader import ShardedBatches
 from kunlun.data.sources import build_source
+from kunlun.model.modules.head import PredictionHead
+from kunlun.model.modules.jagged import jagged_pool
+from kunlun.model.modules.tokenizer import ContextTokenizer
 from kunlun.model.rec_model import RecModel
 from kunlun.model.towers import TOWERS
 from kunlun.model.towers.base import EventSequence, TowerInputs
@@ -172,3 +175,24 @@ def test_empty_histories(name, data):
     assert logits.shape == (4, 1) and torch.isfinite(logits).all()
     logits.sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in tower.parameters() if p.grad is not None)
+
+
+def test_jagged_pool_means_and_sums_with_empty_examples():
+    values = torch.arange(12, dtype=torch.float32).view(6, 2)
+    lengths = torch.tensor([2, 0, 4], dtype=torch.int32)
+    sums = torch.stack([values[:2].sum(0), torch.zeros(2), values[2:].sum(0)])
+    torch.testing.assert_close(jagged_pool(values, lengths, mean=False), sums)
+    torch.testing.assert_close(jagged_pool(values, lengths), sums / torch.tensor([[2.0], [1.0], [4.0]]))
+
+
+@pytest.mark.parametrize("num_dense", [0, 3])
+def test_context_tokenizer_and_head_shapes_and_flops(num_dense):
+    tokenizer = ContextTokenizer(n_sparse=2, embedding_dim=4, dim=5, num_dense=num_dense)
+    head = PredictionHead(tokenizer.n_tokens * 5, [7], num_labels=2)
+    vectors, dense = [torch.randn(3, 4), torch.randn(3, 4)], torch.randn(3, num_dense)
+    tokens = tokenizer(vectors, dense)
+    assert tokens.shape == (3, 2 + (num_dense > 0), 5)
+    torch.testing.assert_close(tokens[:, 1], vectors[1] @ tokenizer.sparse_proj[1])
+    assert head(tokens).shape == (3, 2)
+    assert tokenizer.flops_per_example() == 2 * 2 * 4 * 5 + 2 * num_dense * 5
+    assert head.flops_per_example() == 2 * tokenizer.n_tokens * 5 * 7 + 2 * 7 * 2

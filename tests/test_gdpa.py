@@ -20,6 +20,7 @@ if not CUDA:
 
 from kunlun.model.ops import gdpa, gdpa_dense_kv, gdpa_shared_q  # noqa: E402
 from kunlun.model.ops.activations import torch_activation  # noqa: E402
+from kunlun.model.ops.select import resolve_gdpa_impl  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"
 
@@ -128,6 +129,20 @@ def test_bad_arguments_are_named():
         gdpa(x, x, x, qo, qo, impl="cuda")
     with pytest.raises(ValueError, match="window needs equal"):
         gdpa(x, x, x, qo, torch.tensor([0, 1]), window=2, impl="reference")
+
+
+def test_kernel_selection(monkeypatch):
+    """``auto`` is Triton on CUDA and the reference elsewhere; explicit names pass through."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_gdpa_impl("auto", cpu) == "reference" and resolve_gdpa_impl("auto", cuda) == "triton"
+    assert resolve_gdpa_impl("reference", cuda) == "reference"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert resolve_gdpa_impl("triton", cpu) == "triton"
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(RuntimeError, match="needs a CUDA tensor"):
+        resolve_gdpa_impl("triton", cpu)
+    with pytest.raises(ValueError, match="impl="):
+        resolve_gdpa_impl("cuda", cpu)
 
 
 @pytest.mark.skipif(not CUDA, reason="bf16 kernels are checked on a GPU")

@@ -20,7 +20,7 @@ from typing import Sequence, Union
 import torch
 from torch import nn
 
-from kunlun.model.ops import gdpa_dense_kv
+from kunlun.model.ops import DEFAULT_IMPL, gdpa_dense_kv
 
 
 class KVGenerator(nn.Module):
@@ -48,7 +48,7 @@ class GDPAFFN(nn.Module):
     """``seq [T, d]`` (jagged by ``offsets``) and ``X_sum`` → ``[T, d]``."""
 
     def __init__(
-        self, dim: int, heads: int, n_sum: int, d_ctx: int, m: int, rank: int, activation: Union[str, Sequence[str]] = "gelu_tanh", impl: str = "auto"
+        self, dim: int, heads: int, n_sum: int, d_ctx: int, m: int, rank: int, activation: Union[str, Sequence[str]] = "gelu_tanh", impl: str = DEFAULT_IMPL
     ):
         super().__init__()
         if dim % heads:

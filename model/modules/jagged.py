@@ -1,4 +1,4 @@
-"""Small helpers for jagged sequences: ``values [T, ...]`` with ``offsets [B+1]``."""
+"""Small helpers for jagged sequences: ``values [T, ...]`` with ``offsets [B+1]`` (or ``lengths [B]``)."""
 
 from __future__ import annotations
 
@@ -38,3 +38,16 @@ def from_padded(padded: torch.Tensor, offsets: torch.Tensor, total: int) -> torc
 def padding_mask(offsets: torch.Tensor, max_len: int) -> torch.Tensor:
     """``[B, max_len]`` bool, True on real rows."""
     return torch.arange(max_len, device=offsets.device)[None, :] < lengths_of(offsets)[:, None]
+
+
+def jagged_pool(values: torch.Tensor, lengths: torch.Tensor, mean: bool = True) -> torch.Tensor:
+    """Per-example pooling: ``values [T, D]`` with ``lengths [B]`` → ``[B, D]``.
+
+    Sums each example's rows, or (``mean=True``) averages them; an empty example gives zeros.
+    """
+    b = lengths.shape[0]
+    seg = torch.repeat_interleave(torch.arange(b, device=values.device), lengths.long())
+    out = torch.zeros(b, values.shape[1], dtype=values.dtype, device=values.device).index_add_(0, seg, values)
+    if mean:
+        out = out / lengths.clamp(min=1).unsqueeze(1).to(values.dtype)  # clamp: 0 / 1 = 0 for empty rows
+    return out

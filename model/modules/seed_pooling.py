@@ -21,7 +21,7 @@ from torch import nn
 
 from kunlun.model.modules.attention import masked_softmax_attention
 from kunlun.model.modules.jagged import padding_mask, to_padded
-from kunlun.model.ops import gdpa_shared_q
+from kunlun.model.ops import DEFAULT_IMPL, gdpa_shared_q
 
 
 class SumKronLinear(nn.Module):
@@ -48,7 +48,7 @@ class SeedAttention(nn.Module):
     sums over keys without normalising, scaled by ``1 / max_len`` (a config constant).
     """
 
-    def __init__(self, dim: int, heads: int, n_seeds: int, max_len: int, attention: str = "softmax", impl: str = "auto"):
+    def __init__(self, dim: int, heads: int, n_seeds: int, max_len: int, attention: str = "softmax", impl: str = DEFAULT_IMPL):
         super().__init__()
         if dim % heads:
             raise ValueError(f"seed attention: width {dim} is not divisible by {heads} heads")
@@ -95,7 +95,7 @@ class SeedAttention(nn.Module):
 class HierarchicalSeedPooling(nn.Module):
     """HSP: ``n_seeds`` seeds → SumKronLinear → ``[B, n_tokens, d]``."""
 
-    def __init__(self, dim: int, heads: int, n_seeds: int, n_tokens: int, rank: int, max_len: int, attention: str = "softmax", impl: str = "auto"):
+    def __init__(self, dim: int, heads: int, n_seeds: int, n_tokens: int, rank: int, max_len: int, attention: str = "softmax", impl: str = DEFAULT_IMPL):
         super().__init__()
         self.seed_attention = SeedAttention(dim, heads, n_seeds, max_len, attention, impl)
         self.compress = SumKronLinear(n_seeds, n_tokens, dim, rank)
@@ -114,7 +114,7 @@ class HierarchicalSeedPooling(nn.Module):
 class PMA(nn.Module):
     """Pooling by multi-head attention: ``n_tokens`` seeds, no compression (InterFormer, HSP ablation)."""
 
-    def __init__(self, dim: int, heads: int, n_tokens: int, max_len: int, attention: str = "softmax", impl: str = "auto"):
+    def __init__(self, dim: int, heads: int, n_tokens: int, max_len: int, attention: str = "softmax", impl: str = DEFAULT_IMPL):
         super().__init__()
         self.seed_attention = SeedAttention(dim, heads, n_tokens, max_len, attention, impl)
         self.norm = nn.LayerNorm(dim)

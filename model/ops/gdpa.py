@@ -22,21 +22,20 @@ The same operator covers three uses:
 * seed pooling: shared learned queries over each sample's sequence, see :func:`gdpa_shared_q`.
 
 ``impl``: ``"reference"`` (PyTorch, pads per sample), ``"triton"`` (fused kernels; on CPU
-only under ``TRITON_INTERPRET=1``), ``"auto"`` (Triton on CUDA, reference elsewhere).
+only under ``TRITON_INTERPRET=1``), ``"auto"`` (Triton on CUDA, reference elsewhere); resolved
+by :func:`kunlun.model.ops.select.resolve_gdpa_impl`, the one place that chooses.
 Every impl is differentiable in q, k and v.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Optional, Sequence, Union
 
 import torch
 
 from kunlun.model.ops.activations import per_head
 from kunlun.model.ops.pytorch.gdpa import gdpa_reference
-
-IMPLS = ("auto", "reference", "triton")
+from kunlun.model.ops.select import DEFAULT_IMPL, check_impl, resolve_gdpa_impl
 
 
 def _max_len(offsets: torch.Tensor, given: Optional[int]) -> int:
@@ -58,8 +57,7 @@ def _check(q, k, v, q_offsets, kv_offsets, window, impl) -> None:
         raise ValueError(f"gdpa: k and v lengths differ: {k.shape[0]} vs {v.shape[0]}")
     if q_offsets.numel() != kv_offsets.numel():
         raise ValueError(f"gdpa: q_offsets has {q_offsets.numel()} entries, kv_offsets {kv_offsets.numel()}; both must be B+1")
-    if impl not in IMPLS:
-        raise ValueError(f"gdpa: impl={impl!r}; expected one of {IMPLS}")
+    check_impl(impl)
     if window is not None and window < 0:
         raise ValueError(f"gdpa: window must be >= 0, got {window}")
 
@@ -75,18 +73,14 @@ def gdpa(
     qk_scale: float = 1.0,
     out_scale: float = 1.0,
     window: Optional[int] = None,
-    impl: str = "auto",
+    impl: str = DEFAULT_IMPL,
     max_q_len: Optional[int] = None,
     max_kv_len: Optional[int] = None,
 ) -> torch.Tensor:
     """See the module docstring. ``max_q_len`` / ``max_kv_len`` (optional) avoid a device sync."""
     _check(q, k, v, q_offsets, kv_offsets, window, impl)
     acts = per_head(activation, q.shape[1])
-    if impl == "auto":
-        impl = "triton" if q.is_cuda else "reference"
-    if impl == "triton":
-        if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-            raise RuntimeError("gdpa impl='triton' needs a CUDA tensor (or TRITON_INTERPRET=1 to run the kernels on CPU)")
+    if resolve_gdpa_impl(impl, q.device) == "triton":
         from kunlun.model.ops.triton.gdpa import gdpa_triton
 
         return gdpa_triton(

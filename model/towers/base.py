@@ -1,5 +1,5 @@
-"""The dense-tower interface every architecture implements (DLRM here, Kunlun and the
-other baselines in their own modules)."""
+"""The dense-tower interface every architecture implements (each architecture in its own
+module) and the inputs it sees."""
 
 from __future__ import annotations
 
@@ -66,20 +66,3 @@ class DenseTower(nn.Module):
     def flops_per_example(self, avg_seq_len: Dict[str, float]) -> float:
         """Forward FLOPs per example (multiply-add = 2), given mean history lengths."""
         raise NotImplementedError
-
-
-def jagged_mean(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Mean over each example's rows: ``values [T, D]``, ``lengths [B]`` → ``[B, D]`` (0 if empty)."""
-    b = lengths.shape[0]
-    seg = torch.repeat_interleave(torch.arange(b, device=values.device), lengths)
-    out = torch.zeros(b, values.shape[1], dtype=values.dtype, device=values.device).index_add_(0, seg, values)
-    return out / lengths.clamp(min=1).unsqueeze(1).to(values.dtype)
-
-
-def mlp(sizes, final_activation: bool = True) -> nn.Sequential:
-    layers = []
-    for i in range(len(sizes) - 1):
-        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
-        if final_activation or i < len(sizes) - 2:
-            layers.append(nn.ReLU())
-    return nn.Sequential(*layers)

@@ -24,7 +24,9 @@ import torch
 from torch import nn
 
 from kunlun.data.schema import FeatureSchema
-from kunlun.model.towers.base import DenseTower, TowerInputs, jagged_mean, mlp
+from kunlun.model.modules.jagged import jagged_pool
+from kunlun.model.modules.mlp import mlp, mlp_flops
+from kunlun.model.towers.base import DenseTower, TowerInputs
 
 
 class CrossLayer(nn.Module):
@@ -62,7 +64,7 @@ class DCNv2Tower(DenseTower):
         parts += [inputs.context[k] for k in self.schema.context_keys]
         for e in self.schema.event_types:
             seq = inputs.events[e.name]
-            parts.append(jagged_mean(seq.item + seq.action, seq.lengths))
+            parts.append(jagged_pool(seq.item + seq.action, seq.lengths))
         x0 = torch.cat(parts, dim=1)  # [B, n0]
         x = x0
         for layer in self.cross:
@@ -72,7 +74,7 @@ class DCNv2Tower(DenseTower):
     def flops_per_example(self, avg_seq_len: Dict[str, float]) -> float:
         """Cross layers + deep MLP + output Linear. Pooling the histories (sums) is not counted."""
         total = sum(layer.flops_per_example() for layer in self.cross)
-        total += sum(2 * a * b for a, b in zip(self.deep_sizes[:-1], self.deep_sizes[1:]))
+        total += mlp_flops(self.deep_sizes)
         return total + 2 * self.deep_sizes[-1] * self.num_labels
 
     def fixed_flops(self) -> float:

@@ -13,7 +13,9 @@ from typing import Dict
 import torch
 
 from kunlun.data.schema import FeatureSchema
-from kunlun.model.towers.base import DenseTower, TowerInputs, jagged_mean, mlp
+from kunlun.model.modules.jagged import jagged_pool
+from kunlun.model.modules.mlp import mlp, mlp_flops
+from kunlun.model.towers.base import DenseTower, TowerInputs
 
 
 class DLRMTower(DenseTower):
@@ -41,7 +43,7 @@ class DLRMTower(DenseTower):
         vectors += [inputs.context[k] for k in self.schema.context_keys]
         for e in self.schema.event_types:
             seq = inputs.events[e.name]
-            vectors.append(jagged_mean(seq.item + seq.action, seq.lengths))
+            vectors.append(jagged_pool(seq.item + seq.action, seq.lengths))
         stacked = torch.stack(vectors, dim=1)  # [B, F, D]
         gram = torch.bmm(stacked, stacked.transpose(1, 2))  # [B, F, F]
         pairs = gram[:, self._rows, self._cols]  # [B, F(F-1)/2]
@@ -49,9 +51,6 @@ class DLRMTower(DenseTower):
         return self.top(top_in)
 
     def flops_per_example(self, avg_seq_len: Dict[str, float]) -> float:
-        def mlp_flops(sizes):
-            return sum(2 * a * b for a, b in zip(sizes[:-1], sizes[1:]))
-
         d = self.embedding_dim
         pooling = sum(2 * d * avg_seq_len.get(e.name, 0.0) for e in self.schema.event_types)
         interaction = 2 * self.num_vectors * self.num_vectors * d

@@ -23,25 +23,25 @@ Head: each event sequence is summarised by ``PMA(d, heads, cfg.num_summary_token
 
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from kunlun.data.schema import FeatureSchema
+from kunlun.model.modules.head import PredictionHead
 from kunlun.model.modules.seed_pooling import PMA
 from kunlun.model.modules.temporal import TemporalEncoding
-from kunlun.model.ops import gdpa
-from kunlun.model.towers.base import DenseTower, TowerInputs, mlp
-
-GDPA_IMPL = "auto"  # Triton on CUDA, the PyTorch reference elsewhere
+from kunlun.model.modules.tokenizer import ContextTokenizer
+from kunlun.model.ops import DEFAULT_IMPL, gdpa
+from kunlun.model.towers.base import DenseTower, TowerInputs
 
 
 class HSTULayer(nn.Module):
     """One HSTU layer: ``seq [T, d]`` (jagged by ``offsets``) → ``[T, d]``."""
 
-    def __init__(self, dim: int, heads: int, max_len: int, impl: str = GDPA_IMPL):
+    def __init__(self, dim: int, heads: int, max_len: int, impl: str = DEFAULT_IMPL):
         super().__init__()
         if dim % heads:
             raise ValueError(f"HSTU: width {dim} is not divisible by {heads} heads")
@@ -112,32 +112,23 @@ class HSTUTower(DenseTower):
         d = cfg.dim
         self.cfg = cfg
         impl = cfg.gdpa_impl
-        n_ctx = len(schema.context_features)
-        self.context_proj = nn.Parameter(torch.randn(n_ctx, embedding_dim, d) / embedding_dim**0.5)
-        self.dense_proj = nn.Linear(schema.num_dense, d) if schema.num_dense else None
-        self.n_ns = n_ctx + (1 if self.dense_proj is not None else 0)
+        self.tokenizer = ContextTokenizer(len(schema.context_features), embedding_dim, d, schema.num_dense)
+        self.n_ns = self.tokenizer.n_tokens
         self.events = nn.ModuleDict({e.name: HSTUSequence(embedding_dim, e.max_len, cfg, impl) for e in schema.event_types})
         n_tokens = self.n_ns + len(self.events) * cfg.num_summary_tokens
-        self.head_sizes: List[int] = [n_tokens * d, *cfg.head_mlp, num_labels]
-        self.head = mlp(self.head_sizes, final_activation=False)
+        self.head = PredictionHead(n_tokens * d, cfg.head_mlp, num_labels)
 
     def forward(self, inputs: TowerInputs) -> torch.Tensor:
-        ctx = torch.stack([inputs.context[k] for k in self.schema.context_keys], dim=1)  # [B, F, D]
-        tokens = [torch.einsum("bfe,fed->bfd", ctx, self.context_proj)]
-        if self.dense_proj is not None:
-            tokens.append(self.dense_proj(inputs.dense).unsqueeze(1))
+        tokens = [self.tokenizer([inputs.context[k] for k in self.schema.context_keys], inputs.dense)]  # [B, n_ns, d]
         for name, seq in self.events.items():
             tokens.append(seq(inputs.events[name], inputs.request_time))  # [B, n_sum, d]
-        return self.head(torch.cat(tokens, dim=1).flatten(1))
+        return self.head(torch.cat(tokens, dim=1))
 
     def flops_per_example(self, avg_seq_len: Dict[str, float]) -> float:
-        d = self.cfg.dim
-        total = 2 * len(self.schema.context_features) * self.embedding_dim * d
-        if self.dense_proj is not None:
-            total += 2 * self.schema.num_dense * d
+        total = self.tokenizer.flops_per_example()
         for name, seq in self.events.items():
             total += seq.flops_per_example(avg_seq_len.get(name, 0.0))
-        return total + sum(2 * a * b for a, b in zip(self.head_sizes[:-1], self.head_sizes[1:]))
+        return total + self.head.flops_per_example()
 
     def fixed_flops(self) -> float:
         """Per-batch FLOPs that do not scale with the batch (PMA seed projections)."""

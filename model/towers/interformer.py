@@ -41,20 +41,22 @@ Choices (keeping the comparison with Kunlun about the architecture, docs §7.1 "
 
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict
 
 import torch
 from torch import nn
 
 from kunlun.data.schema import FeatureSchema
 from kunlun.model.modules.gdpa_ffn import GDPAFFN
+from kunlun.model.modules.head import PredictionHead
 from kunlun.model.modules.interaction import ContextSummary, Gating
 from kunlun.model.modules.jagged import segment_ids
 from kunlun.model.modules.seed_pooling import PMA
 from kunlun.model.modules.temporal import TemporalEncoding
+from kunlun.model.modules.tokenizer import ContextTokenizer
 from kunlun.model.modules.window_attention import WindowSelfAttention
 from kunlun.model.modules.wukong import WukongLayer
-from kunlun.model.towers.base import DenseTower, TowerInputs, mlp
+from kunlun.model.towers.base import DenseTower, TowerInputs
 
 
 class SequenceSummary(nn.Module):
@@ -131,10 +133,8 @@ class InterFormerTower(DenseTower):
         super().__init__(schema, embedding_dim, num_labels)
         d = cfg.dim
         self.cfg = cfg
-        n_ctx = len(schema.context_features)
-        self.context_proj = nn.Parameter(torch.randn(n_ctx, embedding_dim, d) / embedding_dim**0.5)
-        self.dense_proj = nn.Linear(schema.num_dense, d) if schema.num_dense else None
-        self.n_ns = n_ctx + (1 if self.dense_proj is not None else 0)
+        self.tokenizer = ContextTokenizer(len(schema.context_features), embedding_dim, d, schema.num_dense)
+        self.n_ns = self.tokenizer.n_tokens
         n_sum = cfg.num_summary_tokens
         self.events = nn.ModuleDict({e.name: InterFormerSequence(embedding_dim, e.max_len, cfg, n_sum) for e in schema.event_types})
         n_seq_tokens = sum(s.n_tokens for s in self.events.values())
@@ -143,8 +143,7 @@ class InterFormerTower(DenseTower):
         n_fmb = self.n_ns - self.n_ns // 2
         self.interactions = nn.ModuleList(WukongLayer(n_in, d, cfg.fm_rank, n_fmb, self.n_ns - n_fmb, cfg.wukong_mlp) for _ in range(cfg.num_layers))
         self.norms = nn.ModuleList(nn.LayerNorm(d) for _ in range(cfg.num_layers))
-        self.head_sizes: List[int] = [n_in * d, *cfg.head_mlp, num_labels]
-        self.head = mlp(self.head_sizes, final_activation=False)
+        self.head = PredictionHead(n_in * d, cfg.head_mlp, num_labels)
 
     def _summaries(self, layer: int, x: torch.Tensor, seqs: Dict[str, torch.Tensor], offsets: Dict[str, torch.Tensor]):
         x_sum = self.context_summaries[layer](x)
@@ -152,11 +151,7 @@ class InterFormerTower(DenseTower):
         return x_sum, torch.cat([x_sum, *s_sum], dim=1)  # X_sum, [X_sum ‖ S_sum …]
 
     def forward(self, inputs: TowerInputs) -> torch.Tensor:
-        ctx = torch.stack([inputs.context[k] for k in self.schema.context_keys], dim=1)  # [B, F, D]
-        tokens = [torch.einsum("bfe,fed->bfd", ctx, self.context_proj)]
-        if self.dense_proj is not None:
-            tokens.append(self.dense_proj(inputs.dense).unsqueeze(1))
-        x = torch.cat(tokens, dim=1)  # [B, n_ns, d]
+        x = self.tokenizer([inputs.context[k] for k in self.schema.context_keys], inputs.dense)  # [B, n_ns, d]
         seqs: Dict[str, torch.Tensor] = {}
         offsets: Dict[str, torch.Tensor] = {}
         for name, tower in self.events.items():
@@ -167,18 +162,15 @@ class InterFormerTower(DenseTower):
                 seqs[name] = tower.step(layer, seqs[name], offsets[name], x_sum)
             x = self.norms[layer](x + self.interactions[layer](t))
         _, t = self._summaries(self.cfg.num_layers, x, seqs, offsets)
-        return self.head(t.flatten(1))
+        return self.head(t)
 
     def flops_per_example(self, avg_seq_len: Dict[str, float]) -> float:
-        d = self.cfg.dim
-        total = 2 * len(self.schema.context_features) * self.embedding_dim * d
-        if self.dense_proj is not None:
-            total += 2 * self.schema.num_dense * d
+        total = self.tokenizer.flops_per_example()
         for name, tower in self.events.items():
             total += tower.flops_per_example(avg_seq_len.get(name, 0.0))
         total += sum(s.flops_per_example() for s in self.context_summaries)
         total += sum(i.flops_per_example() for i in self.interactions)
-        return total + sum(2 * a * b for a, b in zip(self.head_sizes[:-1], self.head_sizes[1:]))
+        return total + self.head.flops_per_example()
 
     def fixed_flops(self) -> float:
         """Per-batch FLOPs that do not scale with the batch (PMA seed projections)."""

@@ -29,19 +29,21 @@ capacity than low-value ones.
 
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict
 
 import torch
 from torch import nn
 
 from kunlun.data.schema import FeatureSchema
 from kunlun.model.modules.gdpa_ffn import GDPAFFN
+from kunlun.model.modules.head import PredictionHead
 from kunlun.model.modules.interaction import ContextSummary
 from kunlun.model.modules.seed_pooling import PMA, HierarchicalSeedPooling
 from kunlun.model.modules.temporal import TemporalEncoding
+from kunlun.model.modules.tokenizer import ContextTokenizer
 from kunlun.model.modules.window_attention import WindowSelfAttention
 from kunlun.model.modules.wukong import MixtureOfWukongExperts
-from kunlun.model.towers.base import DenseTower, TowerInputs, mlp
+from kunlun.model.towers.base import DenseTower, TowerInputs
 
 
 def is_global_layer(layer: int, compskip: bool) -> bool:
@@ -118,10 +120,8 @@ class KunlunTower(DenseTower):
         unknown = sorted(set(cfg.events) - {e.name for e in schema.event_types})
         if unknown:
             raise ValueError(f"model.kunlun.events: {unknown} are not event types of the data; event types: {[e.name for e in schema.event_types]}")
-        n_ctx = len(schema.context_features)
-        self.context_proj = nn.Parameter(torch.randn(n_ctx, embedding_dim, d) / embedding_dim**0.5)
-        self.dense_proj = nn.Linear(schema.num_dense, d) if schema.num_dense else None
-        self.n_ns = n_ctx + (1 if self.dense_proj is not None else 0)
+        self.tokenizer = ContextTokenizer(len(schema.context_features), embedding_dim, d, schema.num_dense)
+        self.n_ns = self.tokenizer.n_tokens
         self.events = nn.ModuleDict(
             {e.name: EventTower(e.name, embedding_dim, e.max_len, cfg.events.get(e.name, cfg.default_event), cfg) for e in schema.event_types}
         )
@@ -131,14 +131,10 @@ class KunlunTower(DenseTower):
             MixtureOfWukongExperts(n_tokens, self.n_ns, d, cfg.num_experts, cfg.wukong_layers, cfg.fm_rank, cfg.wukong_mlp) for _ in range(cfg.num_layers)
         )
         self.norms = nn.ModuleList(nn.LayerNorm(d) for _ in range(cfg.num_layers))
-        self.head = mlp([self.n_ns * d, *cfg.head_mlp, num_labels], final_activation=False)
+        self.head = PredictionHead(self.n_ns * d, cfg.head_mlp, num_labels)
 
     def forward(self, inputs: TowerInputs) -> torch.Tensor:
-        ctx = torch.stack([inputs.context[k] for k in self.schema.context_keys], dim=1)  # [B, n_ctx, D]
-        tokens = [torch.einsum("bfe,fed->bfd", ctx, self.context_proj)]
-        if self.dense_proj is not None:
-            tokens.append(self.dense_proj(inputs.dense).unsqueeze(1))
-        x = torch.cat(tokens, dim=1)  # [B, n_ns, d]
+        x = self.tokenizer([inputs.context[k] for k in self.schema.context_keys], inputs.dense)  # [B, n_ns, d]
         b = x.shape[0]
         seqs: Dict[str, torch.Tensor] = {}
         summaries: Dict[str, torch.Tensor] = {}
@@ -153,20 +149,16 @@ class KunlunTower(DenseTower):
                     seqs[name], summaries[name] = tower.step(layer, seqs[name], inputs.events[name].offsets, x_sum, summaries[name])
             t = torch.cat([x_sum] + [summaries[n] for n in self.events], dim=1)
             x = self.norms[layer](x + self.interactions[layer](t))
-        return self.head(x.flatten(1))
+        return self.head(x)
 
     def flops_per_example(self, avg_seq_len: Dict[str, float]) -> float:
         d, cfg = self.cfg.dim, self.cfg
-        total = 2 * len(self.schema.context_features) * self.embedding_dim * d
-        if self.dense_proj is not None:
-            total += 2 * self.schema.num_dense * d
+        total = self.tokenizer.flops_per_example()
         for name, tower in self.events.items():
             total += tower.flops_per_example(avg_seq_len.get(name, 0.0), d)
         for layer in range(cfg.num_layers):
             total += self.summaries[layer].flops_per_example() + self.interactions[layer].flops_per_example()
-        sizes: List[int] = [self.n_ns * d, *cfg.head_mlp, self.num_labels]
-        total += sum(2 * a * c for a, c in zip(sizes[:-1], sizes[1:]))
-        return total
+        return total + self.head.flops_per_example()
 
     def fixed_flops(self) -> float:
         """Per-batch FLOPs that do not scale with the batch (shared seed projections)."""

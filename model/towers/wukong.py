@@ -15,14 +15,16 @@ n/2, FM rank ``cfg.fm_rank``, FMB MLP hidden ``cfg.mlp_hidden``) keep ``n`` toke
 
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict
 
 import torch
-from torch import nn
 
 from kunlun.data.schema import FeatureSchema
+from kunlun.model.modules.head import PredictionHead
+from kunlun.model.modules.jagged import jagged_pool
+from kunlun.model.modules.tokenizer import ContextTokenizer
 from kunlun.model.modules.wukong import WukongStack
-from kunlun.model.towers.base import DenseTower, TowerInputs, jagged_mean, mlp
+from kunlun.model.towers.base import DenseTower, TowerInputs
 
 
 class WukongTower(DenseTower):
@@ -30,37 +32,26 @@ class WukongTower(DenseTower):
         super().__init__(schema, embedding_dim, num_labels)
         d = cfg.dim
         self.cfg = cfg
-        # One D → d map per sparse token: F context features, then E event types.
-        self.n_sparse = len(schema.context_features) + len(schema.event_types)
-        self.token_proj = nn.Parameter(torch.randn(self.n_sparse, embedding_dim, d) / embedding_dim**0.5)
-        self.dense_proj = nn.Linear(schema.num_dense, d) if schema.num_dense else None
-        self.n_tokens = self.n_sparse + (1 if self.dense_proj is not None else 0)
+        # One D → d map per sparse token: F context features, then E pooled event histories.
+        self.tokenizer = ContextTokenizer(len(schema.context_features) + len(schema.event_types), embedding_dim, d, schema.num_dense)
+        self.n_tokens = self.tokenizer.n_tokens
         self.stack = WukongStack(self.n_tokens, d, cfg.num_layers, cfg.fm_rank, cfg.mlp_hidden)
-        self.head_sizes: List[int] = [self.stack.n_out * d, *cfg.head_mlp, num_labels]
-        self.head = mlp(self.head_sizes, final_activation=False)
+        self.head = PredictionHead(self.stack.n_out * d, cfg.head_mlp, num_labels)
 
     def tokens(self, inputs: TowerInputs) -> torch.Tensor:
         """``[B, n, d]`` feature tokens."""
         vecs = [inputs.context[k] for k in self.schema.context_keys]
         for e in self.schema.event_types:
             seq = inputs.events[e.name]
-            vecs.append(jagged_mean(seq.item + seq.action, seq.lengths))
-        x = torch.einsum("bfe,fed->bfd", torch.stack(vecs, dim=1), self.token_proj)  # [B, F + E, d]
-        if self.dense_proj is not None:
-            x = torch.cat([x, self.dense_proj(inputs.dense).unsqueeze(1)], dim=1)
-        return x
+            vecs.append(jagged_pool(seq.item + seq.action, seq.lengths))
+        return self.tokenizer(vecs, inputs.dense)
 
     def forward(self, inputs: TowerInputs) -> torch.Tensor:
-        return self.head(self.stack(self.tokens(inputs)).flatten(1))
+        return self.head(self.stack(self.tokens(inputs)))
 
     def flops_per_example(self, avg_seq_len: Dict[str, float]) -> float:
         """Token maps + Wukong layers + head. Pooling the histories (sums) is not counted."""
-        d = self.cfg.dim
-        total = 2 * self.n_sparse * self.embedding_dim * d
-        if self.dense_proj is not None:
-            total += 2 * self.schema.num_dense * d
-        total += self.stack.flops_per_example()
-        return total + sum(2 * a * b for a, b in zip(self.head_sizes[:-1], self.head_sizes[1:]))
+        return self.tokenizer.flops_per_example() + self.stack.flops_per_example() + self.head.flops_per_example()
 
     def fixed_flops(self) -> float:
         return 0.0

@@ -1,0 +1,52 @@
+"""Kernel selection for GDPA: the one place that maps ``impl`` to the implementation that runs.
+
+``impl`` (the towers' ``gdpa_impl`` config field, passed down unchanged to every module):
+
+* ``"reference"``: the PyTorch reference (any device);
+* ``"triton"``: the fused kernels (CUDA, or CPU under ``TRITON_INTERPRET=1``);
+* ``"auto"``: Triton on CUDA, the reference elsewhere, decided once per device type and cached
+  (as generative-recommenders' kernel selection does), so the choice never varies per call.
+
+:func:`kunlun.model.ops.gdpa.gdpa` resolves every call through :func:`resolve_gdpa_impl`;
+modules only carry the configured string. Imports only torch.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Dict
+
+import torch
+
+from kunlun.model.config import GDPA_IMPLS as IMPLS  # the values the tower configs accept
+
+DEFAULT_IMPL = "auto"
+
+_AUTO_BY_DEVICE_TYPE: Dict[str, str] = {}
+
+
+def check_impl(impl: str) -> None:
+    if impl not in IMPLS:
+        raise ValueError(f"gdpa: impl={impl!r}; expected one of {IMPLS}")
+
+
+def auto_impl(device: torch.device) -> str:
+    """What ``"auto"`` means on ``device``: ``"triton"`` on CUDA, ``"reference"`` elsewhere."""
+    choice = _AUTO_BY_DEVICE_TYPE.get(device.type)
+    if choice is None:
+        choice = _AUTO_BY_DEVICE_TYPE[device.type] = "triton" if device.type == "cuda" else "reference"
+    return choice
+
+
+def resolve_gdpa_impl(impl: str, device: torch.device) -> str:
+    """``impl`` → ``"reference"`` or ``"triton"`` for tensors on ``device``.
+
+    Raises ``ValueError`` for an unknown name and ``RuntimeError`` for ``"triton"`` on a
+    non-CUDA device unless ``TRITON_INTERPRET=1``.
+    """
+    check_impl(impl)
+    if impl == "auto":
+        impl = auto_impl(device)
+    if impl == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("gdpa impl='triton' needs a CUDA tensor (or TRITON_INTERPRET=1 to run the kernels on CPU)")
+    return impl
