@@ -57,9 +57,7 @@ should be ~0), not data or model variance. ``--json``'s top level holds the mean
 seeds (``test_auc``, ``test_ne``, ``eval_ne``, ... and ``*_std``), as
 ``benchmarks/movielens_quality.py report --baseline`` reads them.
 
-Measured (shared 2-core CPU, one thread, 3 seeds, ~95 s): standardised statistics and
-L2 = 1e-4 chosen on eval; eval AUC 0.7563, NE 0.8434; test AUC 0.7751, NE 0.8229, log
-loss 0.5670. Context one-hots alone (``--no-history``): test AUC 0.7571, NE 0.8479.
+Results: BENCHMARKS.md, "MovieLens-100K quality".
 """
 
 from __future__ import annotations

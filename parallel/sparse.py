@@ -22,12 +22,12 @@ to use ``v/M`` in the update, ``η g / (√(v/M) + ε)``. Since FBGEMM computes
 checkpoints stay comparable with 1D). Dividing the whole accumulator by M at every
 sync would instead shrink it geometrically (v_t ≈ Σ_k M^{k−t} increments) and is not done.
 
-What we measured (tests/test_parallel_2d.py, BENCHMARKS.md): TorchRec's embedding
-gradient is a *sum* over the sharding group's examples, and a row seen by only one
-replica group gets its update and accumulator increment halved by the averaging sync.
-With that convention the accumulator does not grow M× faster, and on the synthetic source
-2D lands within 0.001 NE of 1D with or without the scaling. The option stays (on by
-default, as specified) for loss conventions that normalise per replica.
+TorchRec's embedding gradient is a *sum* over the sharding group's examples, and a row
+seen by only one replica group gets its update and accumulator increment halved by the
+averaging sync; with that convention the accumulator does not grow M× faster, so the
+scaling matters little there (the measurement is in BENCHMARKS.md, "2D vs 1D quality").
+The option stays (on by default, as specified) for loss conventions that normalise per
+replica.
 
 CPU: stock ``DMPCollection`` refuses non-CUDA devices and writes CUDA-style shard
 placements; :class:`CpuDMPCollection` is the small project class that fixes both (see
