@@ -184,226 +184,27 @@ def split_paths(files) -> Dict[str, List[str]]:
 
 
 def resolve(files, source: str = "parquet") -> FilePlan:
-    """Check ``data.files`` and resolve it into a :class:`FilePlan`; raises :class:`FileSchemaError`."""
-    p = PREFIX
-    _check(files.split in SPLITS, f"{p}.split", files.split, f"one of {list(SPLITS)}")
-    paths = split_paths(files)
-    if files.split == "paths":
-        for s in ("train", "eval", "test"):
-            _check(bool(paths[s]), f"{p}.{s}", getattr(files, s), "at least one path (split=paths needs train, eval and test files)")
-        for s in ("paths",):
-            _check(not _path_list(files, s), f"{p}.paths", files.paths, "empty with split=paths (set data.files.split=time or rows to use it)")
-    else:
-        _check(bool(paths["all"]), f"{p}.paths", files.paths, f"at least one path (split={files.split} reads the whole data set from data.files.paths)")
-        for s in ("train", "eval", "test"):
-            _check(not _path_list(files, s), f"{p}.{s}", getattr(files, s), f"empty with split={files.split} (the split is computed from data.files.paths)")
-    if files.split == "time":
-        _check(files.eval_from > 0, f"{p}.eval_from", files.eval_from, "a request time in seconds > 0 (split=time)")
-        _check(files.test_from >= files.eval_from, f"{p}.test_from", files.test_from, f"a request time >= data.files.eval_from={files.eval_from}")
-    if files.split == "rows":
-        _check(0 < files.eval_fraction < 1, f"{p}.eval_fraction", files.eval_fraction, "a fraction in (0, 1) (split=rows)")
-        _check(0 < files.test_fraction < 1, f"{p}.test_fraction", files.test_fraction, "a fraction in (0, 1) (split=rows)")
-        _check(
-            files.eval_fraction + files.test_fraction < 1,
-            f"{p}.test_fraction",
-            files.test_fraction,
-            f"eval_fraction + test_fraction < 1 (eval_fraction={files.eval_fraction})",
-        )
-    _check(files.id_mapping in ID_MAPPINGS, f"{p}.id_mapping", files.id_mapping, f"one of {list(ID_MAPPINGS)}")
-    _check(files.default_num_embeddings >= 2, f"{p}.default_num_embeddings", files.default_num_embeddings, "an integer >= 2 (row 0 is 'missing')")
-    _check(files.vocab_min_count >= 1, f"{p}.vocab_min_count", files.vocab_min_count, "an integer >= 1")
-    _check(files.oov_buckets >= 1, f"{p}.oov_buckets", files.oov_buckets, "an integer >= 1")
-    _check(files.cache_mb >= 1, f"{p}.cache_mb", files.cache_mb, "an integer >= 1 (MiB)")
-    _check(files.shuffle_window >= 0, f"{p}.shuffle_window", files.shuffle_window, "an integer >= 0 (0 = global shuffle)")
+    """Check ``data.files`` and resolve it into a :class:`FilePlan`; raises :class:`FileSchemaError`.
+
+    The checks run in a fixed order (the first bad setting is the one reported): file settings,
+    tables, event types, columns one by one, then the cross-checks that need every column.
+    """
+    _check_split(files)
+    _check_settings(files)
     if source == "csv":
-        c = files.csv
-        _check(
-            bool(c.delimiter),
-            f"{p}.csv.delimiter",
-            c.delimiter,
-            'a non-empty delimiter: one character (",", "\\t" for TSV) or several ("::" as in MovieLens\' ratings.dat)',
-        )
-        _check("\n" not in c.delimiter and "\r" not in c.delimiter, f"{p}.csv.delimiter", c.delimiter, "a delimiter without line breaks")
-        _check(
-            len(c.list_separator) == 1 and c.list_separator not in c.delimiter,
-            f"{p}.csv.list_separator",
-            c.list_separator,
-            f"one character that does not occur in the delimiter {c.delimiter!r}",
-        )
-        _check(
-            len(c.quote_char) <= 1 and c.quote_char not in c.delimiter and c.quote_char != c.list_separator if c.quote_char else True,
-            f"{p}.csv.quote_char",
-            c.quote_char,
-            "one character other than the list separator and not in the delimiter, or '' for none",
-        )
-        _check(c.rows_per_block >= 1, f"{p}.csv.rows_per_block", c.rows_per_block, "an integer >= 1")
-
-    sk = f"{p}.schema"
-    sch = files.schema
-    # ---------------------------------------------------------------- tables
-    tables: Dict[str, TablePlan] = {}
-    for i, t in enumerate(sch.tables):
-        key = f"{sk}.tables[{i}]"
-        _check(bool(t.name) and not t.name.startswith("_"), f"{key}.name", t.name, "a table name (not starting with '_')")
-        _check(
-            t.name not in tables, f"{key}.name", t.name, f"a name not used by another table (declared at {tables.get(t.name, TablePlan('', '', 0, '')).key})"
-        )
-        mapping = t.id_mapping or files.id_mapping
-        _check(mapping in ID_MAPPINGS, f"{key}.id_mapping", t.id_mapping, f"one of {list(ID_MAPPINGS)} or '' (= data.files.id_mapping)")
-        if mapping == "vocab":
-            _check(
-                t.num_embeddings == 0 or t.num_embeddings >= 1 + files.oov_buckets + 1,
-                f"{key}.num_embeddings",
-                t.num_embeddings,
-                f"0 (the vocabulary's size) or a cap >= {files.oov_buckets + 2} (row 0 missing, {files.oov_buckets} OOV row(s), one id)",
-            )
-        else:
-            _check(
-                t.num_embeddings == 0 or t.num_embeddings >= 2,
-                f"{key}.num_embeddings",
-                t.num_embeddings,
-                f"an integer >= 2 (row 0 is 'missing'), or 0 for data.files.default_num_embeddings={files.default_num_embeddings}",
-            )
-        n = t.num_embeddings if (t.num_embeddings or mapping == "vocab") else files.default_num_embeddings
-        tables[t.name] = TablePlan(t.name, mapping, n, key)
-    if files.id_mapping == "vocab" or any(t.id_mapping == "vocab" for t in tables.values()):
-        _check(
-            bool(files.vocab_dir), f"{p}.vocab_dir", files.vocab_dir, "a folder for the vocabularies (id_mapping=vocab; build them with `kunlun data vocab`)"
-        )
-
-    # ---------------------------------------------------------------- events
-    event_cfg: Dict[str, Any] = {}
-    for i, e in enumerate(sch.events):
-        key = f"{sk}.events[{i}]"
-        _check(bool(e.name) and "." not in e.name, f"{key}.name", e.name, "an event type name without '.'")
-        _check(e.name not in event_cfg, f"{key}.name", e.name, "a name not used by another event type")
-        _check(e.max_len > 0, f"{key}.max_len", e.max_len, "an integer > 0")
-        _check(e.order in ORDERS, f"{key}.order", e.order, f"one of {list(ORDERS)}")
-        event_cfg[e.name] = e
-
-    # --------------------------------------------------------------- columns
-    specs: List[ColumnSpec] = []
-    seen_names: Dict[str, int] = {}
-    features: Dict[str, str] = {}  # batch name → key
-    ev_cols: Dict[str, Dict[str, ColumnSpec]] = {name: {} for name in event_cfg}
-    _check(len(sch.columns) > 0, f"{sk}.columns", [], "a list of the columns in the files")
-    for i, c in enumerate(sch.columns):
-        key = f"{sk}.columns[{i}]"
-        _check(bool(c.name), f"{key}.name", c.name, "the column's name in the files")
-        _check(c.role in ROLES, f"{key}.role", c.role, f"one of {list(ROLES)}")
-        if c.name in seen_names and c.role != "ignore":
-            _check(False, f"{key}.name", c.name, f"a column not declared before (columns[{seen_names[c.name]}])")
-        seen_names.setdefault(c.name, i)
-        if c.role == "ignore":
-            _check(c.dtype in ROLE_DTYPES["ignore"], f"{key}.dtype", c.dtype, f"one of {list(DTYPES)} or ''")
-            specs.append(ColumnSpec(i, c.name, "ignore", c.dtype or "string", c.name))
-            continue
-        if c.role == "sequence":
-            _check(c.event in event_cfg, f"{key}.event", c.event, f"an event type declared in {sk}.events: {list(event_cfg)}")
-            _check(c.attribute in ATTRIBUTES, f"{key}.attribute", c.attribute, f"one of {list(ATTRIBUTES)}")
-            allowed = SEQUENCE_DTYPES[c.attribute]
-        else:
-            allowed = ROLE_DTYPES[c.role]
-        _check(c.dtype in allowed, f"{key}.dtype", c.dtype, f"one of {list(allowed)} for role {c.role}" + (f" ({c.attribute})" if c.role == "sequence" else ""))
-        feature = c.feature or c.name
-        if c.role != "sequence":
-            _check(bool(feature) and feature not in features, f"{key}.feature", feature, f"a name not used by another feature ({features.get(feature, '')})")
-            features[feature] = key
-        if c.role != "categorical":
-            _check(c.max_ids == 0, f"{key}.max_ids", c.max_ids, "0 (max_ids applies to categorical list columns only)")
-        if c.role != "dense":
-            _check(c.transform == "none", f"{key}.transform", c.transform, "'none' (transforms apply to dense columns)")
-        if c.role != "label":
-            _check(c.threshold is None, f"{key}.threshold", c.threshold, "null (thresholds apply to labels)")
-        if c.role != "sequence" and c.event:
-            _check(False, f"{key}.event", c.event, "'' (only sequence columns belong to an event type)")
-        if c.role == "request_time":
-            if c.dtype == "string":
-                _check(
-                    bool(c.time_format) and "%" in c.time_format,
-                    f"{key}.time_format",
-                    c.time_format,
-                    "a strptime format such as '%Y-%m-%d %H:%M:%S' for a string request time",
-                )
-            else:
-                _check(not c.time_format, f"{key}.time_format", c.time_format, "'' for an int64 request time (seconds)")
-        else:
-            _check(not c.time_format, f"{key}.time_format", c.time_format, "'' (time formats apply to a string request_time)")
-        _check(c.transform in TRANSFORMS, f"{key}.transform", c.transform, f"one of {list(TRANSFORMS)}")
-        table = ""
-        max_ids = 1
-        if c.role == "categorical" or (c.role == "sequence" and c.attribute in ("item", "action")):
-            table = c.table or (feature if c.role == "categorical" else f"{c.event}_{c.attribute}")
-            _check(not table.startswith("_"), f"{key}.table", table, "a table name not starting with '_'")
-            if table not in tables:
-                tables[table] = TablePlan(table, files.id_mapping, 0 if files.id_mapping == "vocab" else files.default_num_embeddings, f"{key}.table")
-                if files.id_mapping == "vocab":
-                    _check(bool(files.vocab_dir), f"{p}.vocab_dir", files.vocab_dir, "a folder for the vocabularies (id_mapping=vocab)")
-            if tables[table].id_mapping == "identity":
-                _check(
-                    c.dtype in ("int64", "list<int64>"),
-                    f"{key}.dtype",
-                    c.dtype,
-                    f"int64 or list<int64>: table {table!r} uses id_mapping=identity (ids are the rows)",
-                )
-        elif c.table:
-            _check(False, f"{key}.table", c.table, f"'' (role {c.role}" + (f", attribute {c.attribute}" if c.role == "sequence" else "") + " feeds no table)")
-        if c.role == "categorical":
-            if c.dtype.startswith("list<"):
-                _check(c.max_ids > 0, f"{key}.max_ids", c.max_ids, "an integer > 0: the most ids kept per example of a list column")
-                max_ids = c.max_ids
-            else:
-                _check(c.max_ids in (0, 1), f"{key}.max_ids", c.max_ids, "0 or 1 for a single-valued (scalar) column")
-        spec = ColumnSpec(
-            index=i,
-            name=c.name,
-            role=c.role,
-            dtype=c.dtype,
-            feature=feature,
-            table=table,
-            event=c.event if c.role == "sequence" else "",
-            attribute=c.attribute if c.role == "sequence" else "",
-            max_ids=max_ids,
-            transform=c.transform,
-            fill=float(c.fill),
-            threshold=None if c.threshold is None else float(c.threshold),
-            time_format=c.time_format,
-        )
-        if c.role == "sequence":
-            _check(
-                c.attribute not in ev_cols[c.event],
-                f"{key}.attribute",
-                c.attribute,
-                f"an attribute of event {c.event!r} not given by another column (columns[{ev_cols[c.event].get(c.attribute, spec).index}])",
-            )
-            ev_cols[c.event][c.attribute] = spec
-        specs.append(spec)
-
-    by_role: Dict[str, List[ColumnSpec]] = {r: [s for s in specs if s.role == r] for r in ROLES}
-    _check(len(by_role["label"]) >= 1, f"{sk}.columns", [c.name for c in sch.columns], "at least one column with role label")
-    for role in ("weight", "request_time"):
-        if len(by_role[role]) > 1:
-            _check(False, f"{by_role[role][1].key}.role", role, f"at most one {role} column (also {by_role[role][0].key})")
-    for i, e in enumerate(sch.events):
-        _check("item" in ev_cols[e.name], f"{sk}.events[{i}]", e.name, "an event type with an item column (role sequence, attribute item)")
-    if files.split == "time":
-        _check(bool(by_role["request_time"]), f"{p}.split", files.split, "paths or rows: split=time needs a column with role request_time")
-    seq_keys = {f"{e}.{a}" for e in event_cfg for a in ("item", "action")}
-    for s in by_role["categorical"]:
-        _check(s.feature not in seq_keys, f"{s.key}.feature", s.feature, "a name other than the sequence keys <event>.item / <event>.action")
-
-    events = [
-        EventPlan(e.name, e.max_len, e.order, ev_cols[e.name]["item"], ev_cols[e.name].get("action"), ev_cols[e.name].get("timestamp")) for e in sch.events
-    ]
-    if any(e.action is None for e in events):
-        tables[NO_ACTION_TABLE] = TablePlan(NO_ACTION_TABLE, "identity", 1, f"{sk}.events")
-    table_columns: Dict[str, List[ColumnSpec]] = {}
-    for s in specs:
-        if s.table:
-            table_columns.setdefault(s.table, []).append(s)
-    unused = [t for t in tables if t not in table_columns and t != NO_ACTION_TABLE]
-    if unused:
-        _check(False, f"{tables[unused[0]].key}.name", unused[0], "a table some categorical or sequence column reads")
+        _check_csv(files.csv)
+    schema = files.schema
+    tables = _declared_tables(files)
+    event_cfg = _declared_events(schema)
+    columns = _ColumnResolver(files, event_cfg, tables)
+    specs = columns.resolve_all(schema.columns)
+    by_role: Dict[str, List[ColumnSpec]] = {role: [spec for spec in specs if spec.role == role] for role in ROLES}
+    _check_roles(by_role, [col.name for col in schema.columns])
+    _check_events_complete(schema, columns.event_columns)
+    _check_time_split(files, by_role)
+    _check_context_names(by_role, event_cfg)
+    events = _event_plans(schema, columns.event_columns, tables)
+    table_columns = _table_columns(specs, tables)
     return FilePlan(
         columns=specs,
         tables=tables,
@@ -416,6 +217,338 @@ def resolve(files, source: str = "parquet") -> FilePlan:
         id_mapping=files.id_mapping,
         table_columns=table_columns,
     )
+
+
+# ------------------------------------------------------------------ file settings
+def _check_split(files) -> None:
+    """``split`` and the path lists and bounds it needs (``train/eval/test`` or ``paths``)."""
+    _check(files.split in SPLITS, f"{PREFIX}.split", files.split, f"one of {list(SPLITS)}")
+    paths = split_paths(files)
+    if files.split == "paths":
+        for split in ("train", "eval", "test"):
+            _check(bool(paths[split]), f"{PREFIX}.{split}", getattr(files, split), "at least one path (split=paths needs train, eval and test files)")
+        _check(not _path_list(files, "paths"), f"{PREFIX}.paths", files.paths, "empty with split=paths (set data.files.split=time or rows to use it)")
+    else:
+        _check(bool(paths["all"]), f"{PREFIX}.paths", files.paths, f"at least one path (split={files.split} reads the whole data set from data.files.paths)")
+        for split in ("train", "eval", "test"):
+            _check(
+                not _path_list(files, split),
+                f"{PREFIX}.{split}",
+                getattr(files, split),
+                f"empty with split={files.split} (the split is computed from data.files.paths)",
+            )
+    if files.split == "time":
+        _check(files.eval_from > 0, f"{PREFIX}.eval_from", files.eval_from, "a request time in seconds > 0 (split=time)")
+        _check(files.test_from >= files.eval_from, f"{PREFIX}.test_from", files.test_from, f"a request time >= data.files.eval_from={files.eval_from}")
+    if files.split == "rows":
+        _check(0 < files.eval_fraction < 1, f"{PREFIX}.eval_fraction", files.eval_fraction, "a fraction in (0, 1) (split=rows)")
+        _check(0 < files.test_fraction < 1, f"{PREFIX}.test_fraction", files.test_fraction, "a fraction in (0, 1) (split=rows)")
+        _check(
+            files.eval_fraction + files.test_fraction < 1,
+            f"{PREFIX}.test_fraction",
+            files.test_fraction,
+            f"eval_fraction + test_fraction < 1 (eval_fraction={files.eval_fraction})",
+        )
+
+
+def _check_settings(files) -> None:
+    """The scalar settings: default id mapping, table size, vocabulary, cache and shuffle."""
+    _check(files.id_mapping in ID_MAPPINGS, f"{PREFIX}.id_mapping", files.id_mapping, f"one of {list(ID_MAPPINGS)}")
+    _check(files.default_num_embeddings >= 2, f"{PREFIX}.default_num_embeddings", files.default_num_embeddings, "an integer >= 2 (row 0 is 'missing')")
+    _check(files.vocab_min_count >= 1, f"{PREFIX}.vocab_min_count", files.vocab_min_count, "an integer >= 1")
+    _check(files.oov_buckets >= 1, f"{PREFIX}.oov_buckets", files.oov_buckets, "an integer >= 1")
+    _check(files.cache_mb >= 1, f"{PREFIX}.cache_mb", files.cache_mb, "an integer >= 1 (MiB)")
+    _check(files.shuffle_window >= 0, f"{PREFIX}.shuffle_window", files.shuffle_window, "an integer >= 0 (0 = global shuffle)")
+
+
+def _check_csv(csv) -> None:
+    """``data.files.csv`` (source=csv): delimiter, list separator and quote must not collide."""
+    _check(
+        bool(csv.delimiter),
+        f"{PREFIX}.csv.delimiter",
+        csv.delimiter,
+        'a non-empty delimiter: one character (",", "\\t" for TSV) or several ("::" as in MovieLens\' ratings.dat)',
+    )
+    _check("\n" not in csv.delimiter and "\r" not in csv.delimiter, f"{PREFIX}.csv.delimiter", csv.delimiter, "a delimiter without line breaks")
+    _check(
+        len(csv.list_separator) == 1 and csv.list_separator not in csv.delimiter,
+        f"{PREFIX}.csv.list_separator",
+        csv.list_separator,
+        f"one character that does not occur in the delimiter {csv.delimiter!r}",
+    )
+    _check(
+        len(csv.quote_char) <= 1 and csv.quote_char not in csv.delimiter and csv.quote_char != csv.list_separator if csv.quote_char else True,
+        f"{PREFIX}.csv.quote_char",
+        csv.quote_char,
+        "one character other than the list separator and not in the delimiter, or '' for none",
+    )
+    _check(csv.rows_per_block >= 1, f"{PREFIX}.csv.rows_per_block", csv.rows_per_block, "an integer >= 1")
+
+
+# ------------------------------------------------------------------ tables and events
+def _declared_tables(files) -> Dict[str, TablePlan]:
+    """The declared tables (``schema.tables``) with their id mapping and size, by name."""
+    tables: Dict[str, TablePlan] = {}
+    for index, table_cfg in enumerate(files.schema.tables):
+        key = f"{PREFIX}.schema.tables[{index}]"
+        _check(bool(table_cfg.name) and not table_cfg.name.startswith("_"), f"{key}.name", table_cfg.name, "a table name (not starting with '_')")
+        _check(
+            table_cfg.name not in tables,
+            f"{key}.name",
+            table_cfg.name,
+            f"a name not used by another table (declared at {tables.get(table_cfg.name, TablePlan('', '', 0, '')).key})",
+        )
+        mapping = table_cfg.id_mapping or files.id_mapping
+        _check(mapping in ID_MAPPINGS, f"{key}.id_mapping", table_cfg.id_mapping, f"one of {list(ID_MAPPINGS)} or '' (= data.files.id_mapping)")
+        _check_num_embeddings(files, key, table_cfg.num_embeddings, mapping)
+        # 0 means "the default": the vocabulary's size for vocab tables, default_num_embeddings otherwise
+        num_embeddings = table_cfg.num_embeddings if (table_cfg.num_embeddings or mapping == "vocab") else files.default_num_embeddings
+        tables[table_cfg.name] = TablePlan(table_cfg.name, mapping, num_embeddings, key)
+    if files.id_mapping == "vocab" or any(table.id_mapping == "vocab" for table in tables.values()):
+        _check(
+            bool(files.vocab_dir),
+            f"{PREFIX}.vocab_dir",
+            files.vocab_dir,
+            "a folder for the vocabularies (id_mapping=vocab; build them with `kunlun data vocab`)",
+        )
+    return tables
+
+
+def _check_num_embeddings(files, key: str, num_embeddings: int, mapping: str) -> None:
+    """A declared table size: 0 (the default) or enough rows for 'missing' (and the OOV rows of a vocab table)."""
+    if mapping == "vocab":
+        _check(
+            num_embeddings == 0 or num_embeddings >= 1 + files.oov_buckets + 1,
+            f"{key}.num_embeddings",
+            num_embeddings,
+            f"0 (the vocabulary's size) or a cap >= {files.oov_buckets + 2} (row 0 missing, {files.oov_buckets} OOV row(s), one id)",
+        )
+    else:
+        _check(
+            num_embeddings == 0 or num_embeddings >= 2,
+            f"{key}.num_embeddings",
+            num_embeddings,
+            f"an integer >= 2 (row 0 is 'missing'), or 0 for data.files.default_num_embeddings={files.default_num_embeddings}",
+        )
+
+
+def _declared_events(schema) -> Dict[str, Any]:
+    """The declared event types (``schema.events``), by name."""
+    event_cfg: Dict[str, Any] = {}
+    for index, event in enumerate(schema.events):
+        key = f"{PREFIX}.schema.events[{index}]"
+        _check(bool(event.name) and "." not in event.name, f"{key}.name", event.name, "an event type name without '.'")
+        _check(event.name not in event_cfg, f"{key}.name", event.name, "a name not used by another event type")
+        _check(event.max_len > 0, f"{key}.max_len", event.max_len, "an integer > 0")
+        _check(event.order in ORDERS, f"{key}.order", event.order, f"one of {list(ORDERS)}")
+        event_cfg[event.name] = event
+    return event_cfg
+
+
+# ------------------------------------------------------------------ columns
+class _ColumnResolver:
+    """Resolves ``schema.columns`` in order, tracking what earlier columns claimed.
+
+    Adds the tables that columns name but nobody declared to ``tables``; ``event_columns``
+    collects each event type's attribute columns (event → attribute → spec).
+    """
+
+    def __init__(self, files, event_cfg: Dict[str, Any], tables: Dict[str, TablePlan]):
+        self.files = files
+        self.event_cfg = event_cfg
+        self.tables = tables
+        self.first_index: Dict[str, int] = {}  # column name → first declaring position
+        self.features: Dict[str, str] = {}  # batch name → key
+        self.event_columns: Dict[str, Dict[str, ColumnSpec]] = {name: {} for name in event_cfg}
+
+    def resolve_all(self, columns) -> List[ColumnSpec]:
+        """Every column's :class:`ColumnSpec`, in declaration order."""
+        _check(len(columns) > 0, f"{PREFIX}.schema.columns", [], "a list of the columns in the files")
+        return [self.resolve(index, col) for index, col in enumerate(columns)]
+
+    def resolve(self, index: int, col) -> ColumnSpec:
+        """One column: name and role, dtype, the options its role allows, then its table."""
+        key = f"{PREFIX}.schema.columns[{index}]"
+        self._check_name(index, col, key)
+        if col.role == "ignore":
+            _check(col.dtype in ROLE_DTYPES["ignore"], f"{key}.dtype", col.dtype, f"one of {list(DTYPES)} or ''")
+            return ColumnSpec(index, col.name, "ignore", col.dtype or "string", col.name)
+        self._check_dtype(col, key)
+        feature = col.feature or col.name
+        if col.role != "sequence":  # sequence columns are named <event>.<attribute> in the batch
+            _check(
+                bool(feature) and feature not in self.features,
+                f"{key}.feature",
+                feature,
+                f"a name not used by another feature ({self.features.get(feature, '')})",
+            )
+            self.features[feature] = key
+        _check_role_options(col, key)
+        table = self._table(col, key, feature)
+        spec = ColumnSpec(
+            index=index,
+            name=col.name,
+            role=col.role,
+            dtype=col.dtype,
+            feature=feature,
+            table=table,
+            event=col.event if col.role == "sequence" else "",
+            attribute=col.attribute if col.role == "sequence" else "",
+            max_ids=_max_ids(col, key),
+            transform=col.transform,
+            fill=float(col.fill),
+            threshold=None if col.threshold is None else float(col.threshold),
+            time_format=col.time_format,
+        )
+        if col.role == "sequence":
+            self._add_event_column(col, key, spec)
+        return spec
+
+    def _check_name(self, index: int, col, key: str) -> None:
+        """A name and a known role; a name may repeat only for ``ignore`` columns."""
+        _check(bool(col.name), f"{key}.name", col.name, "the column's name in the files")
+        _check(col.role in ROLES, f"{key}.role", col.role, f"one of {list(ROLES)}")
+        if col.name in self.first_index and col.role != "ignore":
+            _check(False, f"{key}.name", col.name, f"a column not declared before (columns[{self.first_index[col.name]}])")
+        self.first_index.setdefault(col.name, index)
+
+    def _check_dtype(self, col, key: str) -> None:
+        """The dtype the role (for sequences: the attribute of a declared event type) allows."""
+        if col.role == "sequence":
+            _check(col.event in self.event_cfg, f"{key}.event", col.event, f"an event type declared in {PREFIX}.schema.events: {list(self.event_cfg)}")
+            _check(col.attribute in ATTRIBUTES, f"{key}.attribute", col.attribute, f"one of {list(ATTRIBUTES)}")
+            allowed = SEQUENCE_DTYPES[col.attribute]
+        else:
+            allowed = ROLE_DTYPES[col.role]
+        detail = f" ({col.attribute})" if col.role == "sequence" else ""
+        _check(col.dtype in allowed, f"{key}.dtype", col.dtype, f"one of {list(allowed)} for role {col.role}" + detail)
+
+    def _table(self, col, key: str, feature: str) -> str:
+        """The table an id column reads (created with the defaults if undeclared), or '' for the other columns."""
+        if not (col.role == "categorical" or (col.role == "sequence" and col.attribute in ("item", "action"))):
+            if col.table:
+                detail = f", attribute {col.attribute}" if col.role == "sequence" else ""
+                _check(False, f"{key}.table", col.table, f"'' (role {col.role}" + detail + " feeds no table)")
+            return ""
+        files = self.files
+        table = col.table or (feature if col.role == "categorical" else f"{col.event}_{col.attribute}")
+        _check(not table.startswith("_"), f"{key}.table", table, "a table name not starting with '_'")
+        if table not in self.tables:
+            num_embeddings = 0 if files.id_mapping == "vocab" else files.default_num_embeddings
+            self.tables[table] = TablePlan(table, files.id_mapping, num_embeddings, f"{key}.table")
+            if files.id_mapping == "vocab":
+                _check(bool(files.vocab_dir), f"{PREFIX}.vocab_dir", files.vocab_dir, "a folder for the vocabularies (id_mapping=vocab)")
+        if self.tables[table].id_mapping == "identity":
+            _check(
+                col.dtype in ("int64", "list<int64>"),
+                f"{key}.dtype",
+                col.dtype,
+                f"int64 or list<int64>: table {table!r} uses id_mapping=identity (ids are the rows)",
+            )
+        return table
+
+    def _add_event_column(self, col, key: str, spec: ColumnSpec) -> None:
+        """Record a sequence column as its event type's ``attribute``; each attribute comes from one column."""
+        given = self.event_columns[col.event]
+        _check(
+            col.attribute not in given,
+            f"{key}.attribute",
+            col.attribute,
+            f"an attribute of event {col.event!r} not given by another column (columns[{given.get(col.attribute, spec).index}])",
+        )
+        given[col.attribute] = spec
+
+
+def _check_role_options(col, key: str) -> None:
+    """Options that only some roles take (max_ids, transform, threshold, event, time_format) are unset elsewhere."""
+    if col.role != "categorical":
+        _check(col.max_ids == 0, f"{key}.max_ids", col.max_ids, "0 (max_ids applies to categorical list columns only)")
+    if col.role != "dense":
+        _check(col.transform == "none", f"{key}.transform", col.transform, "'none' (transforms apply to dense columns)")
+    if col.role != "label":
+        _check(col.threshold is None, f"{key}.threshold", col.threshold, "null (thresholds apply to labels)")
+    if col.role != "sequence" and col.event:
+        _check(False, f"{key}.event", col.event, "'' (only sequence columns belong to an event type)")
+    if col.role == "request_time":
+        if col.dtype == "string":
+            _check(
+                bool(col.time_format) and "%" in col.time_format,
+                f"{key}.time_format",
+                col.time_format,
+                "a strptime format such as '%Y-%m-%d %H:%M:%S' for a string request time",
+            )
+        else:
+            _check(not col.time_format, f"{key}.time_format", col.time_format, "'' for an int64 request time (seconds)")
+    else:
+        _check(not col.time_format, f"{key}.time_format", col.time_format, "'' (time formats apply to a string request_time)")
+    _check(col.transform in TRANSFORMS, f"{key}.transform", col.transform, f"one of {list(TRANSFORMS)}")
+
+
+def _max_ids(col, key: str) -> int:
+    """Ids kept per example: ``max_ids`` for a categorical list column, else 1."""
+    if col.role != "categorical":
+        return 1
+    if col.dtype.startswith("list<"):
+        _check(col.max_ids > 0, f"{key}.max_ids", col.max_ids, "an integer > 0: the most ids kept per example of a list column")
+        return col.max_ids
+    _check(col.max_ids in (0, 1), f"{key}.max_ids", col.max_ids, "0 or 1 for a single-valued (scalar) column")
+    return 1
+
+
+# ------------------------------------------------------------------ cross-checks
+def _check_roles(by_role: Dict[str, List[ColumnSpec]], column_names: List[str]) -> None:
+    """At least one label; at most one weight and one request_time."""
+    _check(len(by_role["label"]) >= 1, f"{PREFIX}.schema.columns", column_names, "at least one column with role label")
+    for role in ("weight", "request_time"):
+        if len(by_role[role]) > 1:
+            _check(False, f"{by_role[role][1].key}.role", role, f"at most one {role} column (also {by_role[role][0].key})")
+
+
+def _check_events_complete(schema, event_columns: Dict[str, Dict[str, ColumnSpec]]) -> None:
+    """Every event type has an item column."""
+    for index, event in enumerate(schema.events):
+        _check(
+            "item" in event_columns[event.name],
+            f"{PREFIX}.schema.events[{index}]",
+            event.name,
+            "an event type with an item column (role sequence, attribute item)",
+        )
+
+
+def _check_time_split(files, by_role: Dict[str, List[ColumnSpec]]) -> None:
+    """split=time splits by the request time, so a request_time column must exist."""
+    if files.split == "time":
+        _check(bool(by_role["request_time"]), f"{PREFIX}.split", files.split, "paths or rows: split=time needs a column with role request_time")
+
+
+def _check_context_names(by_role: Dict[str, List[ColumnSpec]], event_cfg: Dict[str, Any]) -> None:
+    """No context feature takes a sequence's batch key (``<event>.item`` / ``<event>.action``)."""
+    seq_keys = {f"{event}.{attribute}" for event in event_cfg for attribute in ("item", "action")}
+    for spec in by_role["categorical"]:
+        _check(spec.feature not in seq_keys, f"{spec.key}.feature", spec.feature, "a name other than the sequence keys <event>.item / <event>.action")
+
+
+def _event_plans(schema, event_columns: Dict[str, Dict[str, ColumnSpec]], tables: Dict[str, TablePlan]) -> List[EventPlan]:
+    """One :class:`EventPlan` per event type; adds the 1-row ``_no_action`` table if one lacks actions."""
+    events = []
+    for event in schema.events:
+        given = event_columns[event.name]
+        events.append(EventPlan(event.name, event.max_len, event.order, given["item"], given.get("action"), given.get("timestamp")))
+    if any(event.action is None for event in events):
+        tables[NO_ACTION_TABLE] = TablePlan(NO_ACTION_TABLE, "identity", 1, f"{PREFIX}.schema.events")
+    return events
+
+
+def _table_columns(specs: List[ColumnSpec], tables: Dict[str, TablePlan]) -> Dict[str, List[ColumnSpec]]:
+    """Table → the id columns reading it; every declared table must be read by one."""
+    table_columns: Dict[str, List[ColumnSpec]] = {}
+    for spec in specs:
+        if spec.table:
+            table_columns.setdefault(spec.table, []).append(spec)
+    unused = [name for name in tables if name not in table_columns and name != NO_ACTION_TABLE]
+    if unused:
+        _check(False, f"{tables[unused[0]].key}.name", unused[0], "a table some categorical or sequence column reads")
+    return table_columns
 
 
 def expand(pattern: str) -> List[str]:

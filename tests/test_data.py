@@ -581,3 +581,34 @@ def test_loader_workers_preserve_order(split):
         _assert_batches_equal(a, b)
     # rank 1 of 2 holds positions 44..47 of the last eval batch: one real example, 3 padding
     assert sum(b.weights.tolist().count(0.0) for b in got) == (3 if split == "eval" else 0)
+
+
+# ============================================================================ bad rows
+def test_bad_row_policy_is_one_mechanism(caplog):
+    """BadRowTracker.bad and RowIssues word messages their own way but share the policy and the log cap."""
+    import logging
+
+    from kunlun.data.errors import BadRowTracker, DataError, RowIssues
+
+    with pytest.raises(DataError, match=r"^f\.dat:3: field 'age' = 'x': expected an integer \(set data.bad_row_policy=skip to drop such rows\)$"):
+        BadRowTracker("error").bad("f.dat", 3, "age", "x", "an integer")
+    issues = RowIssues(BadRowTracker("error"), lambda i: f"f.csv:{i + 2}", 3)
+    with pytest.raises(DataError, match=r"^f\.csv:3: column 'c' = '" + "v" * 77 + r"\.\.\.': expected a number \(set data"):
+        issues.flag([False, True, True], "c", ["a", "v" * 100, "b"], "a number")
+
+    caplog.set_level(logging.WARNING, logger="kunlun.data.errors")
+    tracker = BadRowTracker("skip")
+    issues = RowIssues(tracker, lambda i: f"f.csv:{i + 2}", 4)
+    issues.flag([True, False, True, False], "c", lambda i: i, "a number")
+    issues.fail(3, "row has 2 fields")
+    for line in range(10):
+        tracker.bad("f.dat", line + 1, "age", "x", "an integer")
+    assert issues.bad.tolist() == [True, False, True, True]
+    assert tracker.count == 10  # rows given to bad(); RowIssues counts with its mask
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipping bad row")]
+    assert len(logged) == BadRowTracker.MAX_REPORTED
+    assert logged[:3] == [
+        "skipping bad row: f.csv:2: column 'c' = 0: expected a number",
+        "skipping bad row: f.csv:5: row has 2 fields",
+        "skipping bad row: f.dat:1: field 'age' = 'x': expected an integer",
+    ]
