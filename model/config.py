@@ -61,16 +61,15 @@ class _TowerBase:
 
 @dataclass
 class _SequenceTowerBase(_TowerBase):
-    """A tower that summarises event sequences with time encodings and GDPA kernels."""
+    """A tower that summarises event sequences with time encodings (and GDPA kernels,
+    chosen once for the whole model by ``ModelConfig.gdpa_impl``)."""
 
     num_summary_tokens: int = 4  # n_sum summary tokens
     temporal_buckets: int = 64  # log-spaced time-gap buckets
-    gdpa_impl: str = "auto"  # auto | reference | triton
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_positive(self, "num_summary_tokens", "temporal_buckets")
-        check_choice(self, "gdpa_impl", GDPA_IMPLS)
 
 
 @dataclass
@@ -175,6 +174,9 @@ class InterFormerConfig(_PersonalisedFFNFields, _SequenceTowerBase):
 class ModelConfig:
     tower: str = "dlrm"
     embedding_dim: int = 32  # one dim for every table (DLRM's dot interaction needs it)
+    # GDPA kernels of every tower module: auto (Triton on CUDA, reference elsewhere) |
+    # reference | triton (CPU: only under TRITON_INTERPRET=1); see kunlun.model.ops.select.
+    gdpa_impl: str = "auto"
     dlrm: DLRMConfig = field(default_factory=DLRMConfig)
     kunlun: KunlunConfig = field(default_factory=KunlunConfig)
     dcnv2: DCNv2Config = field(default_factory=DCNv2Config)
@@ -184,4 +186,5 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         check_choice(self, "tower", TOWER_NAMES)
+        check_choice(self, "gdpa_impl", GDPA_IMPLS)
         check_positive(self, "embedding_dim")

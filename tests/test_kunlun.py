@@ -15,6 +15,7 @@ from kunlun.model.modules.gdpa_ffn import GDPAFFN
 from kunlun.model.modules.seed_pooling import HierarchicalSeedPooling, SumKronLinear
 from kunlun.model.modules.temporal import TemporalEncoding, log_bucket
 from kunlun.model.modules.window_attention import WindowSelfAttention
+from kunlun.model.ops.select import set_gdpa_impl
 from kunlun.model.towers.base import EventSequence, TowerInputs
 from kunlun.model.towers.kunlun import KunlunTower, is_global_layer
 from kunlun.trainer.config import EventTowerConfig, KunlunConfig
@@ -55,7 +56,8 @@ def test_window_attention_matches_per_sample_loop(window):
 
 def test_gdpa_ffn_is_a_personalised_ffn():
     torch.manual_seed(2)
-    m = GDPAFFN(dim=8, heads=2, n_sum=3, d_ctx=6, m=5, rank=4, activation="gelu", impl="reference")
+    m = GDPAFFN(dim=8, heads=2, n_sum=3, d_ctx=6, m=5, rank=4, activation="gelu")
+    set_gdpa_impl(m, "reference")
     off = offsets_of([3, 0, 4])
     seq = torch.randn(7, 8)
     x_sum = torch.randn(3, 3, 6)
@@ -102,7 +104,6 @@ def tower_cfg(**overrides) -> KunlunConfig:
         hsp_rank=2,
         wukong_mlp=16,
         head_mlp=[16],
-        gdpa_impl="reference",
         default_event=EventTowerConfig(dim=8, heads=2, layers=3, window=-1, num_tokens=2, num_seeds=4),
     )
     for k, v in overrides.items():
@@ -219,3 +220,17 @@ def test_tower_gradients_reach_every_parameter():
     tower(inputs(3, 5)).sum().backward()
     missing = [n for n, p in tower.named_parameters() if p.grad is None]
     assert not missing, missing
+
+
+def test_the_gdpa_kernel_is_chosen_once_for_every_module():
+    """``model.gdpa_impl`` reaches every GDPA module of every sequence tower (no per-module strings)."""
+    from kunlun.model.config import ModelConfig
+    from kunlun.model.ops.select import UsesGDPA
+    from kunlun.model.towers import build_tower
+
+    for tower in ("kunlun", "hstu", "interformer"):
+        built = build_tower(SCHEMA, ModelConfig(tower=tower, embedding_dim=EMB, gdpa_impl="triton"), num_labels=1)
+        users = [m for m in built.modules() if isinstance(m, UsesGDPA)]
+        assert users and all(m.gdpa_impl == "triton" for m in users), tower
+    with pytest.raises(ValueError, match="impl='fast'"):
+        set_gdpa_impl(built, "fast")

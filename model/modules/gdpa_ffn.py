@@ -20,7 +20,8 @@ from typing import Sequence, Union
 import torch
 from torch import nn
 
-from kunlun.model.ops import DEFAULT_IMPL, gdpa_dense_kv
+from kunlun.model.ops import gdpa_dense_kv
+from kunlun.model.ops.select import UsesGDPA
 
 
 class KVGenerator(nn.Module):
@@ -44,12 +45,10 @@ class KVGenerator(nn.Module):
         return 2 * self.in_features * self.rank + 2 * 2 * self.rank * out
 
 
-class GDPAFFN(nn.Module):
+class GDPAFFN(UsesGDPA, nn.Module):
     """``seq [T, d]`` (jagged by ``offsets``) and ``X_sum`` → ``[T, d]``."""
 
-    def __init__(
-        self, dim: int, heads: int, n_sum: int, d_ctx: int, m: int, rank: int, activation: Union[str, Sequence[str]] = "gelu_tanh", impl: str = DEFAULT_IMPL
-    ):
+    def __init__(self, dim: int, heads: int, n_sum: int, d_ctx: int, m: int, rank: int, activation: Union[str, Sequence[str]] = "gelu_tanh"):
         super().__init__()
         if dim % heads:
             raise ValueError(f"GDPA-FFN: width {dim} is not divisible by {heads} heads")
@@ -58,7 +57,6 @@ class GDPAFFN(nn.Module):
         self.norm_out = nn.RMSNorm(dim)
         self.kv = KVGenerator(n_sum, d_ctx, m, heads, self.head_dim, rank)
         self.activation = activation
-        self.impl = impl
 
     def forward(self, seq: torch.Tensor, offsets: torch.Tensor, x_sum: torch.Tensor, max_len: int) -> torch.Tensor:
         ln_q = self.norm_in(seq)
@@ -72,7 +70,7 @@ class GDPAFFN(nn.Module):
             activation=self.activation,
             qk_scale=self.head_dim**-0.5,
             out_scale=1.0 / self.m,
-            impl=self.impl,
+            impl=self.gdpa_impl,
             max_q_len=max_len,
         ).reshape(-1, self.dim)
         return self.norm_out(o + ln_q) + seq

@@ -21,7 +21,8 @@ from torch import nn
 
 from kunlun.model.modules.attention import masked_softmax_attention
 from kunlun.model.modules.jagged import padding_mask, to_padded
-from kunlun.model.ops import DEFAULT_IMPL, gdpa_shared_q
+from kunlun.model.ops import gdpa_shared_q
+from kunlun.model.ops.select import UsesGDPA
 
 
 class SumKronLinear(nn.Module):
@@ -41,19 +42,19 @@ class SumKronLinear(nn.Module):
         return 2 * self.rank * self.n_in * self.n_out * self.dim + 2 * self.rank * self.n_out * self.dim * self.dim
 
 
-class SeedAttention(nn.Module):
+class SeedAttention(UsesGDPA, nn.Module):
     """Learned queries over a jagged sequence: ``seq [T, d]`` → ``[B, n_seeds, d]``.
 
     ``attention``: ``softmax`` or a GDPA activation name (``silu``, ``gelu``, ...); GDPA
     sums over keys without normalising, scaled by ``1 / max_len`` (a config constant).
     """
 
-    def __init__(self, dim: int, heads: int, n_seeds: int, max_len: int, attention: str = "softmax", impl: str = DEFAULT_IMPL):
+    def __init__(self, dim: int, heads: int, n_seeds: int, max_len: int, attention: str = "softmax"):
         super().__init__()
         if dim % heads:
             raise ValueError(f"seed attention: width {dim} is not divisible by {heads} heads")
         self.dim, self.heads, self.head_dim, self.n_seeds = dim, heads, dim // heads, n_seeds
-        self.max_len, self.attention, self.impl = max_len, attention, impl
+        self.max_len, self.attention = max_len, attention
         self.seeds = nn.Parameter(torch.randn(n_seeds, dim) * 0.02)
         self.norm_seeds = nn.LayerNorm(dim)
         self.norm_seq = nn.LayerNorm(dim)
@@ -79,7 +80,7 @@ class SeedAttention(nn.Module):
                 activation=self.attention,
                 qk_scale=self.head_dim**-0.5,
                 out_scale=1.0 / self.max_len,
-                impl=self.impl,
+                impl=self.gdpa_impl,
                 max_kv_len=max_len,
             )
         return self.out(att.reshape(b, self.n_seeds, self.dim))
@@ -95,9 +96,9 @@ class SeedAttention(nn.Module):
 class HierarchicalSeedPooling(nn.Module):
     """HSP: ``n_seeds`` seeds → SumKronLinear → ``[B, n_tokens, d]``."""
 
-    def __init__(self, dim: int, heads: int, n_seeds: int, n_tokens: int, rank: int, max_len: int, attention: str = "softmax", impl: str = DEFAULT_IMPL):
+    def __init__(self, dim: int, heads: int, n_seeds: int, n_tokens: int, rank: int, max_len: int, attention: str = "softmax"):
         super().__init__()
-        self.seed_attention = SeedAttention(dim, heads, n_seeds, max_len, attention, impl)
+        self.seed_attention = SeedAttention(dim, heads, n_seeds, max_len, attention)
         self.compress = SumKronLinear(n_seeds, n_tokens, dim, rank)
         self.norm = nn.LayerNorm(dim)
 
@@ -114,9 +115,9 @@ class HierarchicalSeedPooling(nn.Module):
 class PMA(nn.Module):
     """Pooling by multi-head attention: ``n_tokens`` seeds, no compression (InterFormer, HSP ablation)."""
 
-    def __init__(self, dim: int, heads: int, n_tokens: int, max_len: int, attention: str = "softmax", impl: str = DEFAULT_IMPL):
+    def __init__(self, dim: int, heads: int, n_tokens: int, max_len: int, attention: str = "softmax"):
         super().__init__()
-        self.seed_attention = SeedAttention(dim, heads, n_tokens, max_len, attention, impl)
+        self.seed_attention = SeedAttention(dim, heads, n_tokens, max_len, attention)
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, seq: torch.Tensor, offsets: torch.Tensor, max_len: int) -> torch.Tensor:

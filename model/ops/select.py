@@ -8,7 +8,10 @@
   (as generative-recommenders' kernel selection does), so the choice never varies per call.
 
 :func:`kunlun.model.ops.gdpa.gdpa` resolves every call through :func:`resolve_gdpa_impl`;
-modules only carry the configured string. Imports only torch.
+Modules that call it inherit :class:`UsesGDPA` and read ``self.gdpa_impl``; the model
+sets it once for all of them with :func:`set_gdpa_impl` (from ``model.gdpa_impl``), like
+generative-recommenders sets its kernel on every module of a model, instead of threading a
+string through every constructor. Imports only torch.
 """
 
 from __future__ import annotations
@@ -50,3 +53,18 @@ def resolve_gdpa_impl(impl: str, device: torch.device) -> str:
     if impl == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("gdpa impl='triton' needs a CUDA tensor (or TRITON_INTERPRET=1 to run the kernels on CPU)")
     return impl
+
+
+class UsesGDPA:
+    """Mixin of the modules that call :func:`kunlun.model.ops.gdpa.gdpa`: their kernel choice,
+    ``gdpa_impl`` (default ``"auto"``), set for a whole model by :func:`set_gdpa_impl`."""
+
+    gdpa_impl: str = DEFAULT_IMPL
+
+
+def set_gdpa_impl(model: torch.nn.Module, impl: str) -> None:
+    """Use ``impl`` (``auto``, ``reference``, ``triton``) in every GDPA module of ``model``."""
+    check_impl(impl)
+    for module in model.modules():
+        if isinstance(module, UsesGDPA):
+            module.gdpa_impl = impl

@@ -34,18 +34,19 @@ from kunlun.model.modules.head import PredictionHead
 from kunlun.model.modules.seed_pooling import PMA
 from kunlun.model.modules.temporal import TemporalEncoding
 from kunlun.model.modules.tokenizer import ContextTokenizer
-from kunlun.model.ops import DEFAULT_IMPL, gdpa
+from kunlun.model.ops import gdpa
+from kunlun.model.ops.select import UsesGDPA
 from kunlun.model.towers.base import DenseTower, TowerInputs
 
 
-class HSTULayer(nn.Module):
+class HSTULayer(UsesGDPA, nn.Module):
     """One HSTU layer: ``seq [T, d]`` (jagged by ``offsets``) → ``[T, d]``."""
 
-    def __init__(self, dim: int, heads: int, max_len: int, impl: str = DEFAULT_IMPL):
+    def __init__(self, dim: int, heads: int, max_len: int):
         super().__init__()
         if dim % heads:
             raise ValueError(f"HSTU: width {dim} is not divisible by {heads} heads")
-        self.dim, self.heads, self.head_dim, self.max_len, self.impl = dim, heads, dim // heads, max_len, impl
+        self.dim, self.heads, self.head_dim, self.max_len = dim, heads, dim // heads, max_len
         self.norm_in = nn.LayerNorm(dim)
         self.uvqk = nn.Linear(dim, 4 * dim)
         self.norm_attn = nn.LayerNorm(dim)
@@ -66,7 +67,7 @@ class HSTULayer(nn.Module):
             qk_scale=self.head_dim**-0.5,
             out_scale=1.0 / self.max_len,
             window=None,
-            impl=self.impl,
+            impl=self.gdpa_impl,
             max_q_len=self.max_len,
             max_kv_len=self.max_len,
         ).reshape(t, self.dim)
@@ -83,13 +84,13 @@ class HSTULayer(nn.Module):
 class HSTUSequence(nn.Module):
     """One event type: tokens + temporal encoding, HSTU layers, PMA summary → ``[B, n_sum, d]``."""
 
-    def __init__(self, emb_dim: int, max_len: int, cfg, impl: str):
+    def __init__(self, emb_dim: int, max_len: int, cfg):
         super().__init__()
         self.dim, self.max_len = cfg.dim, max_len
         self.token = nn.Linear(2 * emb_dim, cfg.dim)
         self.temporal = TemporalEncoding(cfg.dim, cfg.temporal_buckets)
-        self.layers = nn.ModuleList(HSTULayer(cfg.dim, cfg.heads, max_len, impl) for _ in range(cfg.num_layers))
-        self.summary = PMA(cfg.dim, cfg.heads, cfg.num_summary_tokens, max_len, "softmax", impl)
+        self.layers = nn.ModuleList(HSTULayer(cfg.dim, cfg.heads, max_len) for _ in range(cfg.num_layers))
+        self.summary = PMA(cfg.dim, cfg.heads, cfg.num_summary_tokens, max_len, "softmax")
 
     def forward(self, ev, request_time: torch.Tensor) -> torch.Tensor:
         seq = self.temporal(self.token(torch.cat([ev.item, ev.action], dim=1)), ev.timestamps, ev.offsets, request_time)
@@ -111,10 +112,9 @@ class HSTUTower(DenseTower):
         super().__init__(schema, embedding_dim, num_labels)
         d = cfg.dim
         self.cfg = cfg
-        impl = cfg.gdpa_impl
         self.tokenizer = ContextTokenizer(len(schema.context_features), embedding_dim, d, schema.num_dense)
         self.n_ns = self.tokenizer.n_tokens
-        self.events = nn.ModuleDict({e.name: HSTUSequence(embedding_dim, e.max_len, cfg, impl) for e in schema.event_types})
+        self.events = nn.ModuleDict({e.name: HSTUSequence(embedding_dim, e.max_len, cfg) for e in schema.event_types})
         n_tokens = self.n_ns + len(self.events) * cfg.num_summary_tokens
         self.head = PredictionHead(n_tokens * d, cfg.head_mlp, num_labels)
 

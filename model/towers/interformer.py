@@ -62,10 +62,10 @@ from kunlun.model.towers.base import DenseTower, TowerInputs
 class SequenceSummary(nn.Module):
     """Cross arch, sequence side: ``S [T + B, d]`` (CLS first) → ``Gating([S_CLS ‖ PMA(S) ‖ S_recent])``."""
 
-    def __init__(self, dim: int, heads: int, n_pma: int, n_recent: int, max_len: int, impl: str):
+    def __init__(self, dim: int, heads: int, n_pma: int, n_recent: int, max_len: int):
         super().__init__()
         self.dim, self.n_recent, self.max_len = dim, n_recent, max_len
-        self.pma = PMA(dim, heads, n_pma, max_len, "softmax", impl)
+        self.pma = PMA(dim, heads, n_pma, max_len, "softmax")
         self.gating = Gating(dim)
         self.n_tokens = 1 + n_pma + n_recent
 
@@ -91,13 +91,13 @@ class InterFormerSequence(nn.Module):
 
     def __init__(self, emb_dim: int, max_len: int, cfg, n_sum: int):
         super().__init__()
-        d, heads, impl = cfg.dim, cfg.heads, cfg.gdpa_impl
+        d, heads = cfg.dim, cfg.heads
         self.dim, self.max_len = d, max_len + 1  # + the CLS row
         self.cls = nn.Parameter(torch.randn(d) * 0.02)
         self.token = nn.Linear(2 * emb_dim, d)
         self.temporal = TemporalEncoding(d, cfg.temporal_buckets)
-        self.summaries = nn.ModuleList(SequenceSummary(d, heads, cfg.pma_tokens, cfg.recent_tokens, self.max_len, impl) for _ in range(cfg.num_layers + 1))
-        self.pffn = nn.ModuleList(GDPAFFN(d, heads, n_sum, d, cfg.pffn_kv_len, cfg.kv_rank, cfg.pffn_activation, impl) for _ in range(cfg.num_layers))
+        self.summaries = nn.ModuleList(SequenceSummary(d, heads, cfg.pma_tokens, cfg.recent_tokens, self.max_len) for _ in range(cfg.num_layers + 1))
+        self.pffn = nn.ModuleList(GDPAFFN(d, heads, n_sum, d, cfg.pffn_kv_len, cfg.kv_rank, cfg.pffn_activation) for _ in range(cfg.num_layers))
         self.mha = nn.ModuleList(WindowSelfAttention(d, heads, None) for _ in range(cfg.num_layers))
         self.n_tokens = self.summaries[0].n_tokens
 

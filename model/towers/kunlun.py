@@ -73,13 +73,11 @@ class EventTower(nn.Module):
             if glob or not kcfg.compskip:
                 if kcfg.summary == "hsp":
                     self.summaries[str(layer)] = HierarchicalSeedPooling(
-                        d_e, heads, ecfg.num_seeds, ecfg.num_tokens, kcfg.hsp_rank, max_len, kcfg.seed_attention, kcfg.gdpa_impl
+                        d_e, heads, ecfg.num_seeds, ecfg.num_tokens, kcfg.hsp_rank, max_len, kcfg.seed_attention
                     )
                 else:
-                    self.summaries[str(layer)] = PMA(d_e, heads, ecfg.num_tokens, max_len, kcfg.seed_attention, kcfg.gdpa_impl)
-                self.pffn[str(layer)] = GDPAFFN(
-                    d_e, heads, kcfg.num_summary_tokens, kcfg.dim, kcfg.pffn_kv_len, kcfg.kv_rank, kcfg.pffn_activation, kcfg.gdpa_impl
-                )
+                    self.summaries[str(layer)] = PMA(d_e, heads, ecfg.num_tokens, max_len, kcfg.seed_attention)
+                self.pffn[str(layer)] = GDPAFFN(d_e, heads, kcfg.num_summary_tokens, kcfg.dim, kcfg.pffn_kv_len, kcfg.kv_rank, kcfg.pffn_activation)
             if not glob or not kcfg.compskip:
                 self.swa[str(layer)] = WindowSelfAttention(d_e, heads, window)
         self.project = nn.Linear(d_e, kcfg.dim)  # summary tokens → shared width d
