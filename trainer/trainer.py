@@ -190,8 +190,8 @@ class Trainer:
         self._last_eval: Optional[tuple] = None  # (step, metrics) of the latest validation
         self.resumed_from: Optional[Path] = None
         self._maybe_resume()
-        p = cfg.logging.profile
-        self.profiler = StepProfiler(self.run_dir, rank, p.start_step, p.num_steps, self.info.device)
+        profile = cfg.logging.profile
+        self.profiler = StepProfiler(self.run_dir, rank, profile.start_step, profile.num_steps, self.info.device)
         self.monitor = Monitor(self.run_dir, rank, cfg.logging, cfg.trainer.max_steps, self.step)
         self.monitor.text("config", to_yaml(cfg))
         self.monitor.text("sharding_plan", describe_plan(self.plan))
@@ -346,7 +346,7 @@ class Trainer:
     def train(self) -> Dict[str, float]:
         cfg = self.cfg
         t_cfg, c_cfg, l_cfg = cfg.trainer, cfg.checkpoint, cfg.logging
-        g = cfg.data.batch_size
+        global_batch = cfg.data.batch_size
         _, loader = self._loader("train", examples_consumed=self.examples_consumed)
         it = iter(loader)
         self.model.train()
@@ -356,15 +356,15 @@ class Trainer:
             "training steps %d → %d, global batch %d; one epoch = %s train examples = %.1f steps (%d steps = %.2f epochs)",
             self.step,
             t_cfg.max_steps,
-            g,
+            global_batch,
             f"{n_train:,}",
-            n_train / g,
+            n_train / global_batch,
             t_cfg.max_steps,
-            t_cfg.max_steps * g / n_train,
+            t_cfg.max_steps * global_batch / n_train,
         )
         self._install_sigterm()
         try:
-            self._train_loop(it, g, t_cfg, c_cfg, l_cfg, last_saved)
+            self._train_loop(it, global_batch, t_cfg, c_cfg, l_cfg, last_saved)
         finally:
             self.profiler.finish()  # a window cut short by the end of training or a fault
             # Outside the step loop SIGTERM must terminate as usual (e.g. a launcher
@@ -372,7 +372,7 @@ class Trainer:
             self._restore_sigterm()
         return self._finish()
 
-    def _train_loop(self, it, g, t_cfg, c_cfg, l_cfg, last_saved) -> None:
+    def _train_loop(self, it, global_batch, t_cfg, c_cfg, l_cfg, last_saved) -> None:
         window_loss, window_steps, window_start = 0.0, 0, time.time()
         consecutive_skips = 0
         while self.step < t_cfg.max_steps and not self.best.stopped:
@@ -402,7 +402,7 @@ class Trainer:
                     if t_cfg.nonfinite_policy == "stop" or consecutive_skips > t_cfg.max_consecutive_skips:
                         path = self._write_diagnostic(what)
                         raise NonFiniteError(
-                            f"non-finite values at step {self.step} (global batch {self.examples_consumed // g}): "
+                            f"non-finite values at step {self.step} (global batch {self.examples_consumed // global_batch}): "
                             f"{what['nonfinite']}; diagnostic: {path} (trainer.nonfinite_policy={t_cfg.nonfinite_policy}, "
                             f"{consecutive_skips} consecutive)"
                         )
@@ -417,9 +417,9 @@ class Trainer:
                     window_loss += float(loss.detach())
                     window_steps += 1
                 self.step += 1
-                self.examples_consumed += g
+                self.examples_consumed += global_batch
             self.train_seconds += time.perf_counter() - t_step
-            self.examples_this_attempt += g
+            self.examples_this_attempt += global_batch
             if bool(flags[1]):
                 path = self.checkpointer.root / f"step_{self.step:08d}" if last_saved == self.step else self.save_checkpoint()
                 self.monitor.flush()
@@ -428,7 +428,7 @@ class Trainer:
             if (self.step % l_cfg.log_every_n_steps == 0 or self.step == t_cfg.max_steps) and window_steps:
                 mean_loss = self._all_mean(window_loss / window_steps)
                 elapsed = max(time.time() - window_start, 1e-9)
-                examples_per_sec = window_steps * g / elapsed
+                examples_per_sec = window_steps * global_batch / elapsed
                 model_tflops = TRAIN_FLOPS_FACTOR * self.flops_per_example * examples_per_sec / 1e12
                 scalars = {
                     "train/loss": mean_loss,
