@@ -101,7 +101,7 @@ class Decoder:
 
     def decode(self, table: pa.Table, issues: RowIssues) -> ExampleBlock:
         plan = self.plan
-        n = table.num_rows
+        num_rows = table.num_rows
 
         # ------------------------------------------------------------ request time
         if plan.request_time is not None:
@@ -111,42 +111,42 @@ class Decoder:
             what = f"a time like {spec.time_format!r}" if spec.time_format else "a request time in seconds"
             issues.flag(~valid, spec.name, lambda i, arr=arr: scalar_text(arr[i]), what)
         else:
-            request_time = np.zeros(n, dtype=np.int64)
+            request_time = np.zeros(num_rows, dtype=np.int64)
 
         # ------------------------------------------------------------------ labels
-        labels = np.zeros((n, len(plan.labels)), dtype=np.float32)
+        labels = np.zeros((num_rows, len(plan.labels)), dtype=np.float32)
         for j, spec in enumerate(plan.labels):
             arr = _col(table, spec.name)
-            x = _floats(arr)
-            issues.flag(np.isnan(x), spec.name, lambda i, arr=arr: scalar_text(arr[i]), "a label (not null)")
+            values = _floats(arr)
+            issues.flag(np.isnan(values), spec.name, lambda i, arr=arr: scalar_text(arr[i]), "a label (not null)")
             if spec.threshold is not None:
-                y = (x >= spec.threshold).astype(np.float32)
+                label_values = (values >= spec.threshold).astype(np.float32)
             else:
-                bad = ~np.isnan(x) & ~((x >= 0) & (x <= 1))
+                bad = ~np.isnan(values) & ~((values >= 0) & (values <= 1))
                 issues.flag(bad, spec.name, lambda i, arr=arr: scalar_text(arr[i]), "a label in [0, 1] (or set a threshold)")
-                y = np.where((x >= 0) & (x <= 1), x, 0).astype(np.float32)
-            labels[:, j] = y
+                label_values = np.where((values >= 0) & (values <= 1), values, 0).astype(np.float32)
+            labels[:, j] = label_values
 
         # ----------------------------------------------------------------- weights
         weights = None
         if plan.weight is not None:
             spec = plan.weight
             arr = _col(table, spec.name)
-            w = _floats(arr)
-            bad = ~np.isfinite(w) | (w < 0)
+            raw_weights = _floats(arr)
+            bad = ~np.isfinite(raw_weights) | (raw_weights < 0)
             issues.flag(bad, spec.name, lambda i, arr=arr: scalar_text(arr[i]), "a finite example weight >= 0")
-            weights = np.where(bad, 0.0, w).astype(np.float32)
+            weights = np.where(bad, 0.0, raw_weights).astype(np.float32)
 
         # ------------------------------------------------------------------- dense
-        dense = np.zeros((n, len(plan.dense)), dtype=np.float32)
+        dense = np.zeros((num_rows, len(plan.dense)), dtype=np.float32)
         for j, spec in enumerate(plan.dense):
             arr = _col(table, spec.name)
-            x = _floats(arr)
-            issues.flag(np.isinf(x), spec.name, lambda i, arr=arr: scalar_text(arr[i]), "a finite number (nulls and NaN take the column's fill value)")
-            x = np.where(np.isfinite(x), x, spec.fill)
+            values = _floats(arr)
+            issues.flag(np.isinf(values), spec.name, lambda i, arr=arr: scalar_text(arr[i]), "a finite number (nulls and NaN take the column's fill value)")
+            values = np.where(np.isfinite(values), values, spec.fill)
             if spec.transform == "log1p":
-                x = np.log1p(np.maximum(x, 0.0))
-            dense[:, j] = x
+                values = np.log1p(np.maximum(values, 0.0))
+            dense[:, j] = values
 
         # ------------------------------------------------------------- categorical
         context: Dict[str, Jagged] = {}
@@ -154,39 +154,39 @@ class Decoder:
             arr = _col(table, spec.name)
             if spec.is_list:
                 lengths, flat = _list_parts(arr)
-                row_of = np.repeat(np.arange(n), lengths)
-                rows = self._ids(spec, flat, issues, row_of, n, arr)
+                row_of = np.repeat(np.arange(num_rows), lengths)
+                rows = self._ids(spec, flat, issues, row_of, num_rows, arr)
                 keep_len = np.minimum(lengths, spec.max_ids)
                 starts = np.cumsum(lengths) - lengths
                 context[spec.feature] = Jagged(keep_len, rows[ranges(starts, keep_len)])
             else:
-                rows = self._ids(spec, arr, issues, None, n, arr)
-                context[spec.feature] = Jagged(np.ones(n, dtype=np.int64), rows)
+                rows = self._ids(spec, arr, issues, None, num_rows, arr)
+                context[spec.feature] = Jagged(np.ones(num_rows, dtype=np.int64), rows)
 
         # ---------------------------------------------------------------- sequences
         events: Dict[str, EventColumns] = {}
         for ev in plan.events:
             arr = _col(table, ev.item.name)
             lengths, flat = _list_parts(arr)
-            row_of = np.repeat(np.arange(n), lengths)
-            items = self._ids(ev.item, flat, issues, row_of, n, arr)
-            ok = np.ones(n, dtype=bool)
+            row_of = np.repeat(np.arange(num_rows), lengths)
+            items = self._ids(ev.item, flat, issues, row_of, num_rows, arr)
+            ok = np.ones(num_rows, dtype=bool)
             actions = np.zeros(len(items), dtype=np.int64)
             if ev.action is not None:
                 a_arr, a_len, a_flat, mismatch = _attribute_list(table, ev.action, ev.item, lengths, issues)
                 ok &= ~mismatch
                 if not mismatch.any():
-                    actions = self._ids(ev.action, a_flat, issues, row_of, n, a_arr)
+                    actions = self._ids(ev.action, a_flat, issues, row_of, num_rows, a_arr)
                 else:
-                    a_rows = self._ids(ev.action, a_flat, issues, np.repeat(np.arange(n), a_len), n, a_arr)
+                    a_rows = self._ids(ev.action, a_flat, issues, np.repeat(np.arange(num_rows), a_len), num_rows, a_arr)
                     actions = _align(a_rows, a_len, lengths, ok)
             if ev.timestamp is not None:
                 t_arr, t_len, t_flat, mismatch = _attribute_list(table, ev.timestamp, ev.item, lengths, issues)
                 ok &= ~mismatch
                 t_vals, t_valid = _seconds(t_flat, ev.timestamp)
                 if not t_valid.all():
-                    t_rows = np.repeat(np.arange(n), t_len)
-                    bad = np.zeros(n, dtype=bool)
+                    t_rows = np.repeat(np.arange(num_rows), t_len)
+                    bad = np.zeros(num_rows, dtype=bool)
                     bad[t_rows[~t_valid]] = True
                     issues.flag(bad, ev.timestamp.name, lambda i, t_arr=t_arr: scalar_text(t_arr[i]), "event timestamps in seconds (no nulls)")
                 timestamps = _align(t_vals, t_len, lengths, ok) if mismatch.any() else t_vals

@@ -328,11 +328,11 @@ class CsvReader:
             self.chunks(path)
             offsets = self._blocks[path]
         start, end = int(offsets[part]), int(offsets[part + 1])
-        with open(path, "rb") as f:
-            f.seek(start)
-            data = f.read(end - start)
+        with open(path, "rb") as handle:
+            handle.seek(start)
+            data = handle.read(end - start)
         names = self._names[path]
-        read_names = list(dict.fromkeys(s.name for s in self.plan.read_columns))
+        read_names = list(dict.fromkeys(spec.name for spec in self.plan.read_columns))
         lines = f"{path}: lines {row0 + 1 + self._header_lines}..{row0 + num_rows + self._header_lines}"
         data, delimiter, stand_in = self._one_byte_delimiter(data, lines)
         invalid: List[Tuple[Optional[int], int, int, str]] = []
@@ -354,7 +354,7 @@ class CsvReader:
                 ),
                 convert_options=pacsv.ConvertOptions(
                     include_columns=read_names,
-                    column_types={n: pa.string() for n in read_names},
+                    column_types={col_name: pa.string() for col_name in read_names},
                     strings_can_be_null=False,
                     quoted_strings_can_be_null=False,
                 ),

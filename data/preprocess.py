@@ -50,34 +50,36 @@ def build_vocab(data_cfg, tables: Optional[Sequence[str]] = None, min_count: Opt
     min_count = int(min_count if min_count is not None else files.vocab_min_count)
     src = FileSource(data_cfg, validate=False, splits=("train",), load_vocabularies=False)
     plan = src.plan
-    names = list(tables) if tables else [t for t, p in plan.tables.items() if p.id_mapping == "vocab"]
-    unknown = [t for t in names if t not in plan.tables or t.startswith("_")]
+    names = list(tables) if tables else [table_name for table_name, table_spec in plan.tables.items() if table_spec.id_mapping == "vocab"]
+    unknown = [table_name for table_name in names if table_name not in plan.tables or table_name.startswith("_")]
     if unknown:
-        raise DataError(f"--tables: unknown tables {unknown}; tables of the schema: {[t for t in plan.tables if not t.startswith('_')]}")
+        raise DataError(
+            f"--tables: unknown tables {unknown}; tables of the schema: {[table_name for table_name in plan.tables if not table_name.startswith('_')]}"
+        )
     if not names:
         raise DataError("no table uses id_mapping=vocab; set data.files.id_mapping=vocab (or a table's id_mapping), or pass --tables")
-    counts: Dict[str, List[pa.Table]] = {t: [] for t in names}
-    for c, sel in src.split_parts("train"):
-        table, issues = src.read_table(c)
+    counts: Dict[str, List[pa.Table]] = {table_name: [] for table_name in names}
+    for chunk, sel in src.split_parts("train"):
+        table, issues = src.read_table(chunk)
         src.decoder.decode(table, issues)  # the same checks as training
         keep = ~issues.bad if sel is None else np.isin(np.arange(table.num_rows), sel) & ~issues.bad
         if not keep.all():
             table = table.filter(pa.array(keep))
-        for t in names:
-            for spec in plan.table_columns.get(t, []):
+        for table_name in names:
+            for spec in plan.table_columns.get(table_name, []):
                 arr = table.column(spec.name).combine_chunks()
                 values = canonical_text(_list_parts(arr)[1] if spec.is_list else arr).drop_null()
                 vc = pc.value_counts(values)
-                counts[t].append(pa.table({"id": vc.field("values"), "count": pc.cast(vc.field("counts"), pa.int64())}))
-            if len(counts[t]) >= 64:
-                counts[t] = [_merge(counts[t])]
+                counts[table_name].append(pa.table({"id": vc.field("values"), "count": pc.cast(vc.field("counts"), pa.int64())}))
+            if len(counts[table_name]) >= 64:
+                counts[table_name] = [_merge(counts[table_name])]
     out: Dict[str, Dict] = {}
-    for t in names:
-        merged = _merge(counts[t]) if counts[t] else pa.table({"id": pa.array([], pa.large_string()), "count": pa.array([], pa.int64())})
+    for table_name in names:
+        merged = _merge(counts[table_name]) if counts[table_name] else pa.table({"id": pa.array([], pa.large_string()), "count": pa.array([], pa.int64())})
         total = int(pc.sum(merged.column("count")).as_py() or 0)
         kept = merged.filter(pc.greater_equal(merged.column("count"), min_count))
         kept = kept.sort_by([("count", "descending"), ("id", "ascending")])
-        cap = plan.tables[t].num_embeddings
+        cap = plan.tables[table_name].num_embeddings
         if cap:
             kept = kept.slice(0, max(0, cap - 1 - files.oov_buckets))
         covered = int(pc.sum(kept.column("count")).as_py() or 0)
@@ -91,8 +93,8 @@ def build_vocab(data_cfg, tables: Optional[Sequence[str]] = None, min_count: Opt
             "split": "train",
             "files": src.files,
         }
-        entry = write_vocab(Path(vocab_dir), t, kept.column("id").combine_chunks(), kept.column("count").to_numpy(), meta)
-        out[t] = entry
+        entry = write_vocab(Path(vocab_dir), table_name, kept.column("id").combine_chunks(), kept.column("count").to_numpy(), meta)
+        out[table_name] = entry
     return out
 
 
@@ -128,12 +130,15 @@ def convert(data_cfg, out_dir: str, row_group_size: int = 65536, job_cfg=None) -
         raise DataError(f"data.source = {data_cfg.source!r}: convert reads CSV files (data.source=csv)")
     src = FileSource(data_cfg, validate=False, load_vocabularies=False)
     plan = src.plan
-    specs = list({s.name: s for s in plan.read_columns}.values())
+    specs = list({spec.name: spec for spec in plan.read_columns}.values())
     out = Path(out_dir).expanduser()
     by_split = (
         {"all": src.files}
         if data_cfg.files.split != "paths"
-        else {s: [src.files[f] for f in sorted({src.chunks[c].file for c, _ in src.split_parts(s)})] for s in ("train", "eval", "test")}
+        else {
+            split_name: [src.files[file_idx] for file_idx in sorted({src.chunks[chunk].file for chunk, _ in src.split_parts(split_name)})]
+            for split_name in ("train", "eval", "test")
+        }
     )
     written: Dict[str, List[str]] = {}
     rows_total = skipped = 0
@@ -149,13 +154,13 @@ def convert(data_cfg, out_dir: str, row_group_size: int = 65536, job_cfg=None) -
             tmp = target.with_suffix(".parquet.tmp")
             writer = None
             try:
-                for c in src._file_chunks[fid]:
-                    table, issues = src.read_table(c)
+                for chunk in src._file_chunks[fid]:
+                    table, issues = src.read_table(chunk)
                     src.decoder.decode(table, issues)  # value checks (labels, lists, ...)
                     if issues.bad.any():
                         skipped += int(issues.bad.sum())
                         table = table.filter(pa.array(~issues.bad))
-                    typed = pa.table({s.name: _canonical_column(table.column(s.name).combine_chunks(), s) for s in specs})
+                    typed = pa.table({spec.name: _canonical_column(table.column(spec.name).combine_chunks(), spec) for spec in specs})
                     if writer is None:
                         writer = pq.ParquetWriter(tmp, typed.schema)
                     writer.write_table(typed, row_group_size=row_group_size)
@@ -169,9 +174,9 @@ def convert(data_cfg, out_dir: str, row_group_size: int = 65536, job_cfg=None) -
     if job_cfg is not None:
         files = data_cfg.files
         columns = [
-            replace(c, dtype="int64", time_format="") if (c.role == "request_time" and c.dtype == "string") else c
-            for c in files.schema.columns
-            if c.role != "ignore"
+            replace(col, dtype="int64", time_format="") if (col.role == "request_time" and col.dtype == "string") else col
+            for col in files.schema.columns
+            if col.role != "ignore"
         ]
         new_files = replace(files, schema=replace(files.schema, columns=columns))
         if files.split == "paths":

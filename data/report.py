@@ -94,26 +94,26 @@ def inspect(data_cfg, splits: Sequence[str] = ("train", "eval", "test")) -> Dict
     src = FileSource(data_cfg, validate=False, splits=tuple(splits))
     plan = src.plan
     report: Dict = {"source": src.source, "num_files": len(src.files), "splits": {}, "columns": {}, "events": {}, "tables": {}, "warnings": []}
-    col_stats: Dict[str, Dict] = {c.name: {"role": c.role, "dtype": c.dtype, "nulls": 0, "values": 0} for c in plan.read_columns}
+    col_stats: Dict[str, Dict] = {col.name: {"role": col.role, "dtype": col.dtype, "nulls": 0, "values": 0} for col in plan.read_columns}
     col_fp: Dict[str, Optional[np.ndarray]] = {}
-    dense_acc: Dict[str, List[float]] = {c.name: [np.inf, -np.inf, 0.0, 0] for c in plan.dense}
-    table_fp: Dict[str, Optional[np.ndarray]] = {t: None for t in plan.tables}
-    table_rows: Dict[str, Optional[np.ndarray]] = {t: None for t in plan.tables}
-    table_oov = {t: [0, 0] for t in plan.tables}
-    table_zero: Dict[str, Dict[str, int]] = {t: {} for t in plan.tables}  # identity: column → ids mapped to row 0
-    ev_counts = {e.name: np.zeros(1, dtype=np.int64) for e in plan.events}
-    ev_future = {e.name: 0 for e in plan.events}
+    dense_acc: Dict[str, List[float]] = {col.name: [np.inf, -np.inf, 0.0, 0] for col in plan.dense}
+    table_fp: Dict[str, Optional[np.ndarray]] = {table_name: None for table_name in plan.tables}
+    table_rows: Dict[str, Optional[np.ndarray]] = {table_name: None for table_name in plan.tables}
+    table_oov = {table_name: [0, 0] for table_name in plan.tables}
+    table_zero: Dict[str, Dict[str, int]] = {table_name: {} for table_name in plan.tables}  # identity: column → ids mapped to row 0
+    ev_counts = {event.name: np.zeros(1, dtype=np.int64) for event in plan.events}
+    ev_future = {event.name: 0 for event in plan.events}
 
     for split in splits:
         parts = src.split_parts(split)
-        files = sorted({src.chunks[c].file for c, _ in parts})
+        files = sorted({src.chunks[chunk].file for chunk, _ in parts})
         rows = 0
         bad = 0
         positives = np.zeros(len(plan.labels))
         weight_sum = 0.0
         t_lo, t_hi = None, None
-        for c, sel in parts:
-            table, issues = src.read_table(c)
+        for chunk, sel in parts:
+            table, issues = src.read_table(chunk)
             block = src.decoder.decode(table, issues)
             if sel is not None:
                 table = table.take(pa.array(sel))
@@ -121,13 +121,13 @@ def inspect(data_cfg, splits: Sequence[str] = ("train", "eval", "test")) -> Dict
                 bad_rows = issues.bad[sel]
             else:
                 bad_rows = issues.bad
-            n = table.num_rows
-            rows += n
+            num_rows = table.num_rows
+            rows += num_rows
             bad += int(bad_rows.sum())
-            w = block.weights if block.weights is not None else np.ones(n, np.float32)
-            positives += (block.labels * w[:, None]).sum(axis=0)
-            weight_sum += float(w.sum())
-            if plan.request_time is not None and n:
+            weights = block.weights if block.weights is not None else np.ones(num_rows, np.float32)
+            positives += (block.labels * weights[:, None]).sum(axis=0)
+            weight_sum += float(weights.sum())
+            if plan.request_time is not None and num_rows:
                 good = ~bad_rows
                 if good.any():
                     lo, hi = int(block.request_time[good].min()), int(block.request_time[good].max())
@@ -139,13 +139,13 @@ def inspect(data_cfg, splits: Sequence[str] = ("train", "eval", "test")) -> Dict
                 st["nulls"] += arr.null_count
                 st["values"] += len(arr)
                 if spec.role == "dense":
-                    x = _floats(arr)
-                    x = x[np.isfinite(x)]
-                    if len(x):
+                    dense_values = _floats(arr)
+                    dense_values = dense_values[np.isfinite(dense_values)]
+                    if len(dense_values):
                         acc = dense_acc[spec.name]
-                        acc[0], acc[1] = min(acc[0], float(x.min())), max(acc[1], float(x.max()))
-                        acc[2] += float(x.sum())
-                        acc[3] += len(x)
+                        acc[0], acc[1] = min(acc[0], float(dense_values.min())), max(acc[1], float(dense_values.max()))
+                        acc[2] += float(dense_values.sum())
+                        acc[3] += len(dense_values)
                 if spec.table:
                     values = _list_parts(arr)[1] if spec.is_list else arr
                     fp, valid = fingerprint(canonical_text(values))
@@ -169,15 +169,15 @@ def inspect(data_cfg, splits: Sequence[str] = ("train", "eval", "test")) -> Dict
                 acc[: len(counts)] += counts
                 ev_counts[ev.name] = acc
                 if ev.timestamp is not None:
-                    e = block.events[ev.name]
-                    owner = np.repeat(np.arange(len(e.lengths)), e.lengths)
-                    ev_future[ev.name] += int((e.timestamps >= block.request_time[owner]).sum())
+                    event_cols = block.events[ev.name]
+                    owner = np.repeat(np.arange(len(event_cols.lengths)), event_cols.lengths)
+                    ev_future[ev.name] += int((event_cols.timestamps >= block.request_time[owner]).sum())
         report["splits"][split] = {
             "files": len(files),
             "chunks": len(parts),
             "rows": rows,
             "bad_rows": bad,
-            "label_rate": {lab.feature: (float(p / weight_sum) if weight_sum else 0.0) for lab, p in zip(plan.labels, positives)},
+            "label_rate": {lab.feature: (float(positive / weight_sum) if weight_sum else 0.0) for lab, positive in zip(plan.labels, positives)},
             "request_time": [t_lo, t_hi],
         }
     for spec in plan.read_columns:
@@ -202,18 +202,18 @@ def inspect(data_cfg, splits: Sequence[str] = ("train", "eval", "test")) -> Dict
             "max_len": ev.max_len,
             "at_or_after_request": ev_future[ev.name] if ev.timestamp is not None else None,
         }
-    for name, t in plan.tables.items():
+    for name, table_spec in plan.tables.items():
         if name.startswith("_"):  # internal (_no_action)
             continue
         distinct = 0 if table_fp[name] is None else int(len(table_fp[name]))
         used = 0 if table_rows[name] is None else int(len(table_rows[name]))
-        entry = {"id_mapping": t.id_mapping, "rows": int(src.table_sizes[name]), "distinct_ids": distinct, "rows_used": used}
-        if t.id_mapping == "hash":
+        entry = {"id_mapping": table_spec.id_mapping, "rows": int(src.table_sizes[name]), "distinct_ids": distinct, "rows_used": used}
+        if table_spec.id_mapping == "hash":
             colliding = 0 if table_fp[name] is None else hash_collisions(table_fp[name], entry["rows"])
             entry.update(colliding_ids=colliding, collision_rate=colliding / distinct if distinct else 0.0, suggested_rows=suggested_num_embeddings(distinct))
-        if t.id_mapping == "identity":
+        if table_spec.id_mapping == "identity":
             entry["zero_ids"] = sum(table_zero[name].values())
-        if t.id_mapping == "vocab":
+        if table_spec.id_mapping == "vocab":
             oov, total = table_oov[name]
             entry["oov_share"] = oov / total if total else 0.0
         report["tables"][name] = entry
@@ -242,28 +242,28 @@ def format_report(report: Dict) -> str:
             ["split", "files", "chunks", "rows", *[f"{lab} rate" for lab in labels], "bad rows", "request time from", "to"],
             [
                 [
-                    s,
-                    str(v["files"]),
-                    str(v["chunks"]),
-                    f"{v['rows']:,}",
-                    *[f"{v['label_rate'][lab]:.4f}" for lab in labels],
-                    f"{v['bad_rows']:,}",
-                    _fmt_time(v["request_time"][0]),
-                    _fmt_time(v["request_time"][1]),
+                    split,
+                    str(stats["files"]),
+                    str(stats["chunks"]),
+                    f"{stats['rows']:,}",
+                    *[f"{stats['label_rate'][lab]:.4f}" for lab in labels],
+                    f"{stats['bad_rows']:,}",
+                    _fmt_time(stats["request_time"][0]),
+                    _fmt_time(stats["request_time"][1]),
                 ]
-                for s, v in report["splits"].items()
+                for split, stats in report["splits"].items()
             ],
         )
     )
     out.append("\ncolumns")
     rows = []
-    for name, c in report["columns"].items():
+    for name, col in report["columns"].items():
         extra = ""
-        if "distinct_ids" in c:
-            extra = f"{c['distinct_ids']:,} distinct ids"
-        elif "mean" in c:
-            extra = f"min {c['min']:.4g}  mean {c['mean']:.4g}  max {c['max']:.4g}"
-        rows.append([name, c["role"], c["dtype"], f"{c['nulls']:,}", extra])
+        if "distinct_ids" in col:
+            extra = f"{col['distinct_ids']:,} distinct ids"
+        elif "mean" in col:
+            extra = f"min {col['min']:.4g}  mean {col['mean']:.4g}  max {col['max']:.4g}"
+        rows.append([name, col["role"], col["dtype"], f"{col['nulls']:,}", extra])
     out.append(_table(["column", "role", "dtype", "nulls", "values"], rows))
     if report["events"]:
         out.append("\nsequence lengths (before truncation)")
@@ -272,17 +272,17 @@ def format_report(report: Dict) -> str:
                 ["event", "mean", "p50", "p90", "p99", "max", "max_len", "truncated", "at/after request"],
                 [
                     [
-                        e,
-                        f"{v['mean']:.2f}",
-                        str(v["p50"]),
-                        str(v["p90"]),
-                        str(v["p99"]),
-                        str(v["max"]),
-                        str(v["max_len"]),
-                        f"{100 * v['truncated']:.1f}%",
-                        "-" if v["at_or_after_request"] is None else f"{v['at_or_after_request']:,}",
+                        event,
+                        f"{stats['mean']:.2f}",
+                        str(stats["p50"]),
+                        str(stats["p90"]),
+                        str(stats["p99"]),
+                        str(stats["max"]),
+                        str(stats["max_len"]),
+                        f"{100 * stats['truncated']:.1f}%",
+                        "-" if stats["at_or_after_request"] is None else f"{stats['at_or_after_request']:,}",
                     ]
-                    for e, v in report["events"].items()
+                    for event, stats in report["events"].items()
                 ],
             )
         )
@@ -292,27 +292,27 @@ def format_report(report: Dict) -> str:
             ["table", "id_mapping", "rows", "distinct ids", "rows used", "colliding ids", "collision rate", "suggested rows", "id 0", "oov"],
             [
                 [
-                    t,
-                    v["id_mapping"],
-                    f"{v['rows']:,}",
-                    f"{v['distinct_ids']:,}",
-                    f"{v['rows_used']:,}",
-                    f"{v['colliding_ids']:,}" if "colliding_ids" in v else "-",
-                    f"{100 * v['collision_rate']:.1f}%" if "collision_rate" in v else "-",
-                    f"{v['suggested_rows']:,}" if "suggested_rows" in v else "-",
-                    f"{v['zero_ids']:,}" if "zero_ids" in v else "-",
-                    f"{100 * v['oov_share']:.1f}%" if "oov_share" in v else "-",
+                    table_name,
+                    stats["id_mapping"],
+                    f"{stats['rows']:,}",
+                    f"{stats['distinct_ids']:,}",
+                    f"{stats['rows_used']:,}",
+                    f"{stats['colliding_ids']:,}" if "colliding_ids" in stats else "-",
+                    f"{100 * stats['collision_rate']:.1f}%" if "collision_rate" in stats else "-",
+                    f"{stats['suggested_rows']:,}" if "suggested_rows" in stats else "-",
+                    f"{stats['zero_ids']:,}" if "zero_ids" in stats else "-",
+                    f"{100 * stats['oov_share']:.1f}%" if "oov_share" in stats else "-",
                 ]
-                for t, v in report["tables"].items()
+                for table_name, stats in report["tables"].items()
             ],
         )
     )
-    if any("suggested_rows" in v for v in report["tables"].values()):
+    if any("suggested_rows" in stats for stats in report["tables"].values()):
         out.append(
             f"(colliding ids: ids sharing a hash row with another id; suggested rows: the num_embeddings keeping the expected "
             f"share under {COLLISION_TARGET:.0%}, 1 - exp(-(ids - 1) / rows); id_mapping: vocab (`kunlun data vocab`) has no collisions)"
         )
     if report.get("warnings"):
         out.append("\nwarnings")
-        out += [f"WARNING: {w}" for w in report["warnings"]]
+        out += [f"WARNING: {warning}" for warning in report["warnings"]]
     return "\n".join(out)

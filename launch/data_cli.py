@@ -63,12 +63,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             report = inspect(cfg.data, tuple(args.split) if args.split else ("train", "eval", "test"))
             print(format_report(report))
             if args.json:
-                with open(args.json, "w") as f:
-                    json.dump(report, f, indent=2)
+                with open(args.json, "w") as handle:
+                    json.dump(report, handle, indent=2)
         elif args.command == "vocab":
             from kunlun.data.preprocess import build_vocab, format_vocab
 
-            tables = [t for t in args.tables.split(",") if t] if args.tables else None
+            tables = [table_name for table_name in args.tables.split(",") if table_name] if args.tables else None
             result = build_vocab(cfg.data, tables=tables, min_count=args.min_count, out_dir=args.out)
             print(format_vocab(result))
             print(f"written to {args.out or cfg.data.files.vocab_dir}; train with data.files.vocab_dir set to it")
@@ -78,7 +78,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             if args.row_group_size < 1:
                 raise ConfigError(f"--row-group-size = {args.row_group_size}: expected an integer >= 1")
             result = convert(cfg.data, args.out, row_group_size=args.row_group_size, job_cfg=cfg)
-            n_files = sum(len(v) for v in result["files"].values())
+            n_files = sum(len(paths) for paths in result["files"].values())
             print(
                 f"converted {result['rows']:,} rows into {n_files} Parquet files under {args.out}"
                 + (f" ({result['skipped']:,} bad rows left out)" if result["skipped"] else "")

@@ -186,61 +186,61 @@ class FileSource:
         paths = split_paths(files)
         if files.split == "paths":
             train_files = set(self._paths(paths["train"], "data.files.train"))
-            for s in ("eval", "test"):  # eval and test may share files; train may not (leakage)
-                for f in self._paths(paths[s], f"data.files.{s}"):
-                    if f in train_files:
-                        raise DataError(f"{f}: listed in both data.files.train and data.files.{s}; training files must not be evaluated on")
-            for s in wanted:
+            for split in ("eval", "test"):  # eval and test may share files; train may not (leakage)
+                for path in self._paths(paths[split], f"data.files.{split}"):
+                    if path in train_files:
+                        raise DataError(f"{path}: listed in both data.files.train and data.files.{split}; training files must not be evaluated on")
+            for split in wanted:
                 parts = []
-                for f in self._paths(paths[s], f"data.files.{s}"):
-                    for c in self._add_file(f):
-                        parts.append((c, 0, self.chunks[c].num_rows, None))
-                self._segments[s] = Segments.build(parts)
+                for path in self._paths(paths[split], f"data.files.{split}"):
+                    for chunk in self._add_file(path):
+                        parts.append((chunk, 0, self.chunks[chunk].num_rows, None))
+                self._segments[split] = Segments.build(parts)
             return
         all_chunks: List[int] = []
-        for f in self._paths(paths["all"], "data.files.paths"):
-            all_chunks += self._add_file(f)
+        for path in self._paths(paths["all"], "data.files.paths"):
+            all_chunks += self._add_file(path)
         if files.split == "rows":
-            total = sum(self.chunks[c].num_rows for c in all_chunks)
+            total = sum(self.chunks[chunk].num_rows for chunk in all_chunks)
             n_test = int(round(total * files.test_fraction))
             n_eval = int(round(total * files.eval_fraction))
             bounds = {"train": (0, total - n_eval - n_test), "eval": (total - n_eval - n_test, total - n_test), "test": (total - n_test, total)}
-            for s in wanted:
-                lo, hi = bounds[s]
+            for split in wanted:
+                lo, hi = bounds[split]
                 parts = []
                 pos = 0
-                for c in all_chunks:
-                    n = self.chunks[c].num_rows
-                    a, b = max(lo, pos), min(hi, pos + n)
-                    if a < b:
-                        parts.append((c, a - pos, b - a, None))
-                    pos += n
-                self._segments[s] = Segments.build(parts)
+                for chunk in all_chunks:
+                    num_rows = self.chunks[chunk].num_rows
+                    start, stop = max(lo, pos), min(hi, pos + num_rows)
+                    if start < stop:
+                        parts.append((chunk, start - pos, stop - start, None))
+                    pos += num_rows
+                self._segments[split] = Segments.build(parts)
             return
         # split=time: request_time < eval_from → train, < test_from → eval, else test
         spec = self.plan.request_time
         assert spec is not None
         edges = (files.eval_from, files.test_from)
-        parts_by: Dict[str, list] = {s: [] for s in SPLITS}
-        for c in all_chunks:
-            ch = self.chunks[c]
+        parts_by: Dict[str, list] = {split: [] for split in SPLITS}
+        for chunk in all_chunks:
+            ch = self.chunks[chunk]
             stats = self.reader.time_stats(self.files[ch.file], ch.part, spec.name) if spec.dtype == "int64" else None
             if stats is not None:
                 lo_split = int(np.searchsorted(edges, stats[0], side="right"))
                 hi_split = int(np.searchsorted(edges, stats[1], side="right"))
                 if lo_split == hi_split:
-                    parts_by[SPLITS[lo_split]].append((c, 0, ch.num_rows, None))
+                    parts_by[SPLITS[lo_split]].append((chunk, 0, ch.num_rows, None))
                     continue
-            times, valid = self._request_times(c)
+            times, valid = self._request_times(chunk)
             which = np.searchsorted(edges, times, side="right")
-            for k, s in enumerate(SPLITS):
+            for k, split in enumerate(SPLITS):
                 rows = np.flatnonzero((which == k) & valid)
                 if len(rows) == ch.num_rows:
-                    parts_by[s].append((c, 0, ch.num_rows, None))
+                    parts_by[split].append((chunk, 0, ch.num_rows, None))
                 elif len(rows):
-                    parts_by[s].append((c, 0, len(rows), rows.astype(np.int64)))
-        for s in wanted:
-            self._segments[s] = Segments.build(parts_by[s])
+                    parts_by[split].append((chunk, 0, len(rows), rows.astype(np.int64)))
+        for split in wanted:
+            self._segments[split] = Segments.build(parts_by[split])
 
     def _request_times(self, c: int) -> Tuple[np.ndarray, np.ndarray]:
         ch = self.chunks[c]

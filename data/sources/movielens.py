@@ -139,16 +139,16 @@ def _parse_ratings(path: Path, sep: str, header: bool, tracker: BadRowTracker):
     cols: List[List[int]] = [[], [], [], []]
     names = ("user_id", "item_id", "rating", "timestamp")
     bounds = ((1, MAX_ID), (1, MAX_ID), (1, 5), (0, MAX_TIMESTAMP))
-    for n, line in _read_lines(path):
-        if header and n == 1:
+    for line_no, line in _read_lines(path):
+        if header and line_no == 1:
             continue
         fields = line.split(sep)
         if len(fields) != 4:
-            tracker.bad(path, n, "row", line[:80], f"4 fields separated by {sep!r}, got {len(fields)}")
+            tracker.bad(path, line_no, "row", line[:80], f"4 fields separated by {sep!r}, got {len(fields)}")
             continue
         vals = []
         for nm, fv, (lo, hi) in zip(names, fields, bounds):
-            v = _int(tracker, path, n, nm, fv.strip(), lo, hi)
+            v = _int(tracker, path, line_no, nm, fv.strip(), lo, hi)
             if v is None:  # one bad field makes one bad row: report and count it once
                 break
             vals.append(v)
@@ -163,35 +163,35 @@ def _parse_ratings(path: Path, sep: str, header: bool, tracker: BadRowTracker):
 
 def _parse_users(path: Path, sep: str, header: bool, tracker: BadRowTracker) -> Dict[int, Tuple[int, str, str, str]]:
     out = {}
-    for n, line in _read_lines(path):
-        if header and n == 1:
+    for line_no, line in _read_lines(path):
+        if header and line_no == 1:
             continue
-        f = line.split(sep)
-        if len(f) != 5:
-            tracker.bad(path, n, "row", line[:80], f"5 fields (id, age, gender, occupation, zip) separated by {sep!r}, got {len(f)}")
+        fields = line.split(sep)
+        if len(fields) != 5:
+            tracker.bad(path, line_no, "row", line[:80], f"5 fields (id, age, gender, occupation, zip) separated by {sep!r}, got {len(fields)}")
             continue
-        uid = _int(tracker, path, n, "user_id", f[0].strip(), 1, MAX_ID)
-        age = _int(tracker, path, n, "age", f[1].strip(), 0, 150) if uid is not None else None
+        uid = _int(tracker, path, line_no, "user_id", fields[0].strip(), 1, MAX_ID)
+        age = _int(tracker, path, line_no, "age", fields[1].strip(), 0, 150) if uid is not None else None
         if uid is None or age is None:
             continue
-        out[uid] = (age, f[2].strip(), f[3].strip(), f[4].strip())
+        out[uid] = (age, fields[2].strip(), fields[3].strip(), fields[4].strip())
     return out
 
 
 def _parse_items_recbole(path: Path, tracker: BadRowTracker) -> Dict[int, Tuple[int, List[str]]]:
     out = {}
-    for n, line in _read_lines(path):
-        if n == 1:
+    for line_no, line in _read_lines(path):
+        if line_no == 1:
             continue
-        f = line.split("\t")
-        if len(f) != 4:
-            tracker.bad(path, n, "row", line[:80], f"4 tab-separated fields (item_id, title, year, genres), got {len(f)}")
+        fields = line.split("\t")
+        if len(fields) != 4:
+            tracker.bad(path, line_no, "row", line[:80], f"4 tab-separated fields (item_id, title, year, genres), got {len(fields)}")
             continue
-        iid = _int(tracker, path, n, "item_id", f[0].strip(), 1, MAX_ID)
+        iid = _int(tracker, path, line_no, "item_id", fields[0].strip(), 1, MAX_ID)
         if iid is None:
             continue
-        year = int(f[2]) if f[2].strip().isdigit() else 0
-        out[iid] = (year, f[3].split())
+        year = int(fields[2]) if fields[2].strip().isdigit() else 0
+        out[iid] = (year, fields[3].split())
     return out
 
 
@@ -220,17 +220,17 @@ _GROUPLENS_GENRES = [
 
 def _parse_items_grouplens(path: Path, tracker: BadRowTracker) -> Dict[int, Tuple[int, List[str]]]:
     out = {}
-    for n, line in _read_lines(path, encoding="latin-1"):
-        f = line.split("|")
-        if len(f) != 5 + len(_GROUPLENS_GENRES):
-            tracker.bad(path, n, "row", line[:80], f"{5 + len(_GROUPLENS_GENRES)} '|'-separated fields, got {len(f)}")
+    for line_no, line in _read_lines(path, encoding="latin-1"):
+        fields = line.split("|")
+        if len(fields) != 5 + len(_GROUPLENS_GENRES):
+            tracker.bad(path, line_no, "row", line[:80], f"{5 + len(_GROUPLENS_GENRES)} '|'-separated fields, got {len(fields)}")
             continue
-        iid = _int(tracker, path, n, "item_id", f[0].strip(), 1, MAX_ID)
+        iid = _int(tracker, path, line_no, "item_id", fields[0].strip(), 1, MAX_ID)
         if iid is None:
             continue
-        date = f[2].strip()
+        date = fields[2].strip()
         year = int(date[-4:]) if len(date) >= 4 and date[-4:].isdigit() else 0
-        genres = [g for g, flag in zip(_GROUPLENS_GENRES, f[5:]) if flag.strip() == "1"]
+        genres = [g for g, flag in zip(_GROUPLENS_GENRES, fields[5:]) if flag.strip() == "1"]
         out[iid] = (year, genres)
     return out
 
@@ -275,10 +275,10 @@ class MovieLensSource:
     def _build(self, raw: _Raw) -> None:
         cfg = self.cfg
         thr = cfg.like_threshold
-        occupations = sorted({a[2] for a in raw.user_attr.values()})
-        genres = sorted({g for _, gs in raw.item_attr.values() for g in gs})
-        self._occ_index = {o: i + 1 for i, o in enumerate(occupations)}
-        self._genre_index = {g: i + 1 for i, g in enumerate(genres)}
+        occupations = sorted({attrs[2] for attrs in raw.user_attr.values()})
+        genres = sorted({genre for _, gs in raw.item_attr.values() for genre in gs})
+        self._occ_index = {occupation: i + 1 for i, occupation in enumerate(occupations)}
+        self._genre_index = {genre: i + 1 for i, genre in enumerate(genres)}
         num_users = int(max(raw.user_attr)) + 1
         num_items = int(max(raw.item_attr)) + 1
 
@@ -297,21 +297,21 @@ class MovieLensSource:
         gvals: List[List[int]] = [[] for _ in range(num_items)]
         for iid, (year, gs) in raw.item_attr.items():
             self.i_year[iid] = year
-            gvals[iid] = [self._genre_index[g] for g in gs] or [0]
+            gvals[iid] = [self._genre_index[genre] for genre in gs] or [0]
             glen[iid] = len(gvals[iid])
         glen[glen == 0] = 1
-        gvals = [g or [0] for g in gvals]
+        gvals = [item_genres or [0] for item_genres in gvals]
         self.i_genre_len = glen
-        self.i_genre_val = np.concatenate([np.asarray(g, dtype=np.int64) for g in gvals])
+        self.i_genre_val = np.concatenate([np.asarray(item_genres, dtype=np.int64) for item_genres in gvals])
 
         # Chronological order per user: (user, timestamp, file position).
         order = np.lexsort((np.arange(len(raw.users)), raw.timestamps, raw.users))
         users, items = raw.users[order], raw.items[order]
         ratings, ts = raw.ratings[order], raw.timestamps[order]
-        n = len(users)
+        num_ratings = len(users)
         user_start = np.searchsorted(users, users, side="left")
         user_end = np.searchsorted(users, users, side="right")
-        pos = np.arange(n) - user_start
+        pos = np.arange(num_ratings) - user_start
         count = user_end - user_start
         split = np.where(pos >= count - HOLDOUT, 3, np.where(pos >= count - 2 * HOLDOUT, 2, 1))
 
@@ -374,16 +374,16 @@ class MovieLensSource:
 
     def read(self, split: str, indices: np.ndarray) -> ExampleBlock:
         rows = self._split_rows[split][np.asarray(indices, dtype=np.int64)]
-        n = len(rows)
+        num_rows = len(rows)
         users, items = self._ex["user"][rows], self._ex["item"][rows]
         ts, ratings = self._ex["ts"][rows], self._ex["rating"][rows]
-        ones = np.ones(n, dtype=np.int64)
+        ones = np.ones(num_rows, dtype=np.int64)
         decade = np.clip((self.i_year[items] - 1900) // 10 + 1, 0, 15)
         decade[self.i_year[items] == 0] = 0
         events: Dict[str, EventColumns] = {}
-        hist_len = np.zeros(n)
-        rating_sum = np.zeros(n)
-        likes = np.zeros(n)
+        hist_len = np.zeros(num_rows)
+        rating_sum = np.zeros(num_rows)
+        likes = np.zeros(num_rows)
         for name, ev in self.events.items():
             lo, hi = self._hist[name]
             start, end = lo[rows], hi[rows]

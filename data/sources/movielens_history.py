@@ -87,48 +87,48 @@ def history_features(
         raise ValueError("events must be sorted by (user, timestamp)")
     lo = np.searchsorted(ukey, users * _SCALE, side="left")
     hi = np.searchsorted(ukey, ukey, side="left")
-    c: Dict[str, np.ndarray] = {}
-    c["u_n"], c["u_sum"], c["u_like"] = _window_sums(np.stack([one, ratings, like], 1), lo, hi).T
+    counts: Dict[str, np.ndarray] = {}
+    counts["u_n"], counts["u_sum"], counts["u_like"] = _window_sums(np.stack([one, ratings, like], 1), lo, hi).T
     for k in RECENT_K:  # the user's last k strictly earlier events
-        c[f"u{k}_n"], c[f"u{k}_sum"], c[f"u{k}_like"] = _window_sums(np.stack([one, ratings, like], 1), np.maximum(lo, hi - k), hi).T
-    c["u_gap"] = np.where(hi > lo, ts - ts[np.maximum(hi - 1, 0)], 0)  # seconds since the latest one; 0: none
+        counts[f"u{k}_n"], counts[f"u{k}_sum"], counts[f"u{k}_like"] = _window_sums(np.stack([one, ratings, like], 1), np.maximum(lo, hi - k), hi).T
+    counts["u_gap"] = np.where(hi > lo, ts - ts[np.maximum(hi - 1, 0)], 0)  # seconds since the latest one; 0: none
     # User x genre: earlier events of the user per genre, summed over the target item's genres.
     eg = genres[items]
-    c["g_n"] = (_window_sums(eg, lo, hi) * eg).sum(1)
-    c["g_like"] = (_window_sums(eg * like[:, None], lo, hi) * eg).sum(1)
+    counts["g_n"] = (_window_sums(eg, lo, hi) * eg).sum(1)
+    counts["g_like"] = (_window_sums(eg * like[:, None], lo, hi) * eg).sum(1)
 
     order = np.lexsort((ts, items))
     ikey = items[order] * _SCALE + ts[order]
     ilo = np.searchsorted(ikey, items * _SCALE, side="left")
     ihi = np.searchsorted(ikey, items * _SCALE + ts, side="left")
-    c["i_n"], c["i_sum"], c["i_like"] = _window_sums(np.stack([one, ratings, like], 1)[order], ilo, ihi).T
+    counts["i_n"], counts["i_sum"], counts["i_like"] = _window_sums(np.stack([one, ratings, like], 1)[order], ilo, ihi).T
     days = np.int64(ITEM_WINDOW_DAYS * 86400)
-    c["i_recent_n"] = (ihi - np.searchsorted(ikey, items * _SCALE + np.maximum(ts - days, 0), side="left")).astype(np.float64)
+    counts["i_recent_n"] = (ihi - np.searchsorted(ikey, items * _SCALE + np.maximum(ts - days, 0), side="left")).astype(np.float64)
 
-    def smooth(total, n, prior, prior_n):
-        return (total + prior_n * prior) / (n + prior_n)
+    def smooth(total, count, prior, prior_n):
+        return (total + prior_n * prior) / (count + prior_n)
 
-    f: Dict[str, np.ndarray] = {}
-    f["user_log_count"] = np.log1p(c["u_n"])
-    f["user_mean_rating"] = smooth(c["u_sum"], c["u_n"], mean_rating, PRIOR)
-    f["user_like_share"] = smooth(c["u_like"], c["u_n"], mean_like, PRIOR)
-    f["item_log_count"] = np.log1p(c["i_n"])
-    f["item_mean_rating"] = smooth(c["i_sum"], c["i_n"], mean_rating, PRIOR)
-    f["item_like_share"] = smooth(c["i_like"], c["i_n"], mean_like, PRIOR)
+    features: Dict[str, np.ndarray] = {}
+    features["user_log_count"] = np.log1p(counts["u_n"])
+    features["user_mean_rating"] = smooth(counts["u_sum"], counts["u_n"], mean_rating, PRIOR)
+    features["user_like_share"] = smooth(counts["u_like"], counts["u_n"], mean_like, PRIOR)
+    features["item_log_count"] = np.log1p(counts["i_n"])
+    features["item_mean_rating"] = smooth(counts["i_sum"], counts["i_n"], mean_rating, PRIOR)
+    features["item_like_share"] = smooth(counts["i_like"], counts["i_n"], mean_like, PRIOR)
     for k in RECENT_K:
-        f[f"user_last{k}_mean_rating"] = smooth(c[f"u{k}_sum"], c[f"u{k}_n"], mean_rating, RECENT_PRIOR)
-        f[f"user_last{k}_like_share"] = smooth(c[f"u{k}_like"], c[f"u{k}_n"], mean_like, RECENT_PRIOR)
-    f["user_genre_like_share"] = smooth(c["g_like"], c["g_n"], f["user_like_share"], PRIOR)
-    f["user_genre_lift"] = f["user_genre_like_share"] - f["user_like_share"]
-    f["user_log_gap"] = np.log1p(c["u_gap"].astype(np.float64))
-    f["item_log_recent_count"] = np.log1p(c["i_recent_n"])
+        features[f"user_last{k}_mean_rating"] = smooth(counts[f"u{k}_sum"], counts[f"u{k}_n"], mean_rating, RECENT_PRIOR)
+        features[f"user_last{k}_like_share"] = smooth(counts[f"u{k}_like"], counts[f"u{k}_n"], mean_like, RECENT_PRIOR)
+    features["user_genre_like_share"] = smooth(counts["g_like"], counts["g_n"], features["user_like_share"], PRIOR)
+    features["user_genre_lift"] = features["user_genre_like_share"] - features["user_like_share"]
+    features["user_log_gap"] = np.log1p(counts["u_gap"].astype(np.float64))
+    features["item_log_recent_count"] = np.log1p(counts["i_recent_n"])
     # Residuals ("baseline predictor" biases): how the user rated earlier items relative to
     # those items' averages at the time (themselves from strictly earlier events), and how
     # the item was rated relative to its raters' averages at the time.
-    resid_u = _window_sums(np.stack([ratings - f["item_mean_rating"], like - f["item_like_share"]], 1), lo, hi)
-    f["user_resid_rating"] = resid_u[:, 0] / (c["u_n"] + RESID_PRIOR)
-    f["user_resid_like"] = resid_u[:, 1] / (c["u_n"] + RESID_PRIOR)
-    resid_i = _window_sums(np.stack([ratings - f["user_mean_rating"], like - f["user_like_share"]], 1)[order], ilo, ihi)
-    f["item_resid_rating"] = resid_i[:, 0] / (c["i_n"] + RESID_PRIOR)
-    f["item_resid_like"] = resid_i[:, 1] / (c["i_n"] + RESID_PRIOR)
-    return c, f
+    resid_u = _window_sums(np.stack([ratings - features["item_mean_rating"], like - features["item_like_share"]], 1), lo, hi)
+    features["user_resid_rating"] = resid_u[:, 0] / (counts["u_n"] + RESID_PRIOR)
+    features["user_resid_like"] = resid_u[:, 1] / (counts["u_n"] + RESID_PRIOR)
+    resid_i = _window_sums(np.stack([ratings - features["user_mean_rating"], like - features["user_like_share"]], 1)[order], ilo, ihi)
+    features["item_resid_rating"] = resid_i[:, 0] / (counts["i_n"] + RESID_PRIOR)
+    features["item_resid_like"] = resid_i[:, 1] / (counts["i_n"] + RESID_PRIOR)
+    return counts, features

@@ -193,52 +193,52 @@ class SyntheticSource:
         return logits
 
     def _generate(self, split: str, idx: np.ndarray):
-        c = self.cfg
-        h = _Hasher(self.seed, split)
-        n = len(idx)
-        users = h.integers(1, c.num_users, idx)
+        cfg = self.cfg
+        hasher = _Hasher(self.seed, split)
+        num_rows = len(idx)
+        users = hasher.integers(1, cfg.num_users, idx)
         req = _REQUEST_TIME0 + idx * 7
-        target_fav = np.where(h.uniform(2, idx) < 0.5, self._favourite(users, 0), self._favourite(users, 1))
+        target_fav = np.where(hasher.uniform(2, idx) < 0.5, self._favourite(users, 0), self._favourite(users, 1))
         items = np.where(
-            h.uniform(3, idx) < 0.5,
-            self._item_in_category(h, 4, target_fav, idx, 0),
-            h.integers(5, c.num_items, idx),
+            hasher.uniform(3, idx) < 0.5,
+            self._item_in_category(hasher, 4, target_fav, idx, 0),
+            hasher.integers(5, cfg.num_items, idx),
         )
-        cats = items % c.num_categories
-        n_seg = 1 + h.integers(6, 3, idx)
-        seg_row = np.repeat(np.arange(n), n_seg)
+        cats = items % cfg.num_categories
+        n_seg = 1 + hasher.integers(6, 3, idx)
+        seg_row = np.repeat(np.arange(num_rows), n_seg)
         seg_pos = np.arange(n_seg.sum()) - np.repeat(np.cumsum(n_seg) - n_seg, n_seg)
         segments = (_static_hash(7, users, NUM_SEGMENTS)[seg_row] + seg_pos * 17) % NUM_SEGMENTS
-        dense = np.stack([h.normal(100 + j, idx) for j in range(c.num_dense)], axis=1).astype(np.float32).reshape(n, c.num_dense)
+        dense = np.stack([hasher.normal(100 + j, idx) for j in range(cfg.num_dense)], axis=1).astype(np.float32).reshape(num_rows, cfg.num_dense)
 
         events: Dict[str, EventColumns] = {}
-        affinity = np.zeros(n)
+        affinity = np.zeros(num_rows)
         for k, (et, weight) in enumerate(zip(self.schema.event_types, (1.0, 2.0))):
-            lengths, ev_items, actions, ts, row = self._history(h, 20 + 10 * k, idx, users, et.max_len, req)
+            lengths, ev_items, actions, ts, row = self._history(hasher, 20 + 10 * k, idx, users, et.max_len, req)
             events[et.name] = EventColumns(lengths, ev_items, actions, ts)
-            match = (ev_items % c.num_categories == cats[row]).astype(np.float64)
-            if c.signal == "rich":
+            match = (ev_items % cfg.num_categories == cats[row]).astype(np.float64)
+            if cfg.signal == "rich":
                 pos = np.arange(len(row)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
                 age_rank = np.repeat(lengths, lengths) - pos  # 1 = newest
                 recency = np.exp(-(age_rank - 1) / _RECENCY_SCALE)
                 match = match + _REPEAT_WEIGHT * (ev_items == items[row])  # the very item again
-                num = np.bincount(row, weights=match * _ACTION_WEIGHTS[actions % 4] * recency, minlength=n)
-                share = num / np.maximum(np.bincount(row, weights=recency, minlength=n), 1e-12)
+                num = np.bincount(row, weights=match * _ACTION_WEIGHTS[actions % 4] * recency, minlength=num_rows)
+                share = num / np.maximum(np.bincount(row, weights=recency, minlength=num_rows), 1e-12)
             else:
-                share = np.bincount(row, weights=match, minlength=n) / np.maximum(lengths, 1)
+                share = np.bincount(row, weights=match, minlength=num_rows) / np.maximum(lengths, 1)
             affinity += weight * share
 
         item_bias = _static_hash(8, items, 1000) / 1000.0 - 0.5
-        seg_bias = 0.3 * (np.bincount(seg_row, weights=(segments % 4 == 0), minlength=n) > 0)
-        dense0 = dense[:, 0] if c.num_dense else 0.0
-        logits = c.signal_strength * (affinity - 0.35) + 0.5 * dense0 + item_bias + seg_bias
-        if c.signal == "rich":
-            pref = sum(_static_normal(40 + r, users) * _static_normal(50 + r, cats) for r in range(_PREF_RANK))
+        seg_bias = 0.3 * (np.bincount(seg_row, weights=(segments % 4 == 0), minlength=num_rows) > 0)
+        dense0 = dense[:, 0] if cfg.num_dense else 0.0
+        logits = cfg.signal_strength * (affinity - 0.35) + 0.5 * dense0 + item_bias + seg_bias
+        if cfg.signal == "rich":
+            pref = sum(_static_normal(40 + rank, users) * _static_normal(50 + rank, cats) for rank in range(_PREF_RANK))
             logits = logits + 0.35 * pref
-            if c.num_dense:
+            if cfg.num_dense:
                 logits = logits + _TEACHER_SCALE * _teacher(dense)
-        labels = (h.uniform(9, idx) < 1.0 / (1.0 + np.exp(-logits))).astype(np.float32)
-        ones = np.ones(n, dtype=np.int64)
+        labels = (hasher.uniform(9, idx) < 1.0 / (1.0 + np.exp(-logits))).astype(np.float32)
+        ones = np.ones(num_rows, dtype=np.int64)
         block = ExampleBlock(
             dense=dense,
             context={
