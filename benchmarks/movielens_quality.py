@@ -97,6 +97,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         runs = quality_runs(towers, [int(s) for s in args.seeds.split(",")])
         execute_all(runs, args.out, args.jobs, args.timeout)
     summary = summarise(args.out, args.baseline)
+    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "quality.json").write_text(json.dumps(summary, indent=1))
     print(markdown(summary))
     return 0
