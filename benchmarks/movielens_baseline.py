@@ -44,7 +44,7 @@ histories. Its own rating, same-second ratings (same session) and anything later
 counted. Events of any split may count when strictly earlier in time (e.g. another user's
 eval rating from last year for an item's statistics): they are observable at time ``t``.
 The smoothing prior and bucket edges are constants fitted on the training split, like the
-model's weights. ``tests/test_movielens_baseline.py`` checks the counts behind every
+model's weights. ``tests/benchmarks/test_movielens_baseline.py`` checks the counts behind every
 feature against a brute-force count over the raw ratings file, and that re-rating or
 adding events at or after a time T leaves every feature of the examples at or before T
 unchanged.

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]  # tests/benchmarks/ → the repository
 _spec = importlib.util.spec_from_file_location("scaling", REPO / "benchmarks" / "scaling.py")
 scaling = importlib.util.module_from_spec(_spec)
 sys.modules["scaling"] = scaling  # dataclasses look their module up there

@@ -423,7 +423,7 @@ def test_real_movielens_100k():
 @pytest.mark.network
 def test_real_movielens_history_statistics_are_the_standardised_leak_free_features():
     """The dense columns after the first four are ``movielens_history.history_features`` of
-    each example's own rating (whose leak-freeness tests/test_movielens_baseline.py checks
+    each example's own rating (whose leak-freeness tests/benchmarks/test_movielens_baseline.py checks
     against the raw file), standardised with train-split constants."""
     from kunlun.data.sources.movielens_history import HISTORY_FEATURES, genre_matrix, history_features
 

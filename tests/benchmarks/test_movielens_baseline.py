@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]  # tests/benchmarks/ → the repository
 _spec = importlib.util.spec_from_file_location("movielens_baseline", REPO / "benchmarks" / "movielens_baseline.py")
 mb = importlib.util.module_from_spec(_spec)
 sys.modules["movielens_baseline"] = mb  # dataclasses look their module up there
