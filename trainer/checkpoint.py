@@ -30,6 +30,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 import time
@@ -40,6 +41,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint import metadata as dcp_metadata
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,69 @@ FORMAT_VERSION = 1
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used: incomplete, corrupted or from another model."""
+
+
+# ------------------------------------------------------------ DCP metadata, safely
+# DCP's FileSystemReader reads ``dcp/.metadata`` with plain ``pickle.load``: a crafted file
+# (with a manifest rewritten to match, since whoever writes the folder writes the manifest
+# too) would run code on resume. We unpickle it admitting only what DCP's metadata is made
+# of: DCP's metadata classes, the storage-info record, torch sizes/dtypes/layouts/memory
+# formats, and paths.
+_METADATA_GLOBALS = {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("pathlib", "PureWindowsPath"),
+    ("collections", "OrderedDict"),
+    ("builtins", "set"),
+    ("builtins", "frozenset"),
+    ("builtins", "slice"),
+}
+
+
+def _allowed_global(module: str, name: str) -> bool:
+    if (module, name) in _METADATA_GLOBALS:
+        return True
+    if module == dcp_metadata.__name__:  # a class defined in DCP's metadata module
+        obj = getattr(dcp_metadata, name, None)
+        return isinstance(obj, type) and obj.__module__ == module
+    if module == "torch":  # torch.float32, torch.strided, torch.contiguous_format
+        return isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format))
+    return False
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):  # noqa: D401 - pickle API
+        if not _allowed_global(module, name):
+            raise pickle.UnpicklingError(f"{module}.{name} is not part of DCP checkpoint metadata")
+        return super().find_class(module, name)
+
+
+def read_dcp_metadata(path: Path) -> "dcp_metadata.Metadata":
+    """Unpickle a DCP ``.metadata`` file admitting only metadata types; :class:`CheckpointError`
+    naming the file otherwise (nothing in it is executed)."""
+    try:
+        with open(path, "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+    except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: refusing to load the checkpoint metadata ({e})") from e
+    if not isinstance(metadata, dcp_metadata.Metadata):
+        raise CheckpointError(f"{path}: not DCP checkpoint metadata (found {type(metadata).__name__})")
+    return metadata
+
+
+class SafeFileSystemReader(FileSystemReader):
+    """DCP's file reader with :func:`read_dcp_metadata` instead of ``pickle.load``."""
+
+    def read_metadata(self, *args, **kwargs):
+        metadata = read_dcp_metadata(Path(self.path) / ".metadata")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = dcp_metadata.StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
 
 
 def _barrier() -> None:
@@ -246,6 +311,7 @@ class Checkpointer:
                 raise CheckpointError(f"{f}: {size} bytes, manifest says {info['bytes']} (truncated or overwritten)")
             if self.cfg.verify and _sha256(f) != info["sha256"]:
                 raise CheckpointError(f"{f}: sha256 differs from the manifest (corrupted)")
+        read_dcp_metadata(path / "dcp" / ".metadata")  # only metadata types, before anything loads it
 
     def read_meta(self, path: Path) -> Dict[str, Any]:
         try:
@@ -294,7 +360,7 @@ class Checkpointer:
         if diffs or missing:
             lines = diffs[:20] + [f"{k}: not in the checkpoint" for k in missing[:20]]
             raise CheckpointError(f"{path} was saved from a different model; differing parameters:\n  " + "\n  ".join(lines))
-        dcp.load(state, storage_reader=FileSystemReader(str(path / "dcp")))
+        dcp.load(state, storage_reader=SafeFileSystemReader(str(path / "dcp")))
         rng_path = path / "rng" / f"rank{self.rank}.pt"
         if rng_path.is_file():
             rng = torch.load(rng_path, weights_only=True)

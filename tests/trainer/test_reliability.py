@@ -175,6 +175,59 @@ def test_corrupted_shard_is_reported_and_previous_checkpoint_used(tmp_path):
     assert "resumed from" in proc.stdout and "step_00000010: step 10" in proc.stdout
 
 
+class _RunsCommand:
+    """A pickle that runs a shell command when loaded (the attack on DCP's .metadata)."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (self.command,))
+
+
+def _plant_malicious_metadata(ckpt, marker) -> None:
+    """Replace ``dcp/.metadata`` with a code-running pickle and rewrite the manifest to match,
+    as whoever can write the checkpoint folder can."""
+    import hashlib
+    import pickle
+
+    meta = ckpt / "dcp" / ".metadata"
+    meta.write_bytes(pickle.dumps(_RunsCommand(f"touch {marker}")))
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest["dcp/.metadata"] = {"bytes": meta.stat().st_size, "sha256": hashlib.sha256(meta.read_bytes()).hexdigest()}
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_crafted_checkpoint_metadata_runs_nothing_and_the_previous_checkpoint_is_used(tmp_path):
+    run, marker = tmp_path / "r", tmp_path / "pwned"
+    proc = run_single([f"run_dir={run}", "trainer.max_steps=20", "checkpoint.every_n_steps=10", *COMMON])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    crafted = run / "checkpoints" / "step_00000020"
+    _plant_malicious_metadata(crafted, marker)
+    # Plain pickle would run the command: the attack is real.
+    import pickle
+
+    pickle.loads((crafted / "dcp" / ".metadata").read_bytes())
+    assert marker.exists()
+    marker.unlink()
+
+    proc = run_single([f"run_dir={run}", "trainer.max_steps=25", "checkpoint.every_n_steps=10", *COMMON])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not marker.exists()  # nothing executed
+    log_text = (run / "logs" / "rank0.log").read_text()
+    assert "refusing to load the checkpoint metadata" in log_text and "posix.system is not part of DCP checkpoint metadata" in log_text
+    assert "resumed from" in proc.stdout and "step_00000010: step 10" in proc.stdout
+
+    # Named explicitly, it is an error naming the file (exit 2), still without running anything.
+    named = latest_checkpoint(run)
+    _plant_malicious_metadata(named, marker)
+    proc = run_single([f"run_dir={tmp_path / 'x'}", f"checkpoint.resume={named}", *COMMON])
+    assert proc.returncode == 2 and f"{named.name}/dcp/.metadata: refusing to load" in proc.stderr, proc.stderr[-2000:]
+    assert not marker.exists()
+
+
 def test_explicit_corrupted_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
     run = tmp_path / "r"
     assert run_single([f"run_dir={run}", "trainer.max_steps=10", *COMMON]).returncode == 0
