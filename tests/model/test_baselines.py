@@ -113,7 +113,13 @@ def test_overfits_four_batches(name, data):
         model(batches[step % len(batches)])[0].backward()
         opt.step()
     after = mean_loss()
-    assert after < 0.8 * before, f"{name}: loss {before:.4f} → {after:.4f}"
+    # Reference: the log loss of predicting the 4 batches' base rate (what a model that learns
+    # nothing per example reaches, 0.687 here). Measured after 30 steps: 0.015-0.57 of it
+    # (DLRM 0.52, low-rank DCNv2 0.57, Kunlun 0.08); the bound leaves ~30% headroom.
+    labels = torch.cat([b.labels for b in batches])
+    rate = float(labels.mean())
+    base_rate_loss = -(rate * math.log(rate) + (1 - rate) * math.log(1 - rate))
+    assert after < 0.75 * base_rate_loss, f"{name}: loss {before:.4f} → {after:.4f} (base rate {base_rate_loss:.4f})"
 
 
 # The counter has no formula for the CPU flash-attention kernel that ``F.scaled_dot_product_attention``

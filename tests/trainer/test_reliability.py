@@ -299,6 +299,9 @@ def test_nan_batch_stops_with_a_diagnostic(tmp_path, monkeypatch):
     assert {"dense_features", "loss", "logits"} <= set(diag["nonfinite"])
     # The weights of the last checkpoint are finite: the NaN never reached an update.
     assert steps_of(tmp_path / "r") == ["step_00000005"]
+    saved = load_checkpoint_tensors(tmp_path / "r" / "checkpoints" / "step_00000005")
+    weights = {k: v for k, v in saved.items() if k.startswith("model.") and isinstance(v, torch.Tensor) and v.is_floating_point()}
+    assert weights and all(bool(torch.isfinite(v).all()) for v in weights.values())
 
 
 def test_nan_batch_skipped_under_skip_policy(tmp_path, monkeypatch):
@@ -383,7 +386,11 @@ def test_ids_outside_a_table_error_or_modulo():
     with pytest.raises(DataError, match=r"train example \d+: feature 'click.item' has id \d+ outside table 'seq_item' \(400 rows\)"):
         ShardedBatches(src, "train", 8, id_policy="error").batch(0)
     b = ShardedBatches(src, "train", 8, id_policy="modulo").batch(0)
-    assert int(b.sequences["click.item"].values().max()) < 400
+    src.read = orig
+    clean = ShardedBatches(src, "train", 8, id_policy="error").batch(0)
+    # Exactly (id + 10_000) mod 400, not merely "inside the table" (clamping would pass that).
+    expected = (clean.sequences["click.item"].values() + 10_000) % 400
+    assert torch.equal(b.sequences["click.item"].values(), expected)
 
 
 def test_no_environment_or_secrets_in_logs(tmp_path):
@@ -428,6 +435,15 @@ def _mutate(lines, rng: random.Random):
     return "\n".join(out) + "\n"
 
 
+def _strictly_valid(line: str) -> bool:
+    """The independent strict check of one ratings line (regex and the id/time bounds)."""
+    m = _VALID_RATING.match(line)
+    if not m:
+        return False
+    row = tuple(int(g.split(".")[0]) for g in m.groups())
+    return 1 <= row[0] <= 10**7 and 1 <= row[1] <= 10**7 and row[3] < 10**10
+
+
 def test_fuzzed_rating_files_parse_exactly_or_fail_with_a_location(tmp_path):
     """Random corruptions of a ratings file: ``error`` policy raises DataError naming file and
     line; ``skip`` keeps exactly the rows an independent strict check accepts."""
@@ -441,17 +457,23 @@ def test_fuzzed_rating_files_parse_exactly_or_fail_with_a_location(tmp_path):
         path.write_bytes(text.encode("utf-8", errors="surrogatepass"))
         expected = []
         for line in text.splitlines():
-            m = _VALID_RATING.match(line)
-            if m:
-                row = tuple(int(g.split(".")[0]) for g in m.groups())
-                if 1 <= row[0] <= 10**7 and 1 <= row[1] <= 10**7 and row[3] < 10**10:
-                    expected.append(row)
-        try:
+            if _strictly_valid(line):
+                expected.append(tuple(int(g.split(".")[0]) for g in _VALID_RATING.match(line).groups()))
+        # Under ``error`` a file with any bad line must raise, naming the first one (lines as
+        # the reader numbers them: split on "\n", 1-based, empty lines skipped).
+        numbered = [(n, line.rstrip("\r")) for n, line in enumerate(text.split("\n"), start=1) if line.rstrip("\r")]
+        first_bad = next((n for n, line in numbered if not _strictly_valid(line)), None)
+        if first_bad is None and numbered:
             cols = _parse_ratings(path, "\t", False, BadRowTracker("error"))
-            got = list(zip(*[c.tolist() for c in cols]))
-            assert got == expected, f"trial {trial}: silently different rows"
-        except DataError as e:
-            assert str(path) in str(e) and re.search(r":\d+: field '", str(e)) or "no valid ratings" in str(e), str(e)
+            assert list(zip(*[c.tolist() for c in cols])) == expected, f"trial {trial}: silently different rows"
+        else:
+            with pytest.raises(DataError) as raised:
+                _parse_ratings(path, "\t", False, BadRowTracker("error"))
+            message = str(raised.value)
+            if first_bad is None:
+                assert "no valid ratings" in message, message
+            else:
+                assert f"{path}:{first_bad}: field '" in message, f"trial {trial}: {message}"
         try:
             cols = _parse_ratings(path, "\t", False, BadRowTracker("skip"))
             assert list(zip(*[c.tolist() for c in cols])) == expected, f"trial {trial}: skip kept wrong rows"
