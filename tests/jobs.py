@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,14 @@ def job_env() -> Dict[str, str]:
     env.setdefault("OMP_NUM_THREADS", "1")  # 2 ranks on 2 cores: no oversubscription
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+def free_port() -> int:
+    """A TCP port free right now on localhost (for a multi-node rendezvous run on one
+    machine; single-node torchrun/torchx jobs pick their own)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run_torchrun(nproc: int, overrides: List[str], config: str = "tiny", timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
