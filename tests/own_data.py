@@ -1,13 +1,17 @@
 """Test helpers (importable as ``own_data``): a user's Parquet data set with a YAML schema.
 
-The data set: users (string ids) with two favourite item categories out of 8; items with
-large integer ids (category = item % 8); two event types of history, ``click`` (0-20
-events, 80% from the favourite categories) and ``purchase`` (0-6, 90%), each event with its
-item, an action (the item's category) and a timestamp; a target item (50% from a
-favourite category); ``label ~ Bernoulli(sigmoid(3 * (affinity - 0.6)))`` with
-``affinity`` = share of clicks in the target's category + 2 x share of purchases in it.
-So the label depends on the histories; the item table is shared by the target item and
-both histories, and the category table by the target's category and every event's action.
+The data set: users (string ids) and items with large integer ids (category = item % 8).
+Each example draws its own two interest categories out of 8 (afresh per example: neither the
+user nor anything else outside the histories knows them), then two event types of history,
+``click`` (0-20 events, 80% from the interest categories) and ``purchase`` (0-6, 90%), each
+event with its item, an action (the item's category) and a timestamp, and a target item (50%
+from an interest category, else any item); ``label ~ Bernoulli(sigmoid(3 * (affinity - 0.6)))``
+with ``affinity`` = share of clicks in the target's category + 2 x share of purchases in it.
+So the label depends on the target *and* the histories together: the user, the target (its id
+or category), tags, price and age are each independent of it (every category plays the same
+part), and only matching the target against the histories predicts it. The item table is
+shared by the target item and both histories, the category table by the target's category
+and every event's action.
 """
 
 from __future__ import annotations
@@ -63,7 +67,6 @@ data:
 def make_rows(n: int, seed: int, t_start: int = T0) -> Dict[str, list]:
     """``n`` examples as Python columns (lists; list columns as lists of lists)."""
     rng = np.random.default_rng(seed)
-    fav = np.random.default_rng(12345).integers(0, NUM_CATS, size=(NUM_USERS, 2))  # the same in every split
     per_cat = NUM_ITEMS // NUM_CATS
 
     def item_in(cat):
@@ -92,12 +95,13 @@ def make_rows(n: int, seed: int, t_start: int = T0) -> Dict[str, list]:
     for i in range(n):
         u = int(rng.integers(0, NUM_USERS))
         ts = t_start + 60 * i
+        fav = rng.choice(NUM_CATS, size=2, replace=False)  # this example's interests: not the user's
         hist = {}
         for name, max_len, p_fav in (("click", 20, 0.8), ("buy", 6, 0.9)):
             length = int(rng.integers(0, max_len + 1))
-            items = [item_in(fav[u, rng.integers(0, 2)]) if rng.random() < p_fav else int(rng.integers(0, NUM_ITEMS)) for _ in range(length)]
+            items = [item_in(fav[rng.integers(0, 2)]) if rng.random() < p_fav else int(rng.integers(0, NUM_ITEMS)) for _ in range(length)]
             hist[name] = items
-        target = item_in(fav[u, rng.integers(0, 2)]) if rng.random() < 0.5 else int(rng.integers(0, NUM_ITEMS))
+        target = item_in(fav[rng.integers(0, 2)]) if rng.random() < 0.5 else int(rng.integers(0, NUM_ITEMS))
         cat = target % NUM_CATS
         aff = 0.0
         for name, w in (("click", 1.0), ("buy", 2.0)):
@@ -146,10 +150,22 @@ def arrow_table(cols: Dict[str, list]):
     return pa.table({k: pa.array(v, types[k]) for k, v in cols.items()})
 
 
+HISTORY_COLUMNS = ("click_items", "click_cats", "click_ts", "buy_items", "buy_cats")
+
+
 def write_dataset(
-    root: Path, train_rows: int = 12000, eval_rows: int = 2000, test_rows: int = 2000, train_files: int = 3, row_group_size: int = 1000
+    root: Path,
+    train_rows: int = 12000,
+    eval_rows: int = 2000,
+    test_rows: int = 2000,
+    train_files: int = 3,
+    row_group_size: int = 1000,
+    histories: bool = True,
 ) -> Dict[str, List[Path]]:
-    """Parquet files under ``root/{train,eval,test}/`` and ``root/job.yaml`` (schema + data paths)."""
+    """Parquet files under ``root/{train,eval,test}/`` and ``root/job.yaml`` (schema + data paths).
+
+    ``histories=False``: the same rows (labels, ``affinity`` and every other column alike) with
+    every history list empty, in the same files and row groups."""
     import pyarrow.parquet as pq
 
     out: Dict[str, List[Path]] = {}
@@ -161,7 +177,10 @@ def write_dataset(
         out[split] = []
         for k in range(nfiles):
             n = min(per, rows - k * per)
-            table = arrow_table(make_rows(n, seed * 100 + k, t))
+            cols = make_rows(n, seed * 100 + k, t)
+            if not histories:
+                cols.update({c: [[] for _ in range(n)] for c in HISTORY_COLUMNS})
+            table = arrow_table(cols)
             t += 60 * n
             path = folder / f"part-{k:05d}.parquet"
             pq.write_table(table, path, row_group_size=row_group_size)
