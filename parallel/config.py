@@ -20,6 +20,12 @@ class SparseParallelConfig:
     strategy: str = "1d"  # 1d: shard over all ranks | 2d: shard within groups, replicate across
     sharding_group_size: int = 0  # 2d: ranks per sharding group (divides the world size); 0 = world
     sync_every_n_steps: int = 1  # 2d: average replicas (weights + AdaGrad state) every N steps; 0 = never
+    # 2d: what a sync averages: full = every local row (DMPCollection.sync) | touched = only
+    # the rows some replica looked up since the last sync (parallel/touched_sync.py; equal result)
+    sync: str = "full"
+    # 2d: where replica groups sit. intra_node (TorchRec's default): replicas on one host, the
+    # sync on the fast link, sharding groups across hosts | inter_node: the reverse
+    replica_placement: str = "intra_node"
     momentum_scaling: bool = True  # 2d: scale the sparse lr and eps by sqrt(#replica groups)
     # Sharding types the planner may choose from; empty = the fused types (no data_parallel).
     sharding_types: List[str] = field(default_factory=list)
@@ -27,6 +33,8 @@ class SparseParallelConfig:
     def __post_init__(self) -> None:
         check_choice(self, "strategy", ("1d", "2d"))
         check(self, self.sharding_group_size >= 0, "sharding_group_size", "an integer >= 0 (0 = the world size)")
+        check_choice(self, "sync", ("full", "touched"))
+        check_choice(self, "replica_placement", ("intra_node", "inter_node"))
         check(self, self.sync_every_n_steps >= 0, "sync_every_n_steps", "an integer >= 0 (0 = never)")
         check(self, all(t in SHARDING_TYPES for t in self.sharding_types), "sharding_types", f"a list drawn from {list(SHARDING_TYPES)}")
         if self.strategy == "2d":

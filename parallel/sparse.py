@@ -58,6 +58,7 @@ from torchrec.distributed.types import (
 from kunlun.parallel.dense import FSDPDenseWrapper
 from kunlun.parallel.layout import ParallelLayout
 from kunlun.parallel.planner import SHARDING_TYPES_2D, build_sharders, plan_sharding
+from kunlun.parallel.touched_sync import TouchedRowsSync
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,11 @@ class ShardedModel:
     layout: ParallelLayout
     sparse_lr_scale: float = 1.0  # multiply the configured sparse lr by this (momentum scaling)
     sync_every_n_steps: int = 0  # 2D replica sync period (0: never / 1D)
+    touched: Optional[TouchedRowsSync] = None  # parallel.sparse.sync=touched: only changed rows
+
+    def tracked_sync_kernels(self) -> List[torch.nn.Module]:
+        """The TBE kernels a 2D sync averages (one list per DMPCollection context)."""
+        return [kernel for ctx in self.dmp._ctxs for kernel, _ in ctx.modules_to_sync]  # type: ignore[attr-defined]
 
     @property
     def is_2d(self) -> bool:
@@ -77,7 +83,10 @@ class ShardedModel:
     def sync(self) -> None:
         """Average replica weights and AdaGrad state across replica groups (2D; no-op in 1D)."""
         if self.is_2d and self.layout.num_replica_groups > 1:
-            self.dmp.sync(include_optimizer_state=True)  # type: ignore[attr-defined]
+            if self.touched is not None:
+                self.touched.sync()
+            else:
+                self.dmp.sync(include_optimizer_state=True)  # type: ignore[attr-defined]
 
     def maybe_sync(self, step: int) -> bool:
         if self.is_2d and self.sync_every_n_steps and step % self.sync_every_n_steps == 0:
@@ -111,27 +120,39 @@ class CpuDMPCollection(DMPCollection):
         global_pg: dist.ProcessGroup,
         sharders: List,
         data_parallel_wrapper: Optional[DataParallelWrapper] = None,
+        use_inter_host_allreduce: bool = False,
     ) -> None:
         self._device = device
         self._pg = global_pg
         self._global_rank = dist.get_rank(global_pg)
         self._custom_all_reduce = None
         self._sharder_map = {s.module_type: s for s in sharders}
-        self._default_ctx = DMPCollectionContext(module=None, plan=plan, sharding_group_size=sharding_group_size)  # type: ignore[arg-type]
+        self._default_ctx = DMPCollectionContext(
+            module=None,  # type: ignore[arg-type]
+            plan=plan,
+            sharding_group_size=sharding_group_size,
+            use_inter_host_allreduce=use_inter_host_allreduce,
+        )
         self._submodule_ctxs = []
         self._ctxs = [self._default_ctx]
         ctx = self._default_ctx
         ctx.device_mesh, ctx.sharding_pg, ctx.replica_pg = self._create_process_groups(
-            global_rank=self._global_rank, world_size=world_size, local_size=sharding_group_size
+            global_rank=self._global_rank, world_size=world_size, local_size=sharding_group_size, use_inter_host_allreduce=use_inter_host_allreduce
         )
-        self._remap_sharding_plan(plan=plan, rank=self._global_rank, step=world_size // sharding_group_size, sharding_group_size=sharding_group_size)
+        self._remap_sharding_plan(
+            plan=plan,
+            rank=self._global_rank,
+            step=world_size // sharding_group_size,
+            sharding_group_size=sharding_group_size,
+            use_inter_host_allreduce=use_inter_host_allreduce,
+        )
         env = ShardingEnv2D(
             global_pg=global_pg,
             sharding_pg=ctx.sharding_pg,
             replica_pg=ctx.replica_pg,
             device_mesh=ctx.device_mesh,
             node_group_size=None,
-            use_inter_host_allreduce=False,
+            use_inter_host_allreduce=use_inter_host_allreduce,
             sharding_strategy=ShardingStrategy.DEFAULT,
         )
         self._use_sharded_relay = False
@@ -200,7 +221,8 @@ def shard_model(model: torch.nn.Module, parallel_cfg, optim_cfg, device: torch.d
         return ShardedModel(dmp=dmp, plan=plan, layout=layout)
 
     group = sp.sharding_group_size or world
-    layout = ParallelLayout(world, group, "2d")
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    layout = ParallelLayout(world, group, "2d", placement=sp.replica_placement, local_world_size=local_world)
     m = layout.num_replica_groups
     scale = math.sqrt(m) if sp.momentum_scaling else 1.0
     sharders = build_sharders(optim_cfg, lr_scale=scale, eps_scale=scale)
@@ -225,8 +247,22 @@ def shard_model(model: torch.nn.Module, parallel_cfg, optim_cfg, device: torch.d
         global_pg=dist.GroupMember.WORLD,
         sharders=sharders,
         data_parallel_wrapper=wrapper,
+        use_inter_host_allreduce=layout.inter_node,
     )
     dmp = cls(**kwargs)
     broadcast_replicas(dmp)
-    log.info("2D sparse: %d replica groups; momentum scaling %s (sparse lr and eps x %.4g)", m, "on" if sp.momentum_scaling else "off", scale)
-    return ShardedModel(dmp=dmp, plan=plan, layout=layout, sparse_lr_scale=scale, sync_every_n_steps=sp.sync_every_n_steps)
+    log.info(
+        "2D sparse: %d replica groups; momentum scaling %s (sparse lr and eps x %.4g); %s sync every %d step(s)",
+        m,
+        "on" if sp.momentum_scaling else "off",
+        scale,
+        sp.sync,
+        sp.sync_every_n_steps,
+    )
+    sharded = ShardedModel(dmp=dmp, plan=plan, layout=layout, sparse_lr_scale=scale, sync_every_n_steps=sp.sync_every_n_steps)
+    if sp.sync == "touched" and m > 1:
+        if len(dmp._ctxs) != 1:
+            raise ValueError("parallel.sparse.sync=touched supports one DMPCollection context (no submodule configs)")
+        # Tracking starts now: the broadcast above made every replica identical.
+        sharded.touched = TouchedRowsSync(sharded.tracked_sync_kernels(), dmp._ctxs[0].replica_pg)
+    return sharded

@@ -1,0 +1,177 @@
+"""2D replica sync of only the rows that changed: ``parallel.sparse.sync=touched``.
+
+A 2D replica sync (``DMPCollection.sync``) averages every local shard and its row-wise
+AdaGrad state across the replica group. After a sync all replicas are identical, and a row
+changes afterwards only if some replica's update touched it, that is if the row was looked
+up by that replica's sharding group in a training step (the fused TBE update writes only
+looked-up rows). So a sync only needs the union of the rows the replicas looked up since
+the last sync; every other row is already equal on all replicas.
+
+How: a forward pre-hook on every TBE kernel (``SplitTableBatchedEmbeddingBagsCodegen``,
+the same kernels ``DMPCollection`` syncs) marks, per local table shard, the rows in its
+``indices`` (local row ids after TorchRec's input distribution) while grad is enabled. At a
+sync each rank all-gathers its marked row ids within the replica group (counts, then the
+padded ids), forms the sorted union, gathers those rows of the weights and of the AdaGrad
+``sum`` state into one buffer per dtype, and averages it with the very collective the full
+sync uses (``replica_pg.allreduce_coalesced`` with ``ReduceOp.AVG``). Averaging is
+elementwise, so the synced rows are bitwise what a full sync gives them; the other rows are
+equal on all replicas, which a full sync leaves unchanged as long as the average of equal
+values is exact (always for M = 2 replicas; for other M the full sync can move an
+untouched row by rounding, and the touched sync, which leaves it alone, is the exact one).
+
+Bytes per sync and rank (ring-equivalent, what ``benchmarks/parallel_bench.py`` counts):
+``(M-1) * (8 + 8 * max_r n_r)`` for the id exchange plus ``2(M-1)/M * U * (D*w + s)`` for
+the ``U`` union rows of ``D`` weights of ``w`` bytes and an ``s``-byte AdaGrad state —
+against ``2(M-1)/M * R * (D*w + s)`` for all ``R`` local rows in a full sync.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Dict, List
+
+import torch
+import torch.distributed as dist
+from fbgemm_gpu.split_table_batched_embeddings_ops_training import SplitTableBatchedEmbeddingBagsCodegen
+
+
+@dataclass
+class _Table:
+    """One local table shard of a TBE kernel: weight rows ``[R, D]``, AdaGrad state ``[R]``
+    (or ``[R, 1]``), and the rows touched since the last sync ``[R]`` (bool)."""
+
+    weight: torch.Tensor
+    state: torch.Tensor
+    touched: torch.Tensor
+
+
+@dataclass
+class SyncStats:
+    """Counters since construction (rows and bytes this rank sent, ring-equivalent)."""
+
+    syncs: int = 0
+    rows_total: int = 0  # local rows across all table shards (a full sync's rows per sync)
+    rows_synced: int = 0  # union rows averaged, summed over syncs
+    bytes_ids: int = 0
+    bytes_values: int = 0
+    per_sync_union: List[int] = field(default_factory=list)
+
+
+class TouchedRowsSync:
+    """Track looked-up rows of every TBE kernel in ``kernels`` and average only those rows
+    across ``replica_pg`` in :meth:`sync`. Build it after the replicas were made identical
+    (the start-up broadcast or a full sync): rows are tracked from then on."""
+
+    def __init__(self, kernels: List[torch.nn.Module], replica_pg: dist.ProcessGroup) -> None:
+        self.replica_pg = replica_pg
+        self.num_replicas = dist.get_world_size(replica_pg)
+        self._tables: List[_Table] = []
+        self._hooks = []
+        for kernel in kernels:
+            if not isinstance(kernel, SplitTableBatchedEmbeddingBagsCodegen):
+                raise TypeError(f"touched-rows sync supports TBE kernels only, not {type(kernel).__name__}")
+            weights = kernel.split_embedding_weights()
+            states = [s["sum"] for s in kernel.get_optimizer_state()]
+            if len(states) != len(weights):
+                raise ValueError(f"expected one row-wise AdaGrad state per table, got {len(states)} for {len(weights)} tables")
+            first = len(self._tables)
+            for w, s in zip(weights, states):
+                if s.shape[0] != w.shape[0]:
+                    raise ValueError(f"AdaGrad state has {s.shape[0]} rows for a table shard of {w.shape[0]} rows (row-wise state expected)")
+                self._tables.append(_Table(w, s, torch.zeros(w.shape[0], dtype=torch.bool, device=w.device)))
+            table_of_feature = [first + int(t) for t in kernel.feature_table_map]
+            self._hooks.append(kernel.register_forward_pre_hook(self._recorder(table_of_feature), with_kwargs=True))
+        self.stats = SyncStats(rows_total=sum(t.weight.shape[0] for t in self._tables))
+
+    def _recorder(self, table_of_feature: List[int]):
+        num_features = len(table_of_feature)
+
+        def record(module, args, kwargs) -> None:
+            if not torch.is_grad_enabled():
+                return  # evaluation: no update follows
+            indices = kwargs["indices"] if "indices" in kwargs else args[0]
+            offsets = kwargs["offsets"] if "offsets" in kwargs else args[1]
+            per_rank = kwargs.get("batch_size_per_feature_per_rank")
+            if per_rank is None:
+                batch = (offsets.numel() - 1) // num_features
+                bounds = [f * batch for f in range(num_features + 1)]
+            else:  # variable batch per feature: feature f owns sum(per_rank[f]) bags
+                bounds = [0]
+                for sizes in per_rank:
+                    bounds.append(bounds[-1] + sum(sizes))
+            cuts = offsets[bounds].tolist()  # one device sync per lookup, not per feature
+            for f, table in enumerate(table_of_feature):
+                if cuts[f + 1] > cuts[f]:
+                    self._tables[table].touched[indices[cuts[f] : cuts[f + 1]].long()] = True
+
+        return record
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+    def reset(self) -> None:
+        """Forget tracked rows (after the replicas were made identical some other way)."""
+        for t in self._tables:
+            t.touched.zero_()
+
+    @torch.no_grad()
+    def sync(self) -> int:
+        """Average the union of the replicas' touched rows; returns the union size (rows)."""
+        if not self._tables:
+            return 0
+        sizes = [t.weight.shape[0] for t in self._tables]
+        base = torch.tensor([0] + sizes, dtype=torch.int64).cumsum(0)
+        device = self._tables[0].touched.device
+        # Local touched rows as ids into the concatenation of all local table shards.
+        local = torch.cat([t.touched.nonzero().flatten() + base[i].to(device) for i, t in enumerate(self._tables)])
+        union = self._union(local)
+        self.stats.syncs += 1
+        self.stats.rows_synced += int(union.numel())
+        self.stats.per_sync_union.append(int(union.numel()))
+        if union.numel():
+            table_of_row = torch.searchsorted(base[1:].to(device), union, right=True)
+            rows_of: Dict[int, torch.Tensor] = {}
+            for i in torch.unique(table_of_row).tolist():
+                rows_of[i] = union[table_of_row == i] - base[i].to(device)
+            self._average(rows_of)
+        self.reset()
+        return int(union.numel())
+
+    def _union(self, local: torch.Tensor) -> torch.Tensor:
+        """Sorted union of every replica's ``local`` row ids ``[n_r]`` (int64)."""
+        m = self.num_replicas
+        count = torch.tensor([local.numel()], dtype=torch.int64, device=local.device)
+        counts = [torch.empty_like(count) for _ in range(m)]
+        dist.all_gather(counts, count, group=self.replica_pg)
+        n = [int(c) for c in counts]
+        width = max(n)
+        padded = torch.zeros(width, dtype=torch.int64, device=local.device)
+        padded[: local.numel()] = local
+        parts = [torch.empty_like(padded) for _ in range(m)]
+        if width:
+            dist.all_gather(parts, padded, group=self.replica_pg)
+        self.stats.bytes_ids += (m - 1) * 8 * (1 + width)
+        return torch.unique(torch.cat([p[:k] for p, k in zip(parts, n)])) if width else local
+
+    def _average(self, rows_of: Dict[int, torch.Tensor]) -> None:
+        """Gather the rows' weights and states, one AVG all-reduce per dtype, write back."""
+        groups: Dict[torch.dtype, List[tuple]] = defaultdict(list)
+        for i, rows in rows_of.items():
+            t = self._tables[i]
+            groups[t.weight.dtype].append((t.weight, rows))
+            groups[t.state.dtype].append((t.state, rows))
+        opts = dist.AllreduceCoalescedOptions()
+        opts.reduceOp = dist.ReduceOp.AVG
+        m = self.num_replicas
+        for items in groups.values():
+            buf = torch.cat([tensor[rows].reshape(-1) for tensor, rows in items])
+            self.replica_pg.allreduce_coalesced([buf], opts=opts).wait()
+            self.stats.bytes_values += int(2 * (m - 1) * buf.numel() * buf.element_size() // m)
+            at = 0
+            for tensor, rows in items:
+                n = rows.numel() * (tensor[0].numel() if tensor.dim() > 1 else 1)
+                tensor[rows] = buf[at : at + n].view_as(tensor[rows])
+                at += n
