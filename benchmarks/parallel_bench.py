@@ -172,24 +172,33 @@ def ddp_bytes_per_rank(dense_bytes: float, t: int) -> float:
     return 2 * (t - 1) / t * dense_bytes
 
 
-def touched_sync_bytes_per_rank(m: int, union_rows: float, max_local_rows: float, dim: int) -> Dict[str, float]:
+def touched_sync_bytes_per_rank(m: int, union_rows: float, max_local_rows: float, dim: int, rows: Optional[float] = None) -> Dict[str, float]:
     """Touched-rows replica sync (``parallel.sparse.sync=touched``), bytes one rank sends per sync
     (ring-equivalent, as ``TouchedRowsSync.stats`` counts them):
 
-    * ``ids``: all-gather of the touched-row count and of the padded touched-row ids (int64)
-      over the ``m`` replicas, ``(m-1) * 8 * (1 + max_r n_r)``; ``max_local_rows`` is
-      ``max_r n_r``, the most rows of this rank's shard any one replica touched;
+    * ``ids``: the all-gather of the touched-row counts, ``(m-1) * 8``, then the row-set
+      exchange ``kunlun.parallel.touched_sync.choose_exchange`` picks for this rank's ``rows``
+      local rows: the padded ids ``(m-1) * 8 * max_r n_r`` (``max_local_rows`` is
+      ``max_r n_r``, the most rows of this rank's shard any one replica touched), a bitmap
+      ``2(m-1)/m * rows``, or none when every row is averaged; without ``rows``, always ids;
     * ``values``: AVG all-reduce of the union rows' weights (``dim`` fp32) and AdaGrad row state
       (one fp32), ``2(m-1)/m * U * (dim*4 + 4)``; ``union_rows`` is ``U``, the union over the
-      replicas of this rank's shard rows touched in the sync period.
+      replicas of this rank's shard rows touched in the sync period (``rows`` when all rows
+      are averaged).
 
     0 for ``m = 1`` (1D, or a single replica group: there is no sync).
     """
+    from kunlun.parallel.touched_sync import choose_exchange
+
     if m <= 1:
         return {"ids": 0.0, "values": 0.0, "total": 0.0}
-    ids = (m - 1) * ID_BYTES * (1 + max_local_rows)
-    values = 2 * (m - 1) / m * union_rows * (dim * EMB_BYTES + STATE_BYTES)
-    return {"ids": ids, "values": values, "total": ids + values}
+    row_bytes = dim * EMB_BYTES + STATE_BYTES
+    ring = 2 * (m - 1) / m
+    plan = "ids" if rows is None else choose_exchange(m, int(rows), row_bytes, int(math.ceil(max_local_rows)))
+    exchange = {"ids": (m - 1) * ID_BYTES * max_local_rows, "bitmap": ring * (rows or 0), "all": 0.0}[plan]
+    ids = (m - 1) * ID_BYTES + exchange
+    values = ring * (rows if plan == "all" else union_rows) * row_bytes
+    return {"ids": ids, "values": values, "total": ids + values, "exchange": plan}
 
 
 def unique_rows(rate: float, ids: float, rows: float) -> float:
@@ -284,7 +293,7 @@ def predict(
     if strategy == "2d_touched":
         if touched_rows is None:
             raise ValueError("2d_touched needs touched_rows = (union rows, max local rows) per rank per sync")
-        ts = touched_sync_bytes_per_rank(m, touched_rows[0], touched_rows[1], dim)
+        ts = touched_sync_bytes_per_rank(m, touched_rows[0], touched_rows[1], dim, rows=mem / (dim * EMB_BYTES + STATE_BYTES))
         sync_parts = {"ids": ts["ids"] / every, "values": ts["values"] / every}
     elif m > 1 and sync_every:
         sync_parts = {"full": sync_bytes_per_rank(mem, m) / every}

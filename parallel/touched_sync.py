@@ -19,10 +19,21 @@ equal on all replicas, which a full sync leaves unchanged as long as the average
 values is exact (always for M = 2 replicas; for other M the full sync can move an
 untouched row by rounding, and the touched sync, which leaves it alone, is the exact one).
 
+The row set is exchanged the cheapest way, decided identically on every replica from the
+all-gathered counts ``n_r`` (replicas of a shard have the same ``R`` local rows, ``b``
+bytes per row of weights + state):
+
+* ids: all-gather the padded ids, ``(M-1) * 8 * max_r n_r`` bytes;
+* a bitmap: one byte per local row, all-reduced with MAX, ``2(M-1)/M * R`` — cheaper once
+  a replica touched more than ``R / (4M)`` rows;
+* no exchange, all rows averaged (a full sync) when even the cheaper exchange plus the
+  fewest rows the union can hold, ``max_r n_r``, cost at least the full sync's
+  ``2(M-1)/M * R * b``. Many touched rows (small tables, long periods) end here, so the
+  touched sync never sends more than a full sync plus the ``(M-1) * 8`` bytes of counts.
+
 Bytes per sync and rank (ring-equivalent, what ``benchmarks/parallel_bench.py`` counts):
-``(M-1) * (8 + 8 * max_r n_r)`` for the id exchange plus ``2(M-1)/M * U * (D*w + s)`` for
-the ``U`` union rows of ``D`` weights of ``w`` bytes and an ``s``-byte AdaGrad state —
-against ``2(M-1)/M * R * (D*w + s)`` for all ``R`` local rows in a full sync.
+``(M-1) * 8`` for the counts, the exchange above, and ``2(M-1)/M * U * b`` for the ``U``
+union rows.
 """
 
 from __future__ import annotations
@@ -34,6 +45,21 @@ from typing import Dict, List
 import torch
 import torch.distributed as dist
 from fbgemm_gpu.split_table_batched_embeddings_ops_training import SplitTableBatchedEmbeddingBagsCodegen
+
+
+def choose_exchange(m: int, rows: int, row_bytes: float, widest: int) -> str:
+    """How ``m`` replicas with ``rows`` local rows of ``row_bytes`` bytes (weights + state)
+    exchange their touched-row sets when the busiest replica touched ``widest`` rows:
+    ``"ids"``, ``"bitmap"`` or ``"all"`` (no exchange, every row averaged). The cheapest in
+    bytes sent per rank, counting for ids and bitmap the fewest value bytes they can lead
+    to (the union holds at least ``widest`` rows); see the module docstring."""
+    if widest == 0:
+        return "ids"  # nothing touched: the counts were all that was sent
+    ring = 2 * (m - 1) / m
+    ids, bitmap = (m - 1) * 8 * widest, ring * rows
+    if min(ids, bitmap) + ring * widest * row_bytes >= ring * rows * row_bytes:
+        return "all"
+    return "bitmap" if bitmap < ids else "ids"
 
 
 @dataclass
@@ -53,8 +79,9 @@ class SyncStats:
     syncs: int = 0
     rows_total: int = 0  # local rows across all table shards (a full sync's rows per sync)
     rows_synced: int = 0  # union rows averaged, summed over syncs
-    bytes_ids: int = 0
+    bytes_ids: int = 0  # counts and the row-set exchange (ids or bitmap)
     bytes_values: int = 0
+    exchanges: Dict[str, int] = field(default_factory=lambda: {"ids": 0, "bitmap": 0, "all": 0})
     per_sync_union: List[int] = field(default_factory=list)
 
 
@@ -140,6 +167,11 @@ class TouchedRowsSync:
         self.reset()
         return int(union.numel())
 
+    def _row_bytes(self) -> float:
+        """Mean bytes per local row of weights + AdaGrad state."""
+        total = sum(t.weight.numel() * t.weight.element_size() + t.state.numel() * t.state.element_size() for t in self._tables)
+        return total / max(self.stats.rows_total, 1)
+
     def _union(self, local: torch.Tensor) -> torch.Tensor:
         """Sorted union of every replica's ``local`` row ids ``[n_r]`` (int64)."""
         m = self.num_replicas
@@ -147,14 +179,26 @@ class TouchedRowsSync:
         counts = [torch.empty_like(count) for _ in range(m)]
         dist.all_gather(counts, count, group=self.replica_pg)
         n = [int(c) for c in counts]
+        self.stats.bytes_ids += (m - 1) * 8
         width = max(n)
+        plan = choose_exchange(m, self.stats.rows_total, self._row_bytes(), max(n))
+        self.stats.exchanges[plan] += 1
+        if width == 0:
+            return local
+        if plan == "all":
+            return torch.arange(self.stats.rows_total, dtype=torch.int64, device=local.device)
+        if plan == "bitmap":
+            bits = torch.zeros(self.stats.rows_total, dtype=torch.uint8, device=local.device)
+            bits[local] = 1
+            dist.all_reduce(bits, op=dist.ReduceOp.MAX, group=self.replica_pg)
+            self.stats.bytes_ids += int(2 * (m - 1) * bits.numel() // m)
+            return bits.nonzero().flatten()
         padded = torch.zeros(width, dtype=torch.int64, device=local.device)
         padded[: local.numel()] = local
         parts = [torch.empty_like(padded) for _ in range(m)]
-        if width:
-            dist.all_gather(parts, padded, group=self.replica_pg)
-        self.stats.bytes_ids += (m - 1) * 8 * (1 + width)
-        return torch.unique(torch.cat([p[:k] for p, k in zip(parts, n)])) if width else local
+        dist.all_gather(parts, padded, group=self.replica_pg)
+        self.stats.bytes_ids += (m - 1) * 8 * width
+        return torch.unique(torch.cat([p[:k] for p, k in zip(parts, n)]))
 
     def _average(self, rows_of: Dict[int, torch.Tensor]) -> None:
         """Gather the rows' weights and states, one AVG all-reduce per dtype, write back."""

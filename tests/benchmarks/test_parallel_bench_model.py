@@ -35,9 +35,22 @@ def test_touched_sync_without_replicas_is_free():
 def test_touched_sync_of_every_row_costs_the_full_sync_plus_the_ids():
     rows, dim, m = 5000, 32, 2
     full = pb.sync_bytes_per_rank(rows * (dim * pb.EMB_BYTES + pb.STATE_BYTES), m)
-    got = pb.touched_sync_bytes_per_rank(m, rows, rows, dim)
+    got = pb.touched_sync_bytes_per_rank(m, rows, rows, dim)  # ids exchange forced (no rows)
     assert got["values"] == pytest.approx(full)
     assert got["ids"] == (m - 1) * 8 * (rows + 1)
+    # knowing the shard's rows, the sync falls back to averaging every row: the full sync's
+    # bytes plus the counts
+    got = pb.touched_sync_bytes_per_rank(m, rows, rows, dim, rows=rows)
+    assert got["exchange"] == "all" and got["values"] == pytest.approx(full) and got["ids"] == (m - 1) * 8
+
+
+def test_touched_sync_exchanges_a_bitmap_when_ids_would_cost_more():
+    m, dim, rows = 4, 16, 100_000
+    got = pb.touched_sync_bytes_per_rank(m, 12_000, 10_000, dim, rows=rows)  # ids 240 KB > bitmap 150 KB
+    assert got["exchange"] == "bitmap"
+    assert got["ids"] == pytest.approx(3 * 8 + 1.5 * rows)
+    assert got["values"] == pytest.approx(1.5 * 12_000 * (dim * 4 + 4))
+    assert pb.touched_sync_bytes_per_rank(m, 1_200, 1_000, dim, rows=rows)["exchange"] == "ids"
 
 
 def test_unique_rows_is_capped_by_the_table():

@@ -79,6 +79,7 @@ def main() -> None:
         snapshot = [t.clone() for t in tensors(sharded)]
         report["second_sync_rows"] = touched.sync()
         report["second_sync_unchanged"] = all(torch.equal(a, b) for a, b in zip(snapshot, tensors(sharded)))
+        report["exchanges"] = touched.stats.exchanges
         Path(cfg.run_dir, f"touched_rank{rank}.json").write_text(json.dumps(report))
     finally:
         trainer.close()

@@ -62,13 +62,18 @@ def _checked_run(run_dir, *extra):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("placement, every", [("intra_node", 3), ("inter_node", 1)])
-def test_touched_sync_is_bitwise_a_full_sync_and_sends_only_changed_rows(tmp_path, placement, every):
+@pytest.mark.parametrize("placement, every, batch, exchange", [("intra_node", 3, 64, "bitmap"), ("inter_node", 1, 8, "ids")])
+def test_touched_sync_is_bitwise_a_full_sync_and_sends_only_changed_rows(tmp_path, placement, every, batch, exchange):
     """At every sync the touched-rows result equals a full sync from the same state, bit for
     bit (weights and AdaGrad state); every row that changed on some replica is in the union
-    sent, the union is far from all rows, and a sync right after a sync sends nothing."""
+    sent, the union is far from all rows, and a sync right after a sync sends nothing. The
+    two cases exchange the row sets as a bitmap (many rows touched) and as ids (few)."""
     out, reports = _checked_run(
-        tmp_path / "r", "trainer.max_steps=9", f"parallel.sparse.sync_every_n_steps={every}", f"parallel.sparse.replica_placement={placement}"
+        tmp_path / "r",
+        "trainer.max_steps=9",
+        f"data.batch_size={batch}",
+        f"parallel.sparse.sync_every_n_steps={every}",
+        f"parallel.sparse.replica_placement={placement}",
     )
     assert f"replica placement {placement}" in out and f"touched sync every {every} step(s)" in out
     for rep in reports:
@@ -84,6 +89,7 @@ def test_touched_sync_is_bitwise_a_full_sync_and_sends_only_changed_rows(tmp_pat
             assert 0 < s["rows_changed"] <= s["rows_sent"] < s["rows_total"], s
             assert s["value_bytes"] > 0
         assert rep["second_sync_rows"] == 0 and rep["second_sync_unchanged"]
+        assert rep["exchanges"][exchange] >= len(train_syncs), rep["exchanges"]
 
 
 def _state(run):
@@ -124,3 +130,19 @@ def test_touched_sync_trains_resumes_and_reshards_like_full_sync(tmp_path):
     m2, m4 = final_metrics(touched), final_metrics(full)
     for k in ("test/auc", "test/ne", "test/logloss"):
         assert m2[k] == pytest.approx(m4[k], abs=1e-6), k
+
+
+def test_the_row_set_exchange_is_the_cheapest_in_bytes():
+    """ids (8 bytes per touched row per peer) while few rows are touched, a one-byte-per-row
+    bitmap from about R/(4M) touched rows, and a plain full average when even the fewest
+    possible union rows would cost as much as all rows."""
+    from kunlun.parallel.touched_sync import choose_exchange
+
+    rows, row_bytes = 100_000, 68.0  # D = 16 fp32 + one AdaGrad float
+    assert choose_exchange(2, rows, row_bytes, 0) == "ids"
+    assert choose_exchange(2, rows, row_bytes, 1_000) == "ids"  # 8 KB of ids < 100 KB bitmap
+    assert choose_exchange(2, rows, row_bytes, 20_000) == "bitmap"  # 160 KB of ids > 100 KB bitmap
+    assert choose_exchange(8, rows, row_bytes, 5_000) == "bitmap"  # ids 7*8*5k = 280 KB > 175 KB
+    # (bitmap + widest rows) >= all rows: 1.75*(100k + 97.5k*68) >= 1.75*100k*68
+    assert choose_exchange(8, rows, row_bytes, 98_600) == "all"
+    assert choose_exchange(8, rows, row_bytes, 98_400) == "bitmap"
