@@ -551,6 +551,11 @@ class Trainer:
         if self.train_seconds > 0:
             final["perf/examples_per_sec"] = self.examples_this_attempt / self.train_seconds
         final["model/embedding_params"] = float(self.num_params["embedding"])
+        touched = self.sharded.touched
+        if touched is not None and touched.stats.syncs:  # rank 0's shards (parallel.sparse.sync=touched)
+            st = touched.stats
+            final["parallel/sync_rows_fraction"] = st.rows_synced / (st.syncs * max(st.rows_total, 1))
+            final["parallel/sync_bytes_per_sync"] = (st.bytes_ids + st.bytes_values) / st.syncs
         if self.profiler.summary is not None:
             for cat, share in self.profiler.summary["host_share"].items():
                 final[f"profile/{cat}_share"] = share

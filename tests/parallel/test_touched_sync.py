@@ -118,6 +118,9 @@ def test_touched_sync_trains_resumes_and_reshards_like_full_sync(tmp_path):
     run_torchrun(4, [f"run_dir={touched}", *common, "parallel.sparse.sync=touched"])
     _assert_equal_states(_state(full), _state(touched))
     assert final_metrics(full)["test/auc"] == final_metrics(touched)["test/auc"]
+    # what the touched sync averaged, in final_metrics.json (rank 0's shards)
+    assert 0 < final_metrics(touched)["parallel/sync_rows_fraction"] < 1 and final_metrics(touched)["parallel/sync_bytes_per_sync"] > 0
+    assert "parallel/sync_rows_fraction" not in final_metrics(full)
 
     run_torchrun(4, [f"run_dir={resumed}", *common, "trainer.max_steps=4", "parallel.sparse.sync=touched"])  # stops at a sync step
     proc = run_torchrun(4, [f"run_dir={resumed}", *common, "parallel.sparse.sync=touched"])
