@@ -8,8 +8,9 @@ import math
 import subprocess
 
 import pytest
+import torch
 
-from jobs import BIN, REPO, final_metrics, job_env, latest_checkpoint, run_torchrun
+from jobs import BIN, REPO, final_metrics, free_port, job_env, latest_checkpoint, load_checkpoint_tensors, run_torchrun
 from kunlun.parallel.layout import ParallelLayout
 from kunlun.parallel.planner import build_sharders
 from kunlun.trainer.config import ConfigError, load_config, validate
@@ -49,59 +50,107 @@ def test_momentum_scaling_sets_lr_and_eps_times_sqrt_m():
     assert fp["learning_rate"] * g / (math.sqrt(v) + fp["eps"]) == pytest.approx(eta * g / (math.sqrt(v / m) + eps))
 
 
-def _replica_reports(run_dir):
-    return [json.loads((run_dir / f"replicas_rank{r}.json").read_text()) for r in range(4)]
+SCRIPTS = REPO / "tests" / "dist_scripts"
+
+
+def _torchrun_script(nproc: int, script: str, args: list) -> subprocess.CompletedProcess:
+    cmd = [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", str(SCRIPTS / script), *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def _replica_reports(nproc: int, run, overrides: list) -> list:
+    """Run train_and_compare_replicas.py (see its docstring) and read every rank's report."""
+    _torchrun_script(nproc, "train_and_compare_replicas.py", ["tiny", f"run_dir={run}", "checkpoint.every_n_steps=0", *QUIET, *overrides])
+    return [json.loads((run / f"replicas_rank{r}.json").read_text()) for r in range(nproc)]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sync", [1, 3, 0])
-def test_replicas_identical_after_sync_and_diverge_without(tmp_path, sync):
-    run = tmp_path / f"sync{sync}"
-    cmd = [
-        str(BIN / "torchrun"),
-        "--standalone",
-        "--nproc_per_node=4",
-        "tests/dist_scripts/train_and_compare_replicas.py",
-        "tiny",
-        f"run_dir={run}",
-        "trainer.max_steps=12",
-        "checkpoint.every_n_steps=0",
-        *QUIET,
-        *TWO_D,
-        f"parallel.sparse.sync_every_n_steps={sync}",
-    ]
-    proc = subprocess.run(cmd, cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    reports = _replica_reports(run)
-    assert all(r["replicas"] == 2 and r["numel"] > 1000 for r in reports)
-    if sync:  # 12 steps: the last step is a sync step for periods 1 and 3
-        assert all(r["identical"] and r["max_diff"] == 0.0 for r in reports), reports
-    else:
-        assert all(not r["identical"] and r["max_diff"] > 1e-3 for r in reports), reports
+def test_replicas_start_identical_and_are_identical_exactly_at_sync_steps(tmp_path, sync):
+    """Start-up broadcast: replicas that drew different initial tables (per-rank seeds) are
+    bitwise identical once the model is built. Sync period: after step s replicas (weights
+    and AdaGrad state) are bitwise identical iff s is a multiple of the period, and differ
+    otherwise, so periods 1, 3 and never (0) give three different patterns over 7 steps."""
+    steps = 7
+    reports = _replica_reports(4, tmp_path / f"sync{sync}", [f"trainer.max_steps={steps}", *TWO_D, f"parallel.sparse.sync_every_n_steps={sync}"])
+    for r in reports:
+        assert r["after_construction"]["identical"], f"rank {r['rank']}: replicas differ after construction: {r['after_construction']}"
+        assert r["after_construction"]["replicas"] == 2 and r["after_construction"]["numel"] > 1000, r
+        # Control: without the broadcast the replicas would have started apart.
+        assert not r["pre_broadcast"]["identical"] and r["pre_broadcast"]["max_diff"] > 1e-3, r["pre_broadcast"]
+        expected = [bool(sync) and s % sync == 0 for s in range(1, steps + 1)]
+        got = [st["identical"] for st in r["steps"]]
+        assert [st["step"] for st in r["steps"]] == list(range(1, steps + 1))
+        assert got == expected, f"rank {r['rank']}, sync every {sync}: replicas identical after steps 1..{steps}: {got}, expected {expected}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy,nproc,scale", [("2d", 4, math.sqrt(2)), ("1d", 2, 1.0)])
+def test_built_model_fused_adagrad_runs_with_lr_and_eps_times_sqrt_m(tmp_path, strategy, nproc, scale):
+    """The fused row-wise AdaGrad of the model the Trainer builds (read from every FBGEMM
+    TBE module, at construction and after a training step) uses lr·√M and eps·√M in 2D
+    (M = 2 replica groups) and the configured lr and eps in 1D."""
+    cfg = load_config("tiny")
+    extra = TWO_D if strategy == "2d" else ["parallel.sparse.strategy=1d"]
+    reports = _replica_reports(nproc, tmp_path / strategy, ["trainer.max_steps=1", *extra])
+    want = [pytest.approx(cfg.optim.sparse_lr * scale, rel=1e-6), pytest.approx(cfg.optim.sparse_eps * scale, rel=1e-6)]
+    for r in reports:
+        assert r["sparse_lr_scale"] == pytest.approx(scale)
+        for when in ("fused_at_construction", "fused_after_training"):
+            assert r[when], f"rank {r['rank']}: no TBE module found"
+            assert all(lr_eps == want for lr_eps in r[when]), f"rank {r['rank']} {when}: [lr, eps] = {r[when]}, want {want}"
+
+
+def _assert_same_state(got: dict, want: dict, what: str) -> None:
+    """Bitwise equal flattened checkpoint states (tensors and plain values), same keys."""
+    assert sorted(got) == sorted(want), f"{what}: keys differ: {sorted(set(got) ^ set(want))}"
+    bad = [k for k in want if not (torch.equal(got[k], want[k]) if isinstance(want[k], torch.Tensor) else got[k] == want[k])]
+    assert not bad, f"{what}: {len(bad)} of {len(want)} entries differ, e.g. {bad[:5]}"
+    # The comparison covers the tables, their row-wise AdaGrad state and the dense tower.
+    assert any(k.startswith("model.") and "embedding" in k and k.endswith(".weight") for k in want), sorted(want)
+    assert any(k.startswith("optim.") and "momentum1" in k for k in want), sorted(want)
+    assert any(k.startswith("model.") and "tower" in k for k in want), sorted(want)
+
+
+def _assert_same_metrics(got: dict, want: dict, what: str) -> None:
+    """Every eval/* and test/* metric of ``want`` (a final_metrics.json) equals ``got``."""
+    keys = sorted(k for k in want if k.split("/")[0] in ("eval", "test") and k != "test/step")
+    assert keys and all(k in got for k in keys), (what, keys, sorted(got))
+    diff = {k: (got[k], want[k]) for k in keys if got[k] != pytest.approx(want[k], rel=1e-6, abs=1e-7)}
+    assert not diff, f"{what}: metrics differ (got, want): {diff}"
 
 
 @pytest.mark.slow
 def test_fsdp_dense_with_2d_sparse_trains_checkpoints_and_reshards_to_1d_and_back(tmp_path):
+    """2D sparse + FSDP dense at 4 ranks -> 1D at 2 ranks -> 2D+FSDP at 4 ranks: each
+    resumed job holds exactly the saved state (every table, AdaGrad state and dense tensor,
+    bitwise), its eval and test metrics on the loaded weights equal those of the job that
+    saved, and it trains on."""
     run = tmp_path / "r"
     common = [f"run_dir={run}", "checkpoint.every_n_steps=0", *QUIET]
     proc = run_torchrun(4, [*common, "trainer.max_steps=10", *TWO_D, "parallel.dense.strategy=fsdp"])
     assert "2D sparse: 4 ranks = 2 replica groups x sharding groups of 2" in proc.stdout
     assert "dense: fsdp" in proc.stdout
-    m_2d = final_metrics(run)
-    meta = json.loads((latest_checkpoint(run) / "meta.json").read_text())
+    m_2d, ckpt_2d = final_metrics(run), latest_checkpoint(run)
+    meta = json.loads((ckpt_2d / "meta.json").read_text())
     assert meta["sparse_strategy"] == "2d" and meta["world_size"] == 4
-    # 2D checkpoint at 4 ranks -> 1D at 2 ranks: loads exactly (same eval), then trains on.
-    proc = run_torchrun(2, [*common, "trainer.max_steps=10"])
+    saved_2d = load_checkpoint_tensors(ckpt_2d)
+    # 2D checkpoint at 4 ranks -> 1D at 2 ranks: loads exactly, then trains on to step 16.
+    d1 = tmp_path / "reloaded_1d"
+    proc = _torchrun_script(2, "resume_dump_and_train.py", [str(d1), "tiny", *common, "trainer.max_steps=16"])
     assert "saved at 4 ranks, now 2" in proc.stdout
-    assert final_metrics(run)["test/auc"] == pytest.approx(m_2d["test/auc"], abs=1e-5)
-    proc = run_torchrun(2, [*common, "trainer.max_steps=16"])
-    m_1d = final_metrics(run)
-    assert m_1d["train/examples_consumed"] == 16 * 64
-    # ... and the 1D checkpoint back into 2D (+FSDP) at 4 ranks.
-    proc = run_torchrun(4, [*common, "trainer.max_steps=16", *TWO_D, "parallel.dense.strategy=fsdp"])
+    _assert_same_state(load_checkpoint_tensors(d1), saved_2d, "2D -> 1D")
+    _assert_same_metrics(json.loads((d1 / "metrics.json").read_text()), m_2d, "2D -> 1D")
+    m_1d, ckpt_1d = final_metrics(run), latest_checkpoint(run)
+    assert m_1d["train/examples_consumed"] == 16 * 64 and ckpt_1d.name == "step_00000016"
+    # ... and the 1D checkpoint back into 2D (+FSDP) at 4 ranks, then on to step 20.
+    d2 = tmp_path / "reloaded_2d"
+    proc = _torchrun_script(4, "resume_dump_and_train.py", [str(d2), "tiny", *common, "trainer.max_steps=20", *TWO_D, "parallel.dense.strategy=fsdp"])
     assert "saved at 2 ranks, now 4" in proc.stdout
-    assert final_metrics(run)["test/auc"] == pytest.approx(m_1d["test/auc"], abs=1e-5)
-    proc = run_torchrun(4, [*common, "trainer.max_steps=20", *TWO_D, "parallel.dense.strategy=fsdp"])
+    _assert_same_state(load_checkpoint_tensors(d2), load_checkpoint_tensors(ckpt_1d), "1D -> 2D")
+    _assert_same_metrics(json.loads((d2 / "metrics.json").read_text()), m_1d, "1D -> 2D")
     assert final_metrics(run)["train/examples_consumed"] == 20 * 64
 
 
@@ -118,6 +167,8 @@ def test_two_nodes_by_two_processes_through_torchx(tmp_path):
             "./launch/components.py:train",
             "-j",
             "2x2",
+            "--rdzv_port",
+            str(free_port()),  # two "nodes" on one machine: a c10d store on a port of its own
             "--config",
             "tiny",
             f"run_dir={run}",
@@ -140,8 +191,8 @@ def test_two_nodes_by_two_processes_through_torchx(tmp_path):
 
 @pytest.mark.slow
 def test_quality_parity_2d_vs_1d_with_and_without_momentum_scaling(tmp_path):
-    """Same global batch (64), steps and data: 2D (2 replica groups) with momentum scaling
-    must reach an eval NE within 0.015 of 1D; the unscaled 2D number is recorded beside it."""
+    """Same global batch (64), steps, data and seed: 2D (2 replica groups), with and without
+    momentum scaling, reaches the eval NE of 1D within the seed-to-seed spread of the gap."""
     common = [
         "trainer.max_steps=200",
         "checkpoint.every_n_steps=0",
@@ -161,5 +212,9 @@ def test_quality_parity_2d_vs_1d_with_and_without_momentum_scaling(tmp_path):
         ne[name] = final_metrics(run)["eval/ne"]
     print("eval NE at 200 steps:", json.dumps(ne))
     assert ne["1d"] < 0.99  # learned something
-    assert abs(ne["2d_scaled"] - ne["1d"]) < 0.015, ne
-    assert abs(ne["2d_unscaled"] - ne["1d"]) < 0.05, ne
+    # Measured 2D - 1D eval NE gaps (this setup, seeds 0/1/2/3): scaled -0.00018, -0.00024,
+    # -0.00283, +0.00155 (std 0.0018); unscaled -0.00075, +0.00073, -0.00041, +0.00046
+    # (std 0.0007). This run is seed 0. Bound: ~3x the larger seed-to-seed std of the gap.
+    bound = 0.005
+    assert abs(ne["2d_scaled"] - ne["1d"]) < bound, ne
+    assert abs(ne["2d_unscaled"] - ne["1d"]) < bound, ne
