@@ -42,6 +42,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint import metadata as dcp_metadata
+from torch.distributed.checkpoint.api import CheckpointException
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,18 @@ class SafeFileSystemReader(FileSystemReader):
             metadata.storage_meta = dcp_metadata.StorageMeta()
         metadata.storage_meta.load_id = self.load_id
         return metadata
+
+
+def load_rng_file(path: Path) -> Dict[str, Any]:
+    """A per-rank RNG file, tensors only (``weights_only=True``): a pickled object in it (a
+    crafted file whose manifest entry was rewritten to match) is refused, never run."""
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as e:  # UnpicklingError, or RuntimeError for a damaged archive
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        # torch's weights_only message: a paragraph about torch.load's defaults, then the cause
+        detail = lines[1].removeprefix("WeightsUnpickler error: ") if lines[0].startswith("Weights only load failed") and len(lines) > 1 else lines[0]
+        raise CheckpointError(f"{path}: refusing to load the RNG state ({detail})") from e
 
 
 def _barrier() -> None:
@@ -216,8 +229,8 @@ class Checkpointer:
                 torch.save(rng, rng_path)
                 with open(rng_path, "rb+") as f:
                     os.fsync(f.fileno())
-            except Exception as e:  # DCP re-raises a failure of any rank on every rank
-                error = e
+            except (Exception, CheckpointException) as e:  # DCP re-raises a failure of any rank on every rank
+                error = e  # (as CheckpointException, a BaseException: `except Exception` misses it)
         if self._all_ok(error is None):
             try:
                 if self.rank == 0:
@@ -228,7 +241,7 @@ class Checkpointer:
             if self.rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
             previous = self.complete()
-            reason = f"{type(error).__name__}: {error}" if error is not None else "another rank failed to write its part"
+            reason = self._failure_reasons(error)
             raise CheckpointError(
                 f"saving checkpoint {final} failed ({reason}); the partial files were removed and "
                 f"{'the previous checkpoint ' + str(previous[-1]) + ' is intact' if previous else 'no earlier checkpoint exists'}"
@@ -238,6 +251,21 @@ class Checkpointer:
             log.info("saved checkpoint %s (%.1fs)", final, time.time() - t0)
         _barrier()
         return final
+
+    def _failure_reasons(self, error: Optional[BaseException]) -> str:
+        """Every rank's save error, one line each (a collective): all ranks name the cause,
+        not just the rank whose disk filled up."""
+        if error is None:
+            local = None
+        elif isinstance(error, CheckpointException):  # DCP's: the failed ranks' errors, without its tracebacks
+            local = "; ".join(f"rank {r}: {type(exc).__name__}: {exc}" for r, (exc, _) in sorted(error.failures.items()))
+        else:
+            local = f"rank {self.rank}: {type(error).__name__}: {error}"
+        gathered = [local]
+        if dist.is_initialized():
+            gathered = [None] * self.world_size
+            dist.all_gather_object(gathered, local)
+        return "; ".join(dict.fromkeys(r for r in gathered if r)) or "another rank failed to write its part"
 
     def _all_ok(self, ok: bool) -> bool:
         """True when every rank's ``ok`` is True (a collective; every rank must call it)."""
@@ -312,6 +340,8 @@ class Checkpointer:
             if self.cfg.verify and _sha256(f) != info["sha256"]:
                 raise CheckpointError(f"{f}: sha256 differs from the manifest (corrupted)")
         read_dcp_metadata(path / "dcp" / ".metadata")  # only metadata types, before anything loads it
+        for rng_path in sorted((path / "rng").glob("rank*.pt")):  # tensors only, before any rank loads them
+            load_rng_file(rng_path)
 
     def read_meta(self, path: Path) -> Dict[str, Any]:
         try:
@@ -363,7 +393,7 @@ class Checkpointer:
         dcp.load(state, storage_reader=SafeFileSystemReader(str(path / "dcp")))
         rng_path = path / "rng" / f"rank{self.rank}.pt"
         if rng_path.is_file():
-            rng = torch.load(rng_path, weights_only=True)
+            rng = load_rng_file(rng_path)
             torch.set_rng_state(rng["torch"])
             if "cuda" in rng and torch.cuda.is_available():
                 torch.cuda.set_rng_state(rng["cuda"])

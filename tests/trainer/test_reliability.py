@@ -228,6 +228,42 @@ def test_crafted_checkpoint_metadata_runs_nothing_and_the_previous_checkpoint_is
     assert not marker.exists()
 
 
+def test_rng_file_replaced_by_a_pickle_is_refused_and_runs_nothing(tmp_path):
+    """The per-rank RNG files load with ``weights_only=True``: one replaced by a pickle whose
+    ``__reduce__`` runs a command (manifest rewritten to match) is refused, nothing runs;
+    ``resume=auto`` uses the previous checkpoint, a named one is an error (exit 2)."""
+    import hashlib
+
+    run, marker = tmp_path / "r", tmp_path / "pwned"
+    proc = run_single([f"run_dir={run}", "trainer.max_steps=20", "checkpoint.every_n_steps=10", *COMMON])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    def plant(ckpt):
+        rng = ckpt / "rng" / "rank0.pt"
+        torch.save(_RunsCommand(f"touch {marker}"), rng)
+        manifest = json.loads((ckpt / "manifest.json").read_text())
+        manifest["rng/rank0.pt"] = {"bytes": rng.stat().st_size, "sha256": hashlib.sha256(rng.read_bytes()).hexdigest()}
+        (ckpt / "manifest.json").write_text(json.dumps(manifest))
+        return rng
+
+    crafted = plant(run / "checkpoints" / "step_00000020")
+    torch.load(crafted, weights_only=False)  # the attack is real: a plain load runs the command
+    assert marker.exists()
+    marker.unlink()
+
+    proc = run_single([f"run_dir={run}", "trainer.max_steps=25", "checkpoint.every_n_steps=10", *COMMON])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not marker.exists()  # nothing executed
+    log_text = (run / "logs" / "rank0.log").read_text()
+    assert f"{crafted}: refusing to load the RNG state" in log_text and "posix.system" in log_text, log_text[-3000:]
+    assert "resumed from" in proc.stdout and "step_00000010: step 10" in proc.stdout
+
+    named = plant(latest_checkpoint(run)).parent.parent
+    proc = run_single([f"run_dir={tmp_path / 'x'}", f"checkpoint.resume={named}", *COMMON])
+    assert proc.returncode == 2 and f"{named.name}/rng/rank0.pt: refusing to load the RNG state" in proc.stderr, proc.stderr[-2000:]
+    assert not marker.exists()
+
+
 def test_explicit_corrupted_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
     run = tmp_path / "r"
     assert run_single([f"run_dir={run}", "trainer.max_steps=10", *COMMON]).returncode == 0
@@ -236,6 +272,92 @@ def test_explicit_corrupted_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
     proc = run_single([f"run_dir={tmp_path / 'other'}", f"checkpoint.resume={run / 'checkpoints' / 'step_00000010'}", *COMMON])
     assert proc.returncode == 2
     assert "rank0.pt" in proc.stderr and "truncated" in proc.stderr
+
+
+# ------------------------------------------------------------- retention vs saves
+def test_failed_save_deletes_no_old_checkpoint_even_with_keep_1(tmp_path, monkeypatch):
+    """``checkpoint.keep`` rotates only after the new checkpoint is committed: with keep=1 a
+    save that fails (disk full) leaves the one old checkpoint in place."""
+    import kunlun.trainer.checkpoint as ckpt
+
+    orig = ckpt.dcp.save
+    calls = {"n": 0}
+
+    def save(state, storage_writer):
+        calls["n"] += 1
+        orig(state, storage_writer=storage_writer)
+        if calls["n"] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt.dcp, "save", save)
+    run = tmp_path / "r"
+    with pytest.raises(CheckpointError, match=r"step_00000005 is intact"):
+        train_in_process(run, "trainer.max_steps=20", "checkpoint.every_n_steps=5", "checkpoint.keep=1")
+    assert steps_of(run) == ["step_00000005"]
+
+
+def test_crash_between_commit_and_rotation_deletes_nothing_and_the_rerun_rotates(tmp_path):
+    """The process dies after step 10's checkpoint is committed, before rotation (keep=1):
+    both checkpoints are complete; the rerun resumes from the new one and rotation catches up."""
+    run = tmp_path / "r"
+    args = [f"run_dir={run}", "checkpoint.every_n_steps=5", "checkpoint.keep=1", *COMMON]
+    crash = (
+        "import os, sys\n"
+        "import kunlun.trainer.checkpoint as c\n"
+        "orig = c.Checkpointer._retain\n"
+        "def retain(self):\n"
+        "    if (self.root / 'step_00000010').exists():\n"
+        "        os._exit(9)  # step 10 is committed, rotation has not run\n"
+        "    return orig(self)\n"
+        "c.Checkpointer._retain = retain\n"
+        "from kunlun.launch.main import main\n"
+        f"sys.exit(main(['--config', 'tiny', 'trainer.max_steps=15', *{args!r}]))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", crash], cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 9, proc.stderr[-3000:]
+    assert steps_of(run) == ["step_00000005", "step_00000010"]
+    assert all((run / "checkpoints" / s / "meta.json").is_file() for s in steps_of(run))
+    proc = run_single(["trainer.max_steps=15", *args])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "step_00000010: step 10" in proc.stdout
+    assert [s for s in steps_of(run) if s.startswith("step_")] == ["step_00000015"]
+
+
+def test_resave_of_the_same_step_replaces_the_old_one_only_once_the_new_one_is_committed(tmp_path, monkeypatch):
+    """Resuming from an older checkpoint re-saves a step that exists: the old folder stays in
+    use until the new one is committed (a failed re-save leaves it untouched), and is then
+    replaced without leftovers."""
+    import kunlun.trainer.checkpoint as ckpt
+
+    run = tmp_path / "r"
+    args = ("trainer.max_steps=10", "checkpoint.every_n_steps=5", "checkpoint.keep=2")
+    train_in_process(run, *args)
+    assert [d for d in steps_of(run) if d != "best.json"] == ["step_00000005", "step_00000010"]
+    step10 = run / "checkpoints" / "step_00000010"
+    before = json.loads((step10 / "meta.json").read_text())["saved_at"]
+    resume = f"checkpoint.resume={run / 'checkpoints' / 'step_00000005'}"
+
+    orig = ckpt.dcp.save
+
+    def full_disk(state, storage_writer):
+        orig(state, storage_writer=storage_writer)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt.dcp, "save", full_disk)
+    with pytest.raises(CheckpointError, match="step_00000010 failed"):
+        train_in_process(run, *args, resume)
+    assert [d for d in steps_of(run) if d != "best.json"] == ["step_00000005", "step_00000010"]  # no .tmp- / .replaced- left
+    assert json.loads((step10 / "meta.json").read_text())["saved_at"] == before
+    trainer = make_trainer(run, *args)
+    try:
+        trainer.checkpointer.verify(step10)  # the old step 10, intact
+    finally:
+        trainer.close()
+
+    monkeypatch.setattr(ckpt.dcp, "save", orig)
+    train_in_process(run, *args, resume)
+    assert [d for d in steps_of(run) if d != "best.json"] == ["step_00000005", "step_00000010"]
+    assert json.loads((step10 / "meta.json").read_text())["saved_at"] > before  # the new one
 
 
 # --------------------------------------------------------------------- SIGTERM
@@ -367,6 +489,42 @@ def test_unusable_run_dir_is_named(tmp_path, bad):
     proc = run_single([f"run_dir={run_dir}", "trainer.max_steps=2", *COMMON])
     assert proc.returncode == 2
     assert "config key 'run_dir'" in proc.stderr and str(run_dir) in proc.stderr
+
+
+EMPTY_SPLIT_DATA = """\
+data:
+  source: parquet
+  batch_size: 8
+  eval_batch_size: 8
+  files:
+    paths: [{path}]
+    split: rows
+    eval_fraction: 0.01
+    test_fraction: 0.2
+    schema:
+      tables: [{{name: item, num_embeddings: 100}}]
+      columns:
+        - {{name: label, role: label, dtype: int64}}
+        - {{name: item_id, role: categorical, dtype: int64, table: item}}
+        - {{name: price, role: dense, dtype: float32}}
+model: {{tower: dlrm, embedding_dim: 8, dlrm: {{bottom_mlp: [8], top_mlp: [8]}}}}
+"""
+
+
+def test_empty_split_is_a_data_error_naming_the_split_and_the_source(tmp_path):
+    """A split with no examples (here: 40 rows, eval_fraction 0.01 rounds to 0 rows) stops the
+    job with a DataError naming the split and the source (exit 2), not a crash or a NaN AUC."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    data = tmp_path / "rows.parquet"
+    n = 40
+    pq.write_table(pa.table({"label": [i % 2 for i in range(n)], "item_id": list(range(1, n + 1)), "price": [float(i) for i in range(n)]}), data)
+    job = tmp_path / "job.yaml"
+    job.write_text(EMPTY_SPLIT_DATA.format(path=data))
+    proc = run_single([f"run_dir={tmp_path / 'r'}", "trainer.max_steps=2", *COMMON], config=str(job))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "kunlun: error: split 'eval' of the data source (FileSource) has no examples" in proc.stderr, proc.stderr[-3000:]
 
 
 def test_ids_outside_a_table_error_or_modulo():
