@@ -186,6 +186,15 @@ class Checkpointer:
             for stale in self.root.glob(".tmp-step_*"):
                 log.warning("removing incomplete checkpoint %s (a save was interrupted)", stale)
                 shutil.rmtree(stale, ignore_errors=True)
+            # A re-save of step N moves the old step_N aside before renaming the new one in;
+            # a crash between the two renames leaves only .replaced-step_N: put it back.
+            for old in self.root.glob(".replaced-step_*"):
+                final = self.root / old.name[len(".replaced-") :]
+                if final.exists():
+                    shutil.rmtree(old, ignore_errors=True)
+                else:
+                    log.warning("restoring %s: a re-save of it was interrupted", final)
+                    os.rename(old, final)
         _barrier()
 
     # ------------------------------------------------------------------ listing

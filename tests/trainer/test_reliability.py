@@ -9,6 +9,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -358,6 +359,20 @@ def test_resave_of_the_same_step_replaces_the_old_one_only_once_the_new_one_is_c
     train_in_process(run, *args, resume)
     assert [d for d in steps_of(run) if d != "best.json"] == ["step_00000005", "step_00000010"]
     assert json.loads((step10 / "meta.json").read_text())["saved_at"] > before  # the new one
+
+    # A crash between the re-save's two renames leaves only .replaced-step_10: the next start
+    # puts it back (and drops it when the new step_10 made it).
+    saved_at = json.loads((step10 / "meta.json").read_text())["saved_at"]
+    os.rename(step10, run / "checkpoints" / ".replaced-step_00000010")
+    trainer = make_trainer(run, *args)
+    try:
+        assert trainer.resumed_from == step10 and trainer.step == 10
+    finally:
+        trainer.close()
+    assert json.loads((step10 / "meta.json").read_text())["saved_at"] == saved_at
+    shutil.copytree(step10, run / "checkpoints" / ".replaced-step_00000010")
+    make_trainer(run, *args).close()
+    assert [d for d in steps_of(run) if d != "best.json"] == ["step_00000005", "step_00000010"]
 
 
 # --------------------------------------------------------------------- SIGTERM
