@@ -23,6 +23,9 @@ class SparseParallelConfig:
     # 2d: what a sync averages: full = every local row (DMPCollection.sync) | touched = only
     # the rows some replica looked up since the last sync (parallel/touched_sync.py; equal result)
     sync: str = "full"
+    # 2d: how replicas are combined at a sync: mean (TorchRec's average) | sum_delta (add every
+    # replica's change since the last sync; needs sync=touched; see parallel/touched_sync.py)
+    sync_reduce: str = "mean"
     # 2d: where replica groups sit. intra_node (TorchRec's default): replicas on one host, the
     # sync on the fast link, sharding groups across hosts | inter_node: the reverse
     replica_placement: str = "intra_node"
@@ -35,6 +38,9 @@ class SparseParallelConfig:
         check(self, self.sharding_group_size >= 0, "sharding_group_size", "an integer >= 0 (0 = the world size)")
         check_choice(self, "sync", ("full", "touched"))
         check_choice(self, "replica_placement", ("intra_node", "inter_node"))
+        check_choice(self, "sync_reduce", ("mean", "sum_delta"))
+        if self.sync_reduce == "sum_delta":
+            check(self, self.sync == "touched", "sync_reduce", "mean unless parallel.sparse.sync=touched (sum_delta tracks the rows it adds up)")
         check(self, self.sync_every_n_steps >= 0, "sync_every_n_steps", "an integer >= 0 (0 = never)")
         check(self, all(t in SHARDING_TYPES for t in self.sharding_types), "sharding_types", f"a list drawn from {list(SHARDING_TYPES)}")
         if self.strategy == "2d":

@@ -252,17 +252,18 @@ def shard_model(model: torch.nn.Module, parallel_cfg, optim_cfg, device: torch.d
     dmp = cls(**kwargs)
     broadcast_replicas(dmp)
     log.info(
-        "2D sparse: %d replica groups; momentum scaling %s (sparse lr and eps x %.4g); %s sync every %d step(s)",
+        "2D sparse: %d replica groups; momentum scaling %s (sparse lr and eps x %.4g); %s sync every %d step(s), replicas combined by %s",
         m,
         "on" if sp.momentum_scaling else "off",
         scale,
         sp.sync,
         sp.sync_every_n_steps,
+        sp.sync_reduce,
     )
     sharded = ShardedModel(dmp=dmp, plan=plan, layout=layout, sparse_lr_scale=scale, sync_every_n_steps=sp.sync_every_n_steps)
     if sp.sync == "touched" and m > 1:
         if len(dmp._ctxs) != 1:
             raise ValueError("parallel.sparse.sync=touched supports one DMPCollection context (no submodule configs)")
         # Tracking starts now: the broadcast above made every replica identical.
-        sharded.touched = TouchedRowsSync(sharded.tracked_sync_kernels(), dmp._ctxs[0].replica_pg)
+        sharded.touched = TouchedRowsSync(sharded.tracked_sync_kernels(), dmp._ctxs[0].replica_pg, reduce=sp.sync_reduce)
     return sharded

@@ -33,6 +33,16 @@ bytes per row of weights + state):
   was chosen and the union turns out to be every row, the sync costs a full sync plus one
   byte per row (+0.2% at D = 128, ~1.5% at D = 16) and the counts.
 
+``reduce="sum_delta"`` (``parallel.sparse.sync_reduce=sum_delta``) replaces the average by
+the sum of every replica's change since the last sync, ``w ← w₀ + Σ_r (w_r − w₀)`` for the
+weights and the AdaGrad state alike (``w₀``, the value at the last sync, is saved when a
+replica first looks a row up in a period). Why: TorchRec's embedding gradient is a sum over
+the sharding group's examples, so a row seen by one replica only gets 1/M of its 1D update
+and accumulator increment from an average; with the summed change it gets all of it, as in
+1D, and rows seen by several replicas get the sum of their updates (1D would take one step
+with the summed gradient). Replicas still end identical: they add the same sum to the same
+``w₀``. Not bitwise a full sync (that averages).
+
 Bytes per sync and rank (ring-equivalent, what ``benchmarks/parallel_bench.py`` counts):
 ``(M-1) * 8`` for the counts, the exchange above, and ``2(M-1)/M * U * b`` for the ``U``
 union rows.
@@ -72,6 +82,11 @@ class _Table:
     weight: torch.Tensor
     state: torch.Tensor
     touched: torch.Tensor
+    # sum_delta only: rows first touched in this period and their values then (= at the last
+    # sync: a row is updated only after it was looked up), appended per lookup
+    base_rows: List[torch.Tensor] = field(default_factory=list)
+    base_weight: List[torch.Tensor] = field(default_factory=list)
+    base_state: List[torch.Tensor] = field(default_factory=list)
 
 
 @dataclass
@@ -92,7 +107,10 @@ class TouchedRowsSync:
     across ``replica_pg`` in :meth:`sync`. Build it after the replicas were made identical
     (the start-up broadcast or a full sync): rows are tracked from then on."""
 
-    def __init__(self, kernels: List[torch.nn.Module], replica_pg: dist.ProcessGroup) -> None:
+    def __init__(self, kernels: List[torch.nn.Module], replica_pg: dist.ProcessGroup, reduce: str = "mean") -> None:
+        if reduce not in ("mean", "sum_delta"):
+            raise ValueError(f"reduce {reduce!r}: expected mean or sum_delta")
+        self.reduce = reduce
         self.replica_pg = replica_pg
         self.num_replicas = dist.get_world_size(replica_pg)
         self._tables: List[_Table] = []
@@ -132,7 +150,15 @@ class TouchedRowsSync:
             cuts = offsets[bounds].tolist()  # one device sync per lookup, not per feature
             for f, table in enumerate(table_of_feature):
                 if cuts[f + 1] > cuts[f]:
-                    self._tables[table].touched[indices[cuts[f] : cuts[f + 1]].long()] = True
+                    t = self._tables[table]
+                    rows = indices[cuts[f] : cuts[f + 1]].long()
+                    if self.reduce == "sum_delta":
+                        first = torch.unique(rows[~t.touched[rows]])
+                        if first.numel():
+                            t.base_rows.append(first)
+                            t.base_weight.append(t.weight[first].clone())
+                            t.base_state.append(t.state[first].clone())
+                    t.touched[rows] = True
 
         return record
 
@@ -145,10 +171,14 @@ class TouchedRowsSync:
         """Forget tracked rows (after the replicas were made identical some other way)."""
         for t in self._tables:
             t.touched.zero_()
+            t.base_rows.clear()
+            t.base_weight.clear()
+            t.base_state.clear()
 
     @torch.no_grad()
     def sync(self) -> int:
-        """Average the union of the replicas' touched rows; returns the union size (rows)."""
+        """Reduce the union of the replicas' touched rows (``mean``: average them; ``sum_delta``:
+        add every replica's change since the last sync); returns the union size (rows)."""
         if not self._tables:
             return 0
         sizes = [t.weight.shape[0] for t in self._tables]
@@ -202,22 +232,36 @@ class TouchedRowsSync:
         self.stats.bytes_ids += (m - 1) * 8 * width
         return torch.unique(torch.cat([p[:k] for p, k in zip(parts, n)]))
 
+    def _base_values(self, t: _Table, rows: torch.Tensor) -> tuple:
+        """``sum_delta``: weights and state of ``rows`` (sorted) as of the last sync: the saved
+        values for rows this replica touched, the current ones (unchanged) for the others."""
+        w, s = t.weight[rows].clone(), t.state[rows].clone()
+        if t.base_rows:
+            saved = torch.cat(t.base_rows)
+            pos = torch.searchsorted(rows, saved)  # saved ⊆ local touched ⊆ rows
+            w[pos] = torch.cat(t.base_weight)
+            s[pos] = torch.cat(t.base_state)
+        return w, s
+
     def _average(self, rows_of: Dict[int, torch.Tensor]) -> None:
-        """Gather the rows' weights and states, one AVG all-reduce per dtype, write back."""
+        """Gather the rows' weights and states (``sum_delta``: their changes since the last
+        sync), one all-reduce per dtype (AVG / SUM), write back."""
         groups: Dict[torch.dtype, List[tuple]] = defaultdict(list)
         for i, rows in rows_of.items():
             t = self._tables[i]
-            groups[t.weight.dtype].append((t.weight, rows))
-            groups[t.state.dtype].append((t.state, rows))
+            base_w, base_s = self._base_values(t, rows) if self.reduce == "sum_delta" else (None, None)
+            groups[t.weight.dtype].append((t.weight, rows, base_w))
+            groups[t.state.dtype].append((t.state, rows, base_s))
         opts = dist.AllreduceCoalescedOptions()
-        opts.reduceOp = dist.ReduceOp.AVG
+        opts.reduceOp = dist.ReduceOp.AVG if self.reduce == "mean" else dist.ReduceOp.SUM
         m = self.num_replicas
         for items in groups.values():
-            buf = torch.cat([tensor[rows].reshape(-1) for tensor, rows in items])
+            buf = torch.cat([(tensor[rows] if base is None else tensor[rows] - base).reshape(-1) for tensor, rows, base in items])
             self.replica_pg.allreduce_coalesced([buf], opts=opts).wait()
             self.stats.bytes_values += int(2 * (m - 1) * buf.numel() * buf.element_size() // m)
             at = 0
-            for tensor, rows in items:
+            for tensor, rows, base in items:
                 n = rows.numel() * (tensor[0].numel() if tensor.dim() > 1 else 1)
-                tensor[rows] = buf[at : at + n].view_as(tensor[rows])
+                value = buf[at : at + n].view_as(tensor[rows])
+                tensor[rows] = value if base is None else base + value
                 at += n

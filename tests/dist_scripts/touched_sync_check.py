@@ -3,8 +3,10 @@ sync check the touched-rows sync against a full sync from the same state. Writes
 ``run_dir/touched_rank<r>.json``.
 
 At each sync: snapshot every local shard and AdaGrad state, run the touched sync (result
-T), restore the snapshot, run ``DMPCollection.sync`` (result F), and record whether T and F
-are bitwise equal; training continues from F. Also recorded per sync: the union rows sent,
+T) and compare it bitwise with the reference: with ``sync_reduce=mean``, restore the snapshot
+and run ``DMPCollection.sync`` (result F; training continues from F); with ``sum_delta``,
+``w0 + Σ_r (w_r − w0)`` computed here from every replica's pre-sync state and the previous
+post-sync state ``w0``, for every row. Also recorded per sync: the union rows sent,
 the rows that actually differ from the previous post-sync state on some replica (they must
 all be in the union: the union is what the replicas looked up), and the local rows. After
 training, a second sync in a row must send no rows and leave everything unchanged.
@@ -54,15 +56,25 @@ def main() -> None:
             dist.all_reduce(u, op=dist.ReduceOp.MAX, group=pg)
         bytes_before = touched.stats.bytes_values
         sent = touched.sync()
-        result_touched = [t.clone() for t in live]
-        for t, b in zip(live, before):
-            t.copy_(b)
-        sharded.dmp.sync(include_optimizer_state=True)
-        equal = all(torch.equal(a, b) for a, b in zip(result_touched, live))
+        if touched.reduce == "mean":  # reference: DMPCollection.sync from the same state
+            result_touched = [t.clone() for t in live]
+            for t, b in zip(live, before):
+                t.copy_(b)
+            sharded.dmp.sync(include_optimizer_state=True)
+            equal = all(torch.equal(a, b) for a, b in zip(result_touched, live))
+        else:  # reference: w0 + sum over replicas of (w_r - w0), w0 = the previous sync's state
+            equal = True
+            for t, b, p in zip(live, before, previous):
+                copies = [torch.empty_like(b) for _ in range(touched.num_replicas)]
+                dist.all_gather(copies, b.contiguous(), group=pg)
+                delta = copies[0] - p
+                for c in copies[1:]:
+                    delta = delta + (c - p)
+                equal &= torch.equal(t, p + delta)
         report["syncs"].append(
             {
                 "step": trainer.step + 1,
-                "bitwise_equal_to_full": equal,
+                "bitwise_equal_to_reference": equal,
                 "rows_sent": sent,
                 "rows_marked_union": int(sum(int(u.sum()) for u in union_marks)),
                 "rows_changed": int(sum(int(c.sum()) for c in changed)),

@@ -34,7 +34,12 @@ def test_inter_node_placement_swaps_the_groups_and_the_layout_says_where_replica
 
 @pytest.mark.parametrize(
     "override, allowed",
-    [("parallel.sparse.sync=some", "['full', 'touched']"), ("parallel.sparse.replica_placement=rack", "['intra_node', 'inter_node']")],
+    [
+        ("parallel.sparse.sync=some", "['full', 'touched']"),
+        ("parallel.sparse.replica_placement=rack", "['intra_node', 'inter_node']"),
+        ("parallel.sparse.sync_reduce=max", "['mean', 'sum_delta']"),
+        ("parallel.sparse.sync_reduce=sum_delta", "mean unless parallel.sparse.sync=touched"),
+    ],
 )
 def test_sync_and_placement_values_are_checked(override, allowed):
     with pytest.raises(ConfigError) as ei:
@@ -81,7 +86,7 @@ def test_touched_sync_is_bitwise_a_full_sync_and_sends_only_changed_rows(tmp_pat
         train_syncs = [s for s in syncs if s["step"] <= 9]
         assert [s["step"] for s in train_syncs] == list(range(every, 10, every))
         for s in syncs:
-            assert s["bitwise_equal_to_full"], (rep["rank"], s)
+            assert s["bitwise_equal_to_reference"], (rep["rank"], s)
             assert s["changed_outside_union"] == 0 and s["rows_sent"] == s["rows_marked_union"], s
         for s in train_syncs:
             # the tiny preset's tables are small (a few hundred local rows), yet a step's
@@ -90,6 +95,21 @@ def test_touched_sync_is_bitwise_a_full_sync_and_sends_only_changed_rows(tmp_pat
             assert s["value_bytes"] > 0
         assert rep["second_sync_rows"] == 0 and rep["second_sync_unchanged"]
         assert rep["exchanges"][exchange] >= len(train_syncs), rep["exchanges"]
+
+
+@pytest.mark.slow
+def test_sum_delta_adds_every_replicas_change_and_keeps_replicas_identical(tmp_path):
+    """``sync_reduce=sum_delta``: after every sync each row (touched or not) is bitwise
+    ``w0 + Σ_r (w_r − w0)`` from the replicas' states, which leaves the replicas identical;
+    the same rows are sent as with the mean."""
+    out, reports = _checked_run(tmp_path / "r", "trainer.max_steps=6", "parallel.sparse.sync_every_n_steps=2", "parallel.sparse.sync_reduce=sum_delta")
+    assert "replicas combined by sum_delta" in out
+    for rep in reports:
+        assert [s["step"] for s in rep["syncs"] if s["step"] <= 6] == [2, 4, 6]
+        for s in rep["syncs"]:
+            assert s["bitwise_equal_to_reference"], (rep["rank"], s)
+            assert s["changed_outside_union"] == 0
+        assert rep["second_sync_rows"] == 0 and rep["second_sync_unchanged"]
 
 
 def _state(run):
