@@ -19,10 +19,14 @@ class SparseParallelConfig:
 
     strategy: str = "1d"  # 1d: shard over all ranks | 2d: shard within groups, replicate across
     sharding_group_size: int = 0  # 2d: ranks per sharding group (divides the world size); 0 = world
-    sync_every_n_steps: int = 1  # 2d: average replicas (weights + AdaGrad state) every N steps; 0 = never
-    # 2d: what a sync averages: full = every local row (DMPCollection.sync) | touched = only
-    # the rows some replica looked up since the last sync (parallel/touched_sync.py; equal result)
-    sync: str = "full"
+    # 2d: combine replicas (weights + AdaGrad state) every N steps; 0 = never. 4: NE equal to
+    # every step within the seed spread on synthetic and MovieLens (periods 1-16 alike, 64+
+    # worse; BENCHMARKS.md "2D replica sync"), a quarter of the syncs
+    sync_every_n_steps: int = 4
+    # 2d: what a sync averages: touched = only the rows some replica looked up since the last
+    # sync (parallel/touched_sync.py; bitwise the full sync's result, 3.6x its speed on the
+    # 4-rank CPU job of BENCHMARKS.md) | full = every local row (TorchRec's DMPCollection.sync)
+    sync: str = "touched"
     # 2d: how replicas are combined at a sync: mean (TorchRec's average) | sum_delta (add every
     # replica's change since the last sync; needs sync=touched; see parallel/touched_sync.py)
     sync_reduce: str = "mean"

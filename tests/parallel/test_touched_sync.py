@@ -38,13 +38,17 @@ def test_inter_node_placement_swaps_the_groups_and_the_layout_says_where_replica
         ("parallel.sparse.sync=some", "['full', 'touched']"),
         ("parallel.sparse.replica_placement=rack", "['intra_node', 'inter_node']"),
         ("parallel.sparse.sync_reduce=max", "['mean', 'sum_delta']"),
-        ("parallel.sparse.sync_reduce=sum_delta", "mean unless parallel.sparse.sync=touched"),
+        ("parallel.sparse.sync=full parallel.sparse.sync_reduce=sum_delta", "mean unless parallel.sparse.sync=touched"),
     ],
 )
 def test_sync_and_placement_values_are_checked(override, allowed):
     with pytest.raises(ConfigError) as ei:
-        load_config("tiny", [override])
-    assert override.split("=")[0] in str(ei.value) and allowed in str(ei.value)
+        load_config("tiny", override.split())
+    assert override.split()[-1].split("=")[0] in str(ei.value) and allowed in str(ei.value)
+
+
+def test_touched_sync_is_the_default():
+    assert load_config("tiny").parallel.sparse.sync == "touched"
 
 
 def _checked_run(run_dir, *extra):
