@@ -6,7 +6,8 @@ At each sync: snapshot every local shard and AdaGrad state, run the touched sync
 T) and compare it bitwise with the reference: with ``sync_reduce=mean``, restore the snapshot
 and run ``DMPCollection.sync`` (result F; training continues from F); with ``sum_delta``,
 ``w0 + Σ_r (w_r − w0)`` computed here from every replica's pre-sync state and the previous
-post-sync state ``w0``, for every row. Also recorded per sync: the union rows sent,
+post-sync state ``w0``, for every row. Finally one replica (rank 0's sharding group) takes
+an embedding-only step while the other trains on nothing, and that sync is checked too. Also recorded per sync: the union rows sent,
 the rows that actually differ from the previous post-sync state on some replica (they must
 all be in the union: the union is what the replicas looked up), and the local rows. After
 training, a second sync in a row must send no rows and leave everything unchanged.
@@ -91,6 +92,23 @@ def main() -> None:
         snapshot = [t.clone() for t in tensors(sharded)]
         report["second_sync_rows"] = touched.sync()
         report["second_sync_unchanged"] = all(torch.equal(a, b) for a, b in zip(snapshot, tensors(sharded)))
+        # One replica (the sharding group of rank 0) takes an embedding-only step, the other
+        # trains on nothing: the sync must still match the reference and leave replicas equal.
+        idle = rank not in sharded.layout.sharding_groups()[0]
+        if not idle:
+            _, loader = trainer._loader("train")
+            batch = next(iter(loader)).to(trainer.info.device)
+            inputs = sharded.dmp.module.tower_inputs(batch)  # sharded lookups, no dense tower / DDP
+            loss = sum(v.sum() for v in inputs.context.values()) + sum(e.item.sum() + e.action.sum() for e in inputs.events.values())
+            loss.backward()  # the fused row-wise AdaGrad updates the looked-up rows here
+        local_rows = int(sum(int(t.touched.sum()) for t in touched._tables))
+        sharded.sync()  # checked_sync: compared with the reference, appended to syncs
+        identical = True
+        for t in tensors(sharded):
+            copies = [torch.empty_like(t) for _ in range(touched.num_replicas)]
+            dist.all_gather(copies, t.contiguous(), group=pg)
+            identical &= all(torch.equal(c, copies[0]) for c in copies[1:])
+        report["idle_replica"] = {"idle": idle, "local_rows": local_rows, "sync": report["syncs"][-1], "replicas_identical": identical}
         report["exchanges"] = touched.stats.exchanges
         Path(cfg.run_dir, f"touched_rank{rank}.json").write_text(json.dumps(report))
     finally:

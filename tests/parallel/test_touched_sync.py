@@ -99,6 +99,11 @@ def test_touched_sync_is_bitwise_a_full_sync_and_sends_only_changed_rows(tmp_pat
             assert s["value_bytes"] > 0
         assert rep["second_sync_rows"] == 0 and rep["second_sync_unchanged"]
         assert rep["exchanges"][exchange] >= len(train_syncs), rep["exchanges"]
+        # a replica that trained on nothing since the last sync: it sent no rows of its own,
+        # took the other replica's changes, and every replica ends identical
+        idle = rep["idle_replica"]
+        assert (idle["local_rows"] == 0) == idle["idle"], idle
+        assert idle["sync"]["bitwise_equal_to_reference"] and idle["sync"]["rows_sent"] > 0 and idle["replicas_identical"], idle
 
 
 @pytest.mark.slow
@@ -114,6 +119,7 @@ def test_sum_delta_adds_every_replicas_change_and_keeps_replicas_identical(tmp_p
             assert s["bitwise_equal_to_reference"], (rep["rank"], s)
             assert s["changed_outside_union"] == 0
         assert rep["second_sync_rows"] == 0 and rep["second_sync_unchanged"]
+        assert rep["idle_replica"]["sync"]["bitwise_equal_to_reference"] and rep["idle_replica"]["replicas_identical"]
 
 
 def _state(run):
