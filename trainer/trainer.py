@@ -265,11 +265,17 @@ class Trainer:
             "early_stopping": self.best.state_dict(),
         }
 
-    def save_checkpoint(self) -> Path:
-        # DCP keeps one copy of replicated (2D) shards: replicas must agree before a save.
-        # (With sync disabled, 0, the checkpoint keeps replica group 0's tables.)
+    def _agree_replicas(self) -> None:
+        """2D with a sync period > 1: between syncs the replicas differ. A checkpoint (DCP keeps
+        one copy of replicated shards) and an evaluation (each sharding group scores its part
+        of the split with its own replica) must see one model, so sync first; a touched sync
+        right after a sync sends only the counts. (With sync disabled, 0, a checkpoint keeps
+        replica group 0's tables.)"""
         if self.sharded.is_2d and self.sharded.sync_every_n_steps > 1:
             self.sharded.sync()
+
+    def save_checkpoint(self) -> Path:
+        self._agree_replicas()
         return self.checkpointer.save(self.step, self._state(), self._meta())
 
     def _maybe_resume(self) -> None:
@@ -333,6 +339,7 @@ class Trainer:
     def evaluate(self, split: str = "eval") -> Dict[str, float]:
         """Metrics over the whole split (or ``trainer.eval_max_batches`` batches for ``eval``)."""
         max_batches = self.cfg.trainer.eval_max_batches if split == "eval" and self.cfg.trainer.eval_max_batches else None
+        self._agree_replicas()
         _, loader = self._loader(split, max_batches=max_batches)
         acc = EvalAccumulator(self.schema.labels)
         self.model.eval()
