@@ -22,6 +22,17 @@ def job_env() -> Dict[str, str]:
     return env
 
 
+def load_benchmark(name: str):
+    """Import ``benchmarks/<name>.py`` (a script folder, not a package) as module ``name``."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
 def free_port() -> int:
     """A TCP port free right now on localhost (for a multi-node rendezvous run on one
     machine; single-node torchrun/torchx jobs pick their own)."""

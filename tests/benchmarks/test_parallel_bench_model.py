@@ -5,19 +5,14 @@ Pure functions only (no process group): formulas checked against hand-computed v
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]  # tests/benchmarks/ → the repository
-_spec = importlib.util.spec_from_file_location("parallel_bench", REPO / "benchmarks" / "parallel_bench.py")
-pb = importlib.util.module_from_spec(_spec)
-sys.modules["parallel_bench"] = pb  # dataclasses look their module up there
-_spec.loader.exec_module(pb)
+from jobs import load_benchmark
+
+pb = load_benchmark("parallel_bench")
 
 
 def test_touched_sync_bytes_formula():

@@ -3,20 +3,15 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]  # tests/benchmarks/ → the repository
-_spec = importlib.util.spec_from_file_location("scaling", REPO / "benchmarks" / "scaling.py")
-scaling = importlib.util.module_from_spec(_spec)
-sys.modules["scaling"] = scaling  # dataclasses look their module up there
-_spec.loader.exec_module(scaling)
+from jobs import load_benchmark
+
+scaling = load_benchmark("scaling")
 
 
 def test_power_law_fit_recovers_exponent_and_prefactor():

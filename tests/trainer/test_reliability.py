@@ -191,26 +191,24 @@ class _RunsCommand:
 def _plant_malicious_metadata(ckpt, marker) -> None:
     """Replace ``dcp/.metadata`` with a code-running pickle and rewrite the manifest to match,
     as whoever can write the checkpoint folder can."""
-    import hashlib
     import pickle
 
-    meta = ckpt / "dcp" / ".metadata"
-    meta.write_bytes(pickle.dumps(_RunsCommand(f"touch {marker}")))
-    manifest = json.loads((ckpt / "manifest.json").read_text())
-    manifest["dcp/.metadata"] = {"bytes": meta.stat().st_size, "sha256": hashlib.sha256(meta.read_bytes()).hexdigest()}
-    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    (ckpt / "dcp" / ".metadata").write_bytes(pickle.dumps(_RunsCommand(f"touch {marker}")))
+    _rewrite_manifest_entry(ckpt, "dcp/.metadata")
 
 
-def test_crafted_checkpoint_metadata_runs_nothing_and_the_previous_checkpoint_is_used(tmp_path):
+def _assert_planted_file_is_refused(tmp_path, plant, plain_load, refusal: str, log_detail: str) -> None:
+    """Shared attack drill. ``plant(ckpt, marker) -> file`` replaces one checkpoint file with
+    a pickle that runs ``touch marker`` and rewrites the manifest to match; ``plain_load(file)``
+    is what an unguarded reader would do. Checks: the attack is real (a plain load runs it);
+    ``resume=auto`` refuses the file (``refusal`` and ``log_detail`` in the log), runs nothing
+    and resumes from the previous checkpoint; named explicitly, the checkpoint is an error
+    (exit 2) naming the file, still without running anything."""
     run, marker = tmp_path / "r", tmp_path / "pwned"
     proc = run_single([f"run_dir={run}", "trainer.max_steps=20", "checkpoint.every_n_steps=10", *COMMON])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    crafted = run / "checkpoints" / "step_00000020"
-    _plant_malicious_metadata(crafted, marker)
-    # Plain pickle would run the command: the attack is real.
-    import pickle
-
-    pickle.loads((crafted / "dcp" / ".metadata").read_bytes())
+    crafted = plant(run / "checkpoints" / "step_00000020", marker)
+    plain_load(crafted)
     assert marker.exists()
     marker.unlink()
 
@@ -218,51 +216,55 @@ def test_crafted_checkpoint_metadata_runs_nothing_and_the_previous_checkpoint_is
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not marker.exists()  # nothing executed
     log_text = (run / "logs" / "rank0.log").read_text()
-    assert "refusing to load the checkpoint metadata" in log_text and "posix.system is not part of DCP checkpoint metadata" in log_text
+    assert f"{crafted}: {refusal}" in log_text and log_detail in log_text, log_text[-3000:]
     assert "resumed from" in proc.stdout and "step_00000010: step 10" in proc.stdout
 
-    # Named explicitly, it is an error naming the file (exit 2), still without running anything.
     named = latest_checkpoint(run)
-    _plant_malicious_metadata(named, marker)
+    planted = plant(named, marker)
     proc = run_single([f"run_dir={tmp_path / 'x'}", f"checkpoint.resume={named}", *COMMON])
-    assert proc.returncode == 2 and f"{named.name}/dcp/.metadata: refusing to load" in proc.stderr, proc.stderr[-2000:]
+    assert proc.returncode == 2 and f"{planted.relative_to(named.parent)}: {refusal}" in proc.stderr, proc.stderr[-2000:]
     assert not marker.exists()
+
+
+def _rewrite_manifest_entry(ckpt, rel: str) -> None:
+    import hashlib
+
+    f = ckpt / rel
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest[rel] = {"bytes": f.stat().st_size, "sha256": hashlib.sha256(f.read_bytes()).hexdigest()}
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_crafted_checkpoint_metadata_runs_nothing_and_the_previous_checkpoint_is_used(tmp_path):
+    """The per-rank RNG files load with ``weights_only=True``: one replaced by a pickle whose
+    ``__reduce__`` runs a command (manifest rewritten to match) is refused, nothing runs;
+    ``resume=auto`` uses the previous checkpoint, a named one is an error (exit 2)."""
+    import pickle
+
+    def plant(ckpt, marker):
+        _plant_malicious_metadata(ckpt, marker)
+        return ckpt / "dcp" / ".metadata"
+
+    _assert_planted_file_is_refused(
+        tmp_path,
+        plant,
+        lambda f: pickle.loads(f.read_bytes()),
+        "refusing to load the checkpoint metadata",
+        "posix.system is not part of DCP checkpoint metadata",
+    )
 
 
 def test_rng_file_replaced_by_a_pickle_is_refused_and_runs_nothing(tmp_path):
     """The per-rank RNG files load with ``weights_only=True``: one replaced by a pickle whose
     ``__reduce__`` runs a command (manifest rewritten to match) is refused, nothing runs;
     ``resume=auto`` uses the previous checkpoint, a named one is an error (exit 2)."""
-    import hashlib
 
-    run, marker = tmp_path / "r", tmp_path / "pwned"
-    proc = run_single([f"run_dir={run}", "trainer.max_steps=20", "checkpoint.every_n_steps=10", *COMMON])
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    def plant(ckpt, marker):
+        torch.save(_RunsCommand(f"touch {marker}"), ckpt / "rng" / "rank0.pt")
+        _rewrite_manifest_entry(ckpt, "rng/rank0.pt")
+        return ckpt / "rng" / "rank0.pt"
 
-    def plant(ckpt):
-        rng = ckpt / "rng" / "rank0.pt"
-        torch.save(_RunsCommand(f"touch {marker}"), rng)
-        manifest = json.loads((ckpt / "manifest.json").read_text())
-        manifest["rng/rank0.pt"] = {"bytes": rng.stat().st_size, "sha256": hashlib.sha256(rng.read_bytes()).hexdigest()}
-        (ckpt / "manifest.json").write_text(json.dumps(manifest))
-        return rng
-
-    crafted = plant(run / "checkpoints" / "step_00000020")
-    torch.load(crafted, weights_only=False)  # the attack is real: a plain load runs the command
-    assert marker.exists()
-    marker.unlink()
-
-    proc = run_single([f"run_dir={run}", "trainer.max_steps=25", "checkpoint.every_n_steps=10", *COMMON])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert not marker.exists()  # nothing executed
-    log_text = (run / "logs" / "rank0.log").read_text()
-    assert f"{crafted}: refusing to load the RNG state" in log_text and "posix.system" in log_text, log_text[-3000:]
-    assert "resumed from" in proc.stdout and "step_00000010: step 10" in proc.stdout
-
-    named = plant(latest_checkpoint(run)).parent.parent
-    proc = run_single([f"run_dir={tmp_path / 'x'}", f"checkpoint.resume={named}", *COMMON])
-    assert proc.returncode == 2 and f"{named.name}/rng/rank0.pt: refusing to load the RNG state" in proc.stderr, proc.stderr[-2000:]
-    assert not marker.exists()
+    _assert_planted_file_is_refused(tmp_path, plant, lambda f: torch.load(f, weights_only=False), "refusing to load the RNG state", "posix.system")
 
 
 def test_explicit_corrupted_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
