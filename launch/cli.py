@@ -2,8 +2,10 @@
 
     kunlun data inspect|vocab|convert --config job.yaml ...   (kunlun.launch.data_cli)
     kunlun train [--config PRESET_OR_YAML] [key=value ...]    (kunlun.launch.main, one process)
+    kunlun eval --run-dir R [--checkpoint latest|best|PATH] [--split eval|test] [key=value ...]
+                                                              (kunlun.launch.eval_cli, one process)
 
-Multi-process training goes through ``torchx run`` (see README).
+Multi-process training and evaluation go through ``torchx run`` (see README).
 """
 
 from __future__ import annotations
@@ -28,6 +30,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         from kunlun.launch.main import main as train_main
 
         return train_main(rest)
+    if command == "eval":
+        from kunlun.launch.eval_cli import main as eval_main
+
+        return eval_main(rest)
     print(f"kunlun: unknown command {command!r}\n{USAGE.strip()}", file=sys.stderr)
     return 2
 

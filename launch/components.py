@@ -4,19 +4,31 @@
     torchx run -s slurm      ./launch/components.py:train -j 4x8 --gpu 8 --config movielens
     torchx run -s kubernetes -cfg queue=default ./launch/components.py:train -j 2x8 --gpu 8 --image <img>
 
-The component wraps ``torchx.components.dist.ddp`` (torchrun with a c10d rendezvous on
+The ``train`` component wraps ``torchx.components.dist.ddp`` (torchrun with a c10d rendezvous on
 rank 0's host, one role replica per node) and runs ``python -m kunlun.launch.main`` on
-every rank with the preset and the ``key=value`` overrides.
+every rank with the preset and the ``key=value`` overrides. ``eval`` does the same for
+``python -m kunlun.launch.eval_cli`` (``kunlun eval``: score a run's checkpoint)::
+
+    torchx run -s local_cwd ./launch/components.py:eval -j 1x2 --run_dir runs/x --checkpoint best
 
 (No ``from __future__ import annotations`` here: TorchX reads the real annotation types.)
 """
 
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 from torchx import specs
 from torchx.components import dist
 
 DEFAULT_IMAGE = "ghcr.io/pytorch/torchx:0.7.0"
+
+
+def _torchrun_app(module: str, args: List[str], resources: Dict) -> specs.AppDef:
+    """``dist.ddp`` running ``python -m module args`` on every rank (c10d rendezvous);
+    ``resources``: the components' shared keyword arguments (image ... mounts)."""
+    env = dict(resources.pop("env") or {})
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    mounts = resources.pop("mounts")
+    return dist.ddp(*args, m=module, env=env, rdzv_backend="c10d", mounts=mounts.split(",") if mounts else None, **resources)
 
 
 def train(
@@ -53,25 +65,10 @@ def train(
         rdzv_port: port of the c10d rendezvous on the first node
         mounts: volume mounts (scheduler syntax), comma separated type=bind,src=...,dst=...
     """
-    env = dict(env or {})
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    app = dist.ddp(
-        "--config",
-        config,
-        *overrides,
-        m="kunlun.launch.main",
-        image=image,
-        name=name,
-        h=h,
-        cpu=cpu,
-        gpu=gpu,
-        memMB=memMB,
-        j=j,
-        env=env,
-        max_retries=max_retries,
-        rdzv_port=rdzv_port,
-        rdzv_backend="c10d",
-        mounts=mounts.split(",") if mounts else None,
+    app = _torchrun_app(
+        "kunlun.launch.main",
+        ["--config", config, *overrides],
+        dict(image=image, name=name, h=h, cpu=cpu, gpu=gpu, memMB=memMB, j=j, env=env, max_retries=max_retries, rdzv_port=rdzv_port, mounts=mounts),
     )
     if max_restarts:
         # dist.ddp has no torchrun --max_restarts knob; add it to the torchrun command line.
@@ -80,3 +77,46 @@ def train(
         assert cmd.startswith("torchrun "), cmd
         role.args[-1] = cmd.replace("torchrun ", f"torchrun --max_restarts {int(max_restarts)} ", 1)
     return app
+
+
+def eval(
+    *overrides: str,
+    run_dir: str,
+    checkpoint: str = "latest",
+    split: str = "test",
+    j: str = "1x1",
+    image: str = DEFAULT_IMAGE,
+    name: str = "kunlun-eval",
+    cpu: int = 2,
+    gpu: int = 0,
+    memMB: int = 8192,
+    h: Optional[str] = None,
+    env: Optional[Dict[str, str]] = None,
+    rdzv_port: int = 29500,
+    mounts: Optional[str] = None,
+) -> specs.AppDef:
+    """Evaluate a checkpoint of a run (``kunlun eval``) with torchrun on nnodes x nproc_per_node
+    processes; the checkpoint is resharded to that world size.
+
+    Args:
+        overrides: config overrides on top of the run's config.yaml, as key=value
+            (e.g. parallel.sparse.strategy=1d data.files.test=/new/test.parquet)
+        run_dir: the run folder (holds config.yaml and checkpoints/)
+        checkpoint: latest | best | a checkpoint folder | a folder name or step in run_dir/checkpoints
+        split: test | eval (the validation split; valid is accepted too)
+        j: {nnodes}x{nproc_per_node}, e.g. 1x2; on GPU hosts nproc_per_node <= GPUs per host
+        image: container image (kubernetes, docker); ignored by local_cwd and slurm
+        name: job name
+        cpu: CPUs per node
+        gpu: GPUs per node
+        memMB: memory per node in MB
+        h: a named resource (overrides cpu, gpu, memMB)
+        env: extra environment variables, e.g. KUNLUN_CACHE=/data/cache
+        rdzv_port: port of the c10d rendezvous on the first node
+        mounts: volume mounts (scheduler syntax), comma separated type=bind,src=...,dst=...
+    """
+    return _torchrun_app(
+        "kunlun.launch.eval_cli",
+        ["--run-dir", run_dir, "--checkpoint", checkpoint, "--split", split, *overrides],
+        dict(image=image, name=name, h=h, cpu=cpu, gpu=gpu, memMB=memMB, j=j, env=env, rdzv_port=rdzv_port, mounts=mounts),
+    )

@@ -174,6 +174,8 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 class Checkpointer:
     """Saves and finds checkpoints of one run. Every method is called on all ranks."""
 
+    read_only = False  # ReadOnlyCheckpointer: never creates, cleans up or changes anything
+
     def __init__(self, run_dir: Path, cfg, rank: int, world_size: int, comm_device: torch.device = torch.device("cpu")):
         self.root = Path(run_dir) / "checkpoints"
         self.cfg = cfg
@@ -181,7 +183,7 @@ class Checkpointer:
         self.world_size = world_size
         self.comm_device = comm_device  # NCCL collectives need GPU tensors
         self.best_step: Optional[int] = None  # exempt from retention (checkpoint.keep_best)
-        if rank == 0:
+        if rank == 0 and not self.read_only:
             self.root.mkdir(parents=True, exist_ok=True)
             for stale in self.root.glob(".tmp-step_*"):
                 log.warning("removing incomplete checkpoint %s (a save was interrupted)", stale)
@@ -407,3 +409,22 @@ class Checkpointer:
             if "cuda" in rng and torch.cuda.is_available():
                 torch.cuda.set_rng_state(rng["cuda"])
         return meta
+
+
+class ReadOnlyCheckpointer(Checkpointer):
+    """The checkpointer of an evaluation (``Trainer(cfg, evaluate_only=True)``, ``kunlun
+    eval``): it finds, verifies and loads checkpoints and never changes ``checkpoints/``. A
+    training job may still be writing there, so the start-up clean-up of interrupted saves
+    (which deletes ``.tmp-`` folders) is skipped, and saving, retention and best-step marks
+    refuse."""
+
+    read_only = True
+
+    def save(self, step: int, state: Dict, meta: Dict) -> Path:
+        raise RuntimeError(f"read-only checkpointer: refusing to save step {step} into {self.root}")
+
+    def _retain(self) -> None:
+        raise RuntimeError(f"read-only checkpointer: refusing to delete checkpoints in {self.root}")
+
+    def mark_best(self, step: int, info: Dict) -> None:
+        raise RuntimeError(f"read-only checkpointer: refusing to write {self.root / 'best.json'}")

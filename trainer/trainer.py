@@ -36,7 +36,7 @@ from kunlun.data.sources import build_source
 from kunlun.model.rec_model import RecModel
 from kunlun.parallel.planner import describe_plan
 from kunlun.parallel.sparse import shard_model
-from kunlun.trainer.checkpoint import Checkpointer, CheckpointError, global_shapes, write_json_atomic
+from kunlun.trainer.checkpoint import Checkpointer, CheckpointError, ReadOnlyCheckpointer, global_shapes, write_json_atomic
 from kunlun.trainer.config import ConfigError, JobConfig, flatten, to_yaml, validate
 from kunlun.trainer.early_stopping import BestTracker
 from kunlun.trainer.metrics import EvalAccumulator
@@ -126,15 +126,19 @@ def _prepare_run_dir(run_dir: Path, rank: int) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: JobConfig):
+    def __init__(self, cfg: JobConfig, evaluate_only: bool = False):
+        """``evaluate_only``: build the model and load ``checkpoint.resume`` (model weights
+        only) for :meth:`evaluate` (``kunlun eval``), leaving the run's files as they are:
+        no config.yaml rewrite, nothing changed in ``checkpoints/``, no TensorBoard purge."""
         self.cfg = cfg
+        self.evaluate_only = evaluate_only
         self.info = init_distributed(cfg)
         rank, world = self.info.rank, self.info.world_size
         validate(cfg, world_size=world)
         self.run_dir = Path(cfg.run_dir).expanduser().resolve()
         _prepare_run_dir(self.run_dir, rank)
         setup_logging(self.run_dir, rank, cfg.logging.level)
-        if rank == 0:
+        if rank == 0 and not evaluate_only:
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
         log.info("run_dir %s | world %d (%s on %s)", self.run_dir, world, self.info.backend, self.info.device.type)
 
@@ -184,7 +188,7 @@ class Trainer:
         self.train_seconds = 0.0  # wall time inside training steps of this process (no eval/saves)
         self.examples_this_attempt = 0
         self._sigterm = False
-        self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint, rank, world, comm_device=self.comm_device)
+        self.checkpointer = (ReadOnlyCheckpointer if evaluate_only else Checkpointer)(self.run_dir, cfg.checkpoint, rank, world, comm_device=self.comm_device)
         es = cfg.trainer.early_stopping
         self.best = BestTracker(self._tracked_metric(), es.mode, es.patience, es.min_delta)
         self._last_eval: Optional[tuple] = None  # (step, metrics) of the latest validation
@@ -192,7 +196,11 @@ class Trainer:
         self._maybe_resume()
         profile = cfg.logging.profile
         self.profiler = StepProfiler(self.run_dir, rank, profile.start_step, profile.num_steps, self.info.device)
-        self.monitor = Monitor(self.run_dir, rank, cfg.logging, cfg.trainer.max_steps, self.step)
+        # An evaluation starts the writer without purge_step: purging would hide the run's
+        # events after the evaluated step.
+        self.monitor = Monitor(self.run_dir, rank, cfg.logging, cfg.trainer.max_steps, 0 if evaluate_only else self.step)
+        if evaluate_only:
+            return
         self.monitor.text("config", to_yaml(cfg))
         self.monitor.text("sharding_plan", describe_plan(self.plan))
         self.monitor.text("flops", f"forward FLOPs/example: {self.flops_per_example:.6g}\nmean history lengths: {self.avg_seq_len}")
@@ -282,6 +290,14 @@ class Trainer:
         path = self.checkpointer.choose(self.cfg.checkpoint.resume)
         if path is None:
             log.info("starting from scratch (checkpoint.resume=%s)", self.cfg.checkpoint.resume)
+            return
+        if self.evaluate_only:  # the weights only: no optimizer state, no data position
+            state = {"model": self.model.state_dict()}
+            meta = self.checkpointer.load(path, state, global_shapes(state["model"]))
+            self.model.load_state_dict(state["model"])
+            self.step = int(meta["step"])
+            self.resumed_from = path
+            log.info("loaded the weights of %s: step %d (saved at %d ranks, now %d)", path, self.step, meta.get("world_size", -1), self.info.world_size)
             return
         # Optimizer state is lazy (Adam creates it at the first step); materialise it so
         # DCP has tensors to load into (otherwise DCP finds no optimizer keys and silently
