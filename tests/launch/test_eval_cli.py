@@ -178,6 +178,8 @@ def test_bad_inputs_exit_2_naming_the_problem_and_change_nothing(run_1, tmp_path
     _fails_with(["--run-dir", str(run_1), "--checkpoint", "best"], "best.json")  # keep_best=false: no best step recorded
     _fails_with(["--run-dir", str(run_1), "--split", "train"], "--split 'train'")
     _fails_with(["--run-dir", str(run_1), "checkpoint.resume=never"], "checkpoint.resume=never", "--checkpoint")
+    # overrides that change the model: the checkpoint is of another model, each parameter named
+    _fails_with(["--run-dir", str(run_1), "model.embedding_dim=8"], "step_00000020 was saved from a different model", "checkpoint [16] vs model [8]")
     assert snapshot(run_1) == before
 
     # A damaged checkpoint: one byte of a shard flipped. Beside it, an interrupted save
