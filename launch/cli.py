@@ -4,8 +4,12 @@
     kunlun train [--config PRESET_OR_YAML] [key=value ...]    (kunlun.launch.main, one process)
     kunlun eval --run-dir R [--checkpoint latest|best|PATH] [--split eval|test] [key=value ...]
                                                               (kunlun.launch.eval_cli, one process)
+    kunlun predict --run-dir R [--checkpoint ..] [--split eval|test] --output DIR [--overwrite] [key=value ...]
+                                                              (kunlun.launch.predict_cli, one process:
+                                                              Parquet scores of every example of a split)
 
-Multi-process training and evaluation go through ``torchx run`` (see README).
+Multi-process training and evaluation go through ``torchx run`` (see README); multi-process
+scoring through ``torchrun --nproc_per_node N -m kunlun.launch.predict_cli ...``.
 """
 
 from __future__ import annotations
@@ -34,6 +38,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         from kunlun.launch.eval_cli import main as eval_main
 
         return eval_main(rest)
+    if command == "predict":
+        from kunlun.launch.predict_cli import main as predict_main
+
+        return predict_main(rest)
     print(f"kunlun: unknown command {command!r}\n{USAGE.strip()}", file=sys.stderr)
     return 2
 

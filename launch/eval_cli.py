@@ -32,7 +32,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 from kunlun.data.errors import DataError
 from kunlun.trainer.checkpoint import CheckpointError
@@ -89,31 +89,40 @@ def resolve_checkpoint(run_dir: Path, spec: str) -> Path:
     raise CheckpointError(f"--checkpoint {spec!r}: expected latest, best, a checkpoint folder, or a folder name or step in {root}; {available}")
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    args = parse_args(argv)
+def checkpoint_job(args: argparse.Namespace):
+    """``--run-dir`` / ``--split`` / ``--checkpoint`` / overrides (shared by ``kunlun eval`` and
+    ``kunlun predict``) → ``(split, config)``: the run's ``config.yaml`` with the overrides,
+    ``run_dir`` and ``checkpoint.resume`` set to the chosen checkpoint. Errors name the
+    argument (ConfigError / CheckpointError)."""
+    run_dir = Path(args.run_dir).expanduser().resolve()
+    config_yaml = run_dir / "config.yaml"
+    if not run_dir.is_dir():
+        raise ConfigError(f"--run-dir {args.run_dir!r}: no such folder ({run_dir})")
+    if not config_yaml.is_file():
+        raise ConfigError(f"--run-dir {args.run_dir!r}: {config_yaml} does not exist (not a kunlun run folder: the trainer writes it at start)")
+    split = SPLITS.get(args.split)
+    if split is None:
+        raise ConfigError(f"--split {args.split!r} is invalid: expected one of {sorted(SPLITS)}")
+    for item in args.overrides:
+        if item.split("=", 1)[0] in RESERVED_KEYS:
+            raise ConfigError(f"command line: override {item!r} is not allowed here: use --run-dir / --checkpoint")
+    ckpt = resolve_checkpoint(run_dir, args.checkpoint)
+    return split, load_config(str(config_yaml), [*args.overrides, f"run_dir={run_dir}", f"checkpoint.resume={ckpt}"])
+
+
+def run_on_checkpoint(prog: str, prepare: Callable[[], tuple], work: Callable) -> int:
+    """Build ``Trainer(config, evaluate_only=True)`` from ``prepare() -> (split, config)``, run
+    ``work(trainer, split)`` on every rank and close the trainer; bad input → ``prog: error:
+    ...`` on stderr and exit status 2."""
     try:
-        run_dir = Path(args.run_dir).expanduser().resolve()
-        config_yaml = run_dir / "config.yaml"
-        if not run_dir.is_dir():
-            raise ConfigError(f"--run-dir {args.run_dir!r}: no such folder ({run_dir})")
-        if not config_yaml.is_file():
-            raise ConfigError(f"--run-dir {args.run_dir!r}: {config_yaml} does not exist (not a kunlun run folder: the trainer writes it at start)")
-        split = SPLITS.get(args.split)
-        if split is None:
-            raise ConfigError(f"--split {args.split!r} is invalid: expected one of {sorted(SPLITS)}")
-        for item in args.overrides:
-            key = item.split("=", 1)[0]
-            if key in RESERVED_KEYS:
-                raise ConfigError(f"command line: override {item!r} is not allowed here: use --run-dir / --checkpoint")
-        ckpt = resolve_checkpoint(run_dir, args.checkpoint)
-        cfg = load_config(str(config_yaml), [*args.overrides, f"run_dir={run_dir}", f"checkpoint.resume={ckpt}"])
+        split, cfg = prepare()
         warnings.filterwarnings("ignore", category=FutureWarning)
         from kunlun.trainer.trainer import Trainer
 
         trainer = Trainer(cfg, evaluate_only=True)
-        agreed = False
+        agreed = False  # did every rank reach the same outcome? Only then leave the group cleanly.
         try:
-            evaluate_checkpoint(trainer, split, args.overrides)
+            work(trainer, split)
             agreed = True
         except (ConfigError, DataError, CheckpointError):
             agreed = True
@@ -124,9 +133,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         hint = ""
         if getattr(e, "key", None) == "parallel.sparse.sharding_group_size":
             hint = "; to score a 2D checkpoint on this many processes add parallel.sparse.strategy=1d (DCP reshards it)"
-        print(f"kunlun eval: error: {e}{hint}", file=sys.stderr)
+        print(f"{prog}: error: {e}{hint}", file=sys.stderr)
         return 2
     return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    return run_on_checkpoint("kunlun eval", lambda: checkpoint_job(args), lambda trainer, split: evaluate_checkpoint(trainer, split, args.overrides))
 
 
 def evaluate_checkpoint(trainer, split: str, overrides: List[str]) -> dict:
