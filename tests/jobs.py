@@ -50,6 +50,11 @@ def run_torchrun(nproc: int, overrides: List[str], config: str = "tiny", timeout
     return proc
 
 
+def run_torchx(*args: str, timeout: int = 400) -> subprocess.CompletedProcess:
+    """``torchx <args>`` from the repository root (``.torchxconfig``: local_cwd), output captured."""
+    return subprocess.run([str(BIN / "torchx"), *args], cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=timeout)
+
+
 def run_single(overrides: List[str], config: str = "tiny", timeout: int = 300) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "kunlun.launch.main", "--config", config, *overrides]
     return subprocess.run(cmd, cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=timeout)

@@ -19,7 +19,7 @@ from typing import Dict, List, Tuple
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from jobs import BIN, REPO, final_metrics, job_env, run_single, run_torchrun
+from jobs import BIN, REPO, final_metrics, job_env, run_single, run_torchrun, run_torchx
 
 COMMON = [
     "trainer.max_steps=20",
@@ -142,9 +142,7 @@ def test_best_is_the_checkpoint_the_final_test_ran_on(run_2):
 def test_one_process_checkpoint_scored_on_two_processes_through_torchx(run_1):
     final = final_metrics(run_1)
     before = snapshot(run_1)
-    cmd = [str(BIN / "torchx"), "run", "-s", "local_cwd", "./launch/components.py:eval", "-j", "1x2", "--run_dir", str(run_1), "--checkpoint", "20"]
-    proc = subprocess.run(cmd, cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=400)
-    ok(proc)
+    ok(run_torchx("run", "-s", "local_cwd", "./launch/components.py:eval", "-j", "1x2", "--run_dir", str(run_1), "--checkpoint", "20"))
     rep = report(run_1, "step_00000020", "test")
     assert rep["world_size"] == 2 and rep["step"] == 20
     assert_close(rep["metrics"], split_metrics(final, "test"), 1e-6, "1-process checkpoint at 2 processes")

@@ -9,7 +9,7 @@ import subprocess
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from jobs import BIN, REPO, final_metrics, job_env, latest_checkpoint
+from jobs import REPO, final_metrics, latest_checkpoint, run_torchx
 
 REQUIRED_SCALARS = {
     "train/loss",
@@ -26,14 +26,10 @@ REQUIRED_SCALARS = {
 }
 
 
-def torchx(*args: str, timeout: int = 400) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "torchx"), *args], cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=timeout)
-
-
 @pytest.mark.slow
 def test_torchx_local_two_processes_trains_checkpoints_and_logs(tmp_path, torchx_logs_in_tmp):
     run = tmp_path / "run"
-    proc = torchx(
+    proc = run_torchx(
         "run",
         "-s",
         "local_cwd",
@@ -86,7 +82,7 @@ def test_torchx_local_two_processes_trains_checkpoints_and_logs(tmp_path, torchx
 
 
 def _dryrun(scheduler: str, *extra: str) -> str:
-    proc = torchx(
+    proc = run_torchx(
         "run",
         "-s",
         scheduler,

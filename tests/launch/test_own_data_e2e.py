@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from jobs import BIN, REPO, final_metrics, job_env
+from jobs import BIN, REPO, final_metrics, job_env, run_torchx
 from kunlun.trainer.metrics import auc
 from own_data import write_dataset
 
@@ -49,14 +49,7 @@ logging:
 
 def _train(job, run):
     """``torchx run`` of ``job`` on 2 ranks; the log and the final metrics."""
-    proc = subprocess.run(
-        [str(BIN / "torchx"), "run", "-s", "local_cwd", "./launch/components.py:train", "-j", "1x2", "--config", str(job), f"run_dir={run}"],
-        cwd=REPO,
-        env=job_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_torchx("run", "-s", "local_cwd", "./launch/components.py:train", "-j", "1x2", "--config", str(job), f"run_dir={run}", timeout=300)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
     assert "world 2 (gloo on cpu)" in out

@@ -10,7 +10,7 @@ import subprocess
 import pytest
 import torch
 
-from jobs import BIN, REPO, final_metrics, free_port, job_env, latest_checkpoint, load_checkpoint_tensors, run_torchrun
+from jobs import BIN, REPO, final_metrics, free_port, job_env, latest_checkpoint, load_checkpoint_tensors, run_torchrun, run_torchx
 from kunlun.parallel.layout import ParallelLayout
 from kunlun.parallel.planner import build_sharders
 from kunlun.trainer.config import ConfigError, load_config, validate
@@ -158,30 +158,22 @@ def test_fsdp_dense_with_2d_sparse_trains_checkpoints_and_reshards_to_1d_and_bac
 def test_two_nodes_by_two_processes_through_torchx(tmp_path):
     """``make train NNODES=2 NPROC=2 ARGS="parallel.sparse.strategy=2d ..."`` on one machine."""
     run = tmp_path / "r"
-    proc = subprocess.run(
-        [
-            str(BIN / "torchx"),
-            "run",
-            "-s",
-            "local_cwd",
-            "./launch/components.py:train",
-            "-j",
-            "2x2",
-            "--rdzv_port",
-            str(free_port()),  # two "nodes" on one machine: a c10d store on a port of its own
-            "--config",
-            "tiny",
-            f"run_dir={run}",
-            "trainer.max_steps=10",
-            "checkpoint.every_n_steps=0",
-            *QUIET,
-            *TWO_D,
-        ],
-        cwd=REPO,
-        env=job_env(),
-        capture_output=True,
-        text=True,
-        timeout=400,
+    proc = run_torchx(
+        "run",
+        "-s",
+        "local_cwd",
+        "./launch/components.py:train",
+        "-j",
+        "2x2",
+        "--rdzv_port",
+        str(free_port()),  # two "nodes" on one machine: a c10d store on a port of its own
+        "--config",
+        "tiny",
+        f"run_dir={run}",
+        "trainer.max_steps=10",
+        "checkpoint.every_n_steps=0",
+        *QUIET,
+        *TWO_D,
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-5000:]
