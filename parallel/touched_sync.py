@@ -130,9 +130,20 @@ class TouchedRowsSync:
             table_of_feature = [first + int(t) for t in kernel.feature_table_map]
             self._hooks.append(kernel.register_forward_pre_hook(self._recorder(table_of_feature), with_kwargs=True))
         self.stats = SyncStats(rows_total=sum(t.weight.shape[0] for t in self._tables))
+        # One flag vector over all local rows (table i's rows at _starts[i]); each table's
+        # `touched` is a view of it, so one scatter per lookup marks rows of any table.
+        device = self._tables[0].weight.device if self._tables else torch.device("cpu")
+        self._touched = torch.zeros(self.stats.rows_total, dtype=torch.bool, device=device)
+        self._starts = torch.zeros(len(self._tables), dtype=torch.int64, device=device)
+        at = 0
+        for i, t in enumerate(self._tables):
+            t.touched = self._touched[at : at + t.weight.shape[0]]
+            self._starts[i] = at
+            at += t.weight.shape[0]
 
     def _recorder(self, table_of_feature: List[int]):
         num_features = len(table_of_feature)
+        tables = torch.tensor(table_of_feature, dtype=torch.int64)
 
         def record(module, args, kwargs) -> None:
             if not torch.is_grad_enabled():
@@ -147,7 +158,15 @@ class TouchedRowsSync:
                 bounds = [0]
                 for sizes in per_rank:
                     bounds.append(bounds[-1] + sum(sizes))
-            cuts = offsets[bounds].tolist()  # one device sync per lookup, not per feature
+            if self.reduce == "mean":
+                # No host sync on the training step's path: every index shifted by its
+                # feature's table start, then one scatter into the flag vector.
+                cuts = offsets[torch.tensor(bounds, device=offsets.device)]
+                start = self._starts[tables.to(self._starts.device)].to(indices.device)
+                shift = torch.repeat_interleave(start, cuts[1:] - cuts[:-1], output_size=indices.numel())
+                self._touched[shift + indices.long()] = True
+                return
+            cuts = offsets[bounds].tolist()  # sum_delta saves base values per table: host cuts
             for f, table in enumerate(table_of_feature):
                 if cuts[f + 1] > cuts[f]:
                     t = self._tables[table]
