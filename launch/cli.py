@@ -8,6 +8,10 @@
                                                               (kunlun.launch.predict_cli, one process:
                                                               Parquet scores of every example of a split)
 
+    kunlun export --run-dir R [--checkpoint ..] --out DIR [--embedding-dtype fp32|fp16|int8] [--overwrite] [key=value ...]
+                                                              (kunlun.launch.export_cli, one process: a serving
+                                                              folder for kunlun.serving.load)
+
 Multi-process training and evaluation go through ``torchx run`` (see README); multi-process
 scoring through ``torchrun --nproc_per_node N -m kunlun.launch.predict_cli ...``.
 """
@@ -42,6 +46,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         from kunlun.launch.predict_cli import main as predict_main
 
         return predict_main(rest)
+    if command == "export":
+        from kunlun.launch.export_cli import main as export_main
+
+        return export_main(rest)
     print(f"kunlun: unknown command {command!r}\n{USAGE.strip()}", file=sys.stderr)
     return 2
 

@@ -26,8 +26,7 @@ def to_padded(values: torch.Tensor, offsets: torch.Tensor, max_len: int) -> torc
     b = offsets.numel() - 1
     out = values.new_zeros((b, max_len) + tuple(values.shape[1:]))
     t = values.shape[0]
-    if t:
-        out[segment_ids(offsets, t), positions(offsets, t)] = values
+    out[segment_ids(offsets, t), positions(offsets, t)] = values  # no branch on t: one traced graph (torch.export)
     return out
 
 
@@ -46,7 +45,7 @@ def jagged_pool(values: torch.Tensor, lengths: torch.Tensor, mean: bool = True) 
     Sums each example's rows, or (``mean=True``) averages them; an empty example gives zeros.
     """
     b = lengths.shape[0]
-    seg = torch.repeat_interleave(torch.arange(b, device=values.device), lengths.long())
+    seg = torch.repeat_interleave(torch.arange(b, device=values.device), lengths.long(), output_size=values.shape[0])
     out = torch.zeros(b, values.shape[1], dtype=values.dtype, device=values.device).index_add_(0, seg, values)
     if mean:
         out = out / lengths.clamp(min=1).unsqueeze(1).to(values.dtype)  # clamp: 0 / 1 = 0 for empty rows

@@ -35,13 +35,11 @@ class TemporalEncoding(nn.Module):
             nn.init.normal_(e.weight, std=0.02)
 
     def forward(self, tokens: torch.Tensor, timestamps: torch.Tensor, offsets: torch.Tensor, request_time: torch.Tensor) -> torch.Tensor:
-        t = tokens.shape[0]
-        if t == 0:
-            return tokens
+        t = tokens.shape[0]  # no branch on t (0 works): one traced graph for torch.export
         seg = segment_ids(offsets, t)
         pos = positions(offsets, t)
         age = request_time[seg] - timestamps
-        prev = torch.cat([timestamps[:1], timestamps[:-1]])
+        prev = timestamps[(torch.arange(t, device=timestamps.device) - 1).clamp(min=0)]  # row i-1 (row 0: itself)
         gap = torch.where(pos > 0, timestamps - prev, torch.zeros_like(timestamps))
         lengths = offsets[1:] - offsets[:-1]
         recency = (lengths[seg] - 1 - pos).clamp(max=self.num_buckets - 1)

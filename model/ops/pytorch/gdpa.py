@@ -22,20 +22,21 @@ def jagged_to_padded(values: torch.Tensor, offsets: torch.Tensor, max_len: int) 
     b = offsets.numel() - 1
     lengths = offsets[1:] - offsets[:-1]
     out = values.new_zeros((b, max_len) + tuple(values.shape[1:]))
-    if values.shape[0] == 0:
-        return out
-    batch = torch.repeat_interleave(torch.arange(b, device=values.device), lengths)
-    pos = torch.arange(values.shape[0], device=values.device) - offsets[:-1].repeat_interleave(lengths)
+    # No early return for T = 0 and sizes known from shapes (output_size): the same code
+    # serves every length, so torch.export traces one graph with symbolic totals.
+    total = values.shape[0]
+    batch = torch.repeat_interleave(torch.arange(b, device=values.device), lengths, output_size=total)
+    pos = torch.arange(total, device=values.device) - offsets[:-1].repeat_interleave(lengths, output_size=total)
     out[batch, pos] = values
     return out
 
 
-def padded_to_jagged(padded: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+def padded_to_jagged(padded: torch.Tensor, offsets: torch.Tensor, total: int) -> torch.Tensor:
+    """``padded [B, L, ...]`` → ``[total, ...]``, the first ``lengths[b]`` rows of each sample."""
     b = offsets.numel() - 1
     lengths = offsets[1:] - offsets[:-1]
-    total = int(offsets[-1])
-    batch = torch.repeat_interleave(torch.arange(b, device=padded.device), lengths)
-    pos = torch.arange(total, device=padded.device) - offsets[:-1].repeat_interleave(lengths)
+    batch = torch.repeat_interleave(torch.arange(b, device=padded.device), lengths, output_size=total)
+    pos = torch.arange(total, device=padded.device) - offsets[:-1].repeat_interleave(lengths, output_size=total)
     return padded[batch, pos]
 
 
@@ -73,4 +74,4 @@ def gdpa_reference(
         mask = mask & ((i - j).abs() <= window)[None, None]
     probs = torch.where(mask, probs, torch.zeros((), dtype=probs.dtype, device=probs.device)) * out_scale
     out = torch.matmul(probs, vp.to(acc)).to(q.dtype)  # [B, H, Lq, Dv]
-    return padded_to_jagged(out.transpose(1, 2), q_offsets)
+    return padded_to_jagged(out.transpose(1, 2), q_offsets, q.shape[0])
