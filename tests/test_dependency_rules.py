@@ -4,6 +4,8 @@
   model code does not know about parallelism;
 * ``data/`` never imports ``trainer/``, ``parallel/``, ``model/`` or ``launch/``;
 * ``parallel/`` never imports ``trainer/`` or ``launch/``;
+* ``serving/`` (the loader of exports) never imports ``trainer/``, ``parallel/``, ``launch/``,
+  ``model/`` (the exported program carries the tower), ``torch.distributed``, TorchRec or FBGEMM;
 * ``common.py`` (the bottom layer) imports no kunlun module.
 
 Every ``import`` and ``from ... import`` counts, including those inside functions (a lazy
@@ -24,6 +26,7 @@ RULES: Dict[str, Tuple[str, ...]] = {
     "model": ("torch.distributed", "kunlun.trainer", "kunlun.parallel", "kunlun.launch"),
     "data": ("kunlun.trainer", "kunlun.parallel", "kunlun.model", "kunlun.launch"),
     "parallel": ("kunlun.trainer", "kunlun.launch"),
+    "serving": ("kunlun.trainer", "kunlun.parallel", "kunlun.launch", "kunlun.model", "torch.distributed", "torchrec", "fbgemm_gpu"),
     "common.py": ("kunlun.",),
 }
 

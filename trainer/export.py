@@ -132,9 +132,7 @@ def _write_data_section(cfg, tmp: Path, source) -> Dict:
             if index.is_file():
                 shutil.copy2(index, tmp / fmt.VOCAB_DIR / "vocab.json")
         data["files"]["vocab_dir"] = fmt.VOCAB_DIR  # the loader points it at DIR/vocab
-        for split in ("train", "eval", "test", "paths"):  # file lists of the training job mean nothing to a server
-            data["files"][split] = []
-        data["files"]["split"] = "paths"
+        # The split settings stay as trained (the schema check wants them); a server never reads those files.
     (tmp / fmt.DATA).write_text(OmegaConf.to_yaml(OmegaConf.create(data)))
     return mapping
 

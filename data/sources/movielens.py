@@ -38,7 +38,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from kunlun.common import default_cache_dir
-from kunlun.data.batch import EventColumns, ExampleBlock, Jagged, gather_jagged, ranges
+from kunlun.data.block import EventColumns, ExampleBlock, Jagged, gather_jagged, ranges
 from kunlun.data.errors import BadRowTracker, DataError
 from kunlun.data.schema import ContextFeature, EventType, FeatureSchema, TableSpec
 from kunlun.data.sources.movielens_history import HISTORY_FEATURES, genre_matrix, history_features

@@ -39,7 +39,7 @@ from typing import Dict
 
 import numpy as np
 
-from kunlun.data.batch import EventColumns, ExampleBlock, Jagged
+from kunlun.data.block import EventColumns, ExampleBlock, Jagged
 from kunlun.data.schema import ContextFeature, EventType, FeatureSchema, TableSpec
 
 _SPLITS = {"train": 1, "eval": 2, "test": 3}
