@@ -63,7 +63,9 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     run_dir = Path(args.run_dir).resolve() if args.run_dir else out / "run"
     if not (run_dir / "checkpoints" / "best.json").is_file():
-        run([str(BIN / "kunlun"), "train", "--config", "movielens", f"run_dir={run_dir}", f"trainer.max_steps={args.train_steps}", "logging.progress_bar=false"])
+        run(
+            [str(BIN / "kunlun"), "train", "--config", "movielens", f"run_dir={run_dir}", f"trainer.max_steps={args.train_steps}", "logging.progress_bar=false"]
+        )
     for dtype in DTYPES:
         folder = out / f"export-{dtype}"
         run([str(BIN / "kunlun"), "export", "--run-dir", str(run_dir), "--checkpoint", "best", "--out", str(folder), "--embedding-dtype", dtype, "--overwrite"])
