@@ -4,6 +4,8 @@
 
     DIR/manifest.json     format version, creator, every other file with its size and sha256
     DIR/tower.pt2         the dense tower, ``torch.export`` (kunlun.model.export.FlatTower)
+    DIR/tower.aoti.pt2    optional: the same program compiled ahead of time by AOTInductor
+                          (``--aoti``; a shared library for this platform and torch version)
     DIR/tables.pt         embedding tables: a dict of tensors (torch.save; loaded with weights_only=True)
     DIR/schema.json       feature schema, pooling of each context feature, embedding dtype, source
     DIR/data.yaml         the run's ``data`` section (id mapping, columns, histories); vocab_dir → vocab/
@@ -35,6 +37,8 @@ import torch
 FORMAT = "kunlun-export/1"
 MANIFEST = "manifest.json"
 TOWER = "tower.pt2"
+TOWER_AOTI = "tower.aoti.pt2"  # optional (kunlun export --aoti): the tower compiled by AOTInductor
+BACKENDS = ("auto", "export", "aoti")
 TABLES = "tables.pt"
 SCHEMA = "schema.json"
 DATA = "data.yaml"

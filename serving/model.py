@@ -8,7 +8,8 @@
    taken as is;
 2. embedding lookups in plain torch, the same pooling as training (``schema.json``: sum for
    single-id features, mean for a table with a multi-valued feature; an empty bag is zeros);
-3. the exported dense tower (``tower.pt2``), then a sigmoid.
+3. the exported dense tower (``tower.pt2``, or its AOTInductor build ``tower.aoti.pt2``),
+   then a sigmoid.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def lookup(block: ExampleBlock, schema: FeatureSchema, tables: Dict[str, "fmt.Ta
 class ServingModel:
     """A loaded export; see the module docstring. Build it with :func:`kunlun.serving.load`."""
 
-    def __init__(self, root: Path, verify: bool = True):
+    def __init__(self, root: Path, verify: bool = True, backend: str = "auto"):
         self.root = Path(root)
         self.manifest = fmt.read_manifest(self.root, verify=verify)
         try:
@@ -99,11 +100,22 @@ class ServingModel:
             if (tab.num_rows, tab.dim) != (t.num_embeddings, self.embedding_dim):
                 have, want = f"{tab.num_rows}x{tab.dim}", f"{t.num_embeddings}x{self.embedding_dim}"
                 raise ExportError(f"{self.root / fmt.TABLES}: table {t.name!r} is {have}, schema.json says {want}")
+        if backend not in fmt.BACKENDS:
+            raise ExportError(f"backend {backend!r}: expected one of {list(fmt.BACKENDS)}")
+        aoti = self.root / fmt.TOWER_AOTI
+        if backend == "aoti" and not aoti.is_file():
+            raise ExportError(f"{aoti}: missing: backend='aoti' needs an export made with --aoti")
+        self.backend = "aoti" if backend == "aoti" or (backend == "auto" and aoti.is_file()) else "export"
+        path = aoti if self.backend == "aoti" else self.root / fmt.TOWER
         try:
-            self.program = torch.export.load(str(self.root / fmt.TOWER))
-        except Exception as e:  # noqa: BLE001 - damaged or from an incompatible torch
-            raise ExportError(f"{self.root / fmt.TOWER}: cannot be loaded with torch {torch.__version__} ({type(e).__name__}: {e})") from e
-        self.tower = self.program.module()
+            if self.backend == "aoti":
+                from torch._inductor import aoti_load_package
+
+                self.tower = aoti_load_package(str(path))
+            else:
+                self.tower = torch.export.load(str(path)).module()
+        except Exception as e:  # noqa: BLE001 - damaged, or from another torch / platform
+            raise ExportError(f"{path}: cannot be loaded with torch {torch.__version__} on this platform ({type(e).__name__}: {e})") from e
         self._rows = None  # the raw-row decoder, built on first use (file sources only)
 
     @property
@@ -160,6 +172,8 @@ class ServingModel:
         return torch.sigmoid(torch.cat(parts))
 
 
-def load(path, verify: bool = True) -> ServingModel:
-    """Load a ``kunlun export`` folder; ``verify`` (default) checks every file against the manifest."""
-    return ServingModel(Path(path).expanduser(), verify=verify)
+def load(path, verify: bool = True, backend: str = "auto") -> ServingModel:
+    """Load a ``kunlun export`` folder; ``verify`` (default) checks every file against the
+    manifest. ``backend``: ``export`` runs ``tower.pt2`` (the exported program), ``aoti`` the
+    AOTInductor package ``tower.aoti.pt2``; ``auto`` (default) the package when present."""
+    return ServingModel(Path(path).expanduser(), verify=verify, backend=backend)

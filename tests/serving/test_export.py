@@ -124,6 +124,20 @@ def test_tiny_low_precision_tables_stay_within_their_bounds(tiny, dtype):
 
 
 @pytest.mark.slow
+def test_aoti_package_scores_like_the_exported_program(tiny, tmp_path):
+    """``--aoti``: the tower compiled by AOTInductor (C++ on this machine) is what ``load``
+    runs by default, and scores like the trainer; ``backend="export"`` still runs tower.pt2."""
+    run, ref, exports = tiny
+    export(run, tmp_path / "aoti", "--aoti")
+    assert (tmp_path / "aoti" / "tower.aoti.pt2").is_file()
+    assert load(tmp_path / "aoti").backend == "aoti" and load(tmp_path / "aoti", backend="export").backend == "export"
+    got = served_scores(tmp_path / "aoti", run, len(ref["example"]))
+    assert np.abs(got - ref["score"]).max() <= FP32_TOL
+    with pytest.raises(ExportError, match="backend='aoti' needs an export made with --aoti"):
+        load(exports["fp32"], backend="aoti")
+
+
+@pytest.mark.slow
 def test_damaged_export_is_detected_by_the_manifest(tiny, tmp_path):
     import shutil
 
