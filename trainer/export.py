@@ -80,6 +80,11 @@ def read_weights(ckpt: Path, schema, cfg) -> tuple:
         raise CheckpointError(f"{ckpt} was saved from a different model than the run's config describes; differing parameters:\n  {lines}")
     keys = _table_keys(list(expected), schema)
     tower = skeleton.tower
+    from kunlun.model.ops.select import set_gdpa_impl
+
+    # The exported program must be plain aten ops (portable, runs on CPU): the PyTorch
+    # reference of GDPA, whatever kernel the run trained with (same function, tested equal).
+    set_gdpa_impl(tower, "reference")
     tower_state = {f"tower.{k}": torch.empty_like(v) for k, v in tower.state_dict().items()}
     tables = {key: torch.empty(saved[key], dtype=torch.float32) for key in keys.values()}
     state = {"model": {**tables, **tower_state}}
