@@ -4,16 +4,18 @@
     kunlun train [--config PRESET_OR_YAML] [key=value ...]    (kunlun.launch.main, one process)
     kunlun eval --run-dir R [--checkpoint latest|best|PATH] [--split eval|test] [key=value ...]
                                                               (kunlun.launch.eval_cli, one process)
-    kunlun predict --run-dir R [--checkpoint ..] [--split eval|test] --output DIR [--overwrite] [key=value ...]
+    kunlun predict --run-dir R [--checkpoint ..] [--split eval|test | --input GLOB] --output DIR
+                   [--overwrite | --resume] [--rows-per-part N] [--columns a,b,c] [--no-progress] [key=value ...]
                                                               (kunlun.launch.predict_cli, one process:
-                                                              Parquet scores of every example of a split)
+                                                              Parquet scores of every example of a split
+                                                              or of files in the run's data schema)
 
     kunlun export --run-dir R [--checkpoint ..] --out DIR [--embedding-dtype fp32|fp16|int8] [--overwrite] [key=value ...]
                                                               (kunlun.launch.export_cli, one process: a serving
                                                               folder for kunlun.serving.load)
 
 Multi-process training and evaluation go through ``torchx run`` (see README); multi-process
-scoring through ``torchrun --nproc_per_node N -m kunlun.launch.predict_cli ...``.
+scoring through ``torchx run ./launch/components.py:predict`` or ``torchrun --nproc_per_node N -m kunlun.launch.predict_cli ...``.
 """
 
 from __future__ import annotations

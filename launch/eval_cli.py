@@ -111,15 +111,16 @@ def checkpoint_job(args: argparse.Namespace):
 
 
 def run_on_checkpoint(prog: str, prepare: Callable[[], tuple], work: Callable) -> int:
-    """Build ``Trainer(config, evaluate_only=True)`` from ``prepare() -> (split, config)``, run
+    """Build ``Trainer(config, evaluate_only=True[, source=source])`` from ``prepare() ->
+    (split, config)`` or ``(split, config, source)``, run
     ``work(trainer, split)`` on every rank and close the trainer; bad input → ``prog: error:
     ...`` on stderr and exit status 2."""
     try:
-        split, cfg = prepare()
+        split, cfg, *source = prepare()
         warnings.filterwarnings("ignore", category=FutureWarning)
         from kunlun.trainer.trainer import Trainer
 
-        trainer = Trainer(cfg, evaluate_only=True)
+        trainer = Trainer(cfg, evaluate_only=True, source=source[0] if source else None)
         agreed = False  # did every rank reach the same outcome? Only then leave the group cleanly.
         try:
             work(trainer, split)

@@ -60,9 +60,9 @@ def peak_tflops(device: torch.device) -> Dict[str, float]:
     return {"peak": table if table is not None else probe, "probe": probe}
 
 
-def average_sequence_lengths(source, num_examples: int = 4096, seed: int = 0, num_windows: int = 32) -> Dict[str, float]:
+def average_sequence_lengths(source, num_examples: int = 4096, seed: int = 0, num_windows: int = 32, split: str = "train") -> Dict[str, float]:
     """Mean kept history length per event type (events per example, after ``max_len``) on
-    about ``num_examples`` train examples: ``{event type: mean}``.
+    about ``num_examples`` examples of ``split`` (default train): ``{event type: mean}``.
 
     The sample is ``num_windows`` contiguous windows, one at a random offset inside each of
     ``num_windows`` equal strata of the split. Spread over the whole split because histories
@@ -71,7 +71,7 @@ def average_sequence_lengths(source, num_examples: int = 4096, seed: int = 0, nu
     CSV blocks, so the sample decodes at most ~2 chunks per window, not one per example
     (MovieLens and synthetic sources cost the same for any indices).
     """
-    total = source.num_examples("train")
+    total = source.num_examples(split)
     if total <= num_examples:
         indices = np.arange(total)
     else:
@@ -80,5 +80,5 @@ def average_sequence_lengths(source, num_examples: int = 4096, seed: int = 0, nu
         window = min(-(-num_examples // num_windows), int(strata.min()))
         starts = bounds[:-1] + np.random.default_rng(seed).integers(0, strata - window + 1)
         indices = (starts[:, None] + np.arange(window)).ravel()
-    block = source.read("train", indices)
+    block = source.read(split, indices)
     return {name: float(np.mean(ev.lengths)) if len(ev.lengths) else 0.0 for name, ev in block.events.items()}

@@ -126,10 +126,15 @@ def _prepare_run_dir(run_dir: Path, rank: int) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: JobConfig, evaluate_only: bool = False):
+    def __init__(self, cfg: JobConfig, evaluate_only: bool = False, source=None):
         """``evaluate_only``: build the model and load ``checkpoint.resume`` (model weights
         only) for :meth:`evaluate` (``kunlun eval``), leaving the run's files as they are:
-        no config.yaml rewrite, nothing changed in ``checkpoints/``, no TensorBoard purge."""
+        no config.yaml rewrite, nothing changed in ``checkpoints/``, no TensorBoard purge.
+        ``source`` (evaluate_only): score this source instead of the one ``cfg.data``
+        describes (``kunlun predict --input``: other files in the run's schema); its
+        ``test`` split stands in for the train split in the FLOPs estimate."""
+        if source is not None and not evaluate_only:
+            raise ValueError("Trainer(source=...) is for evaluate_only: training reads cfg.data's source")
         self.cfg = cfg
         self.evaluate_only = evaluate_only
         self.info = init_distributed(cfg)
@@ -143,7 +148,7 @@ class Trainer:
         log.info("run_dir %s | world %d (%s on %s)", self.run_dir, world, self.info.backend, self.info.device.type)
 
         _seed_everything(cfg.seed)
-        self.source = build_source(cfg.data, cfg.seed)
+        self.source = build_source(cfg.data, cfg.seed) if source is None else source
         self.schema = self.source.schema
         log.info("schema:\n%s", self.schema.describe())
         if self.source.bad_rows:
@@ -167,7 +172,7 @@ class Trainer:
         )
         log.info("parameters: dense %s, embedding %s", f"{n_dense:,}", f"{n_sparse:,}")
         self.num_params = {"dense": n_dense, "embedding": n_sparse}
-        self.avg_seq_len = average_sequence_lengths(self.source, seed=cfg.seed)
+        self.avg_seq_len = average_sequence_lengths(self.source, seed=cfg.seed, split="train" if source is None else "test")
         self.flops_per_example = model.tower.flops_per_example(self.avg_seq_len)
         self.peak = peak_tflops(self.info.device)
         log.info(

@@ -342,6 +342,66 @@ class FileSource:
         issues = RowIssues(self.tracker, self.reader.where(path, ch.row0), ch.num_rows)
         return self.reader.read(path, ch.part, ch.row0, ch.num_rows, issues), issues
 
+    def file_columns(self, path: str) -> List[str]:
+        """Every column of an indexed file (not only the declared ones): the Parquet schema's
+        names, the CSV header's (headerless CSV: the declared columns, by position)."""
+        if self.reader.kind == "parquet":
+            return list(self.reader._open(path).schema_arrow.names)
+        return list(self.reader._names[path])
+
+    def split_files(self, split: str) -> List[str]:
+        """The files holding examples of ``split``, in index order."""
+        return [self.files[f] for f in dict.fromkeys(self.chunks[int(c)].file for c in self._segments[split].chunk)]
+
+    def read_raw(self, split: str, indices: np.ndarray, columns: List[str]):
+        """Raw file values of ``columns`` for examples ``indices`` [N] of ``split``, not decoded
+        (no id mapping, transform or fill): a ``pyarrow.Table`` of N rows in the order of
+        ``indices`` (``kunlun predict --columns``). Columns need not be declared in the schema.
+
+        Parquet: each chunk's row group, those columns only, in the file's Arrow types. CSV:
+        the fields' text as strings (quotes removed, an empty field is ``""``). A column a
+        file lacks: :class:`DataError` naming the file and its columns."""
+        import pyarrow as pa
+
+        idx = np.asarray(indices, dtype=np.int64)
+        chunk_ids, rows = self._segments[split].locate(idx)
+        uniq = np.unique(chunk_ids)
+        order = np.argsort(chunk_ids, kind="stable")
+        bounds = np.searchsorted(chunk_ids[order], uniq, side="left").tolist() + [len(order)]
+        tables = []
+        for k, c in enumerate(uniq):
+            table = self._raw_chunk(int(c), list(columns))
+            tables.append(table.take(pa.array(rows[order[bounds[k] : bounds[k + 1]]])))
+        if not tables:
+            return pa.table({name: pa.array([], pa.null()) for name in columns})
+        # Files may disagree on a column's width (int32 in one, int64 in another): widen.
+        table = pa.concat_tables(tables, promote_options="permissive")
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(len(order))
+        return table.take(pa.array(inverse))
+
+    def _raw_chunk(self, c: int, columns: List[str]):
+        ch = self.chunks[c]
+        path = self.files[ch.file]
+        names = self.file_columns(path)
+        missing = [name for name in columns if name not in names]
+        if missing:
+            raise DataError(f"{path}: column {missing[0]!r} not found; the file's columns: {names}")
+        if self.reader.kind == "parquet":
+            table = self.reader._open(path).read_row_group(ch.part, columns=columns)
+        else:
+            # A reader whose "declared" columns are the requested ones, sharing the block index
+            # and header names of the source's reader: its string path reads just those fields.
+            from kunlun.data.file_schema import ColumnSpec
+            from kunlun.data.formats import CsvReader
+
+            specs = [ColumnSpec(i, name, "categorical", "string", name) for i, name in enumerate(dict.fromkeys(columns))]
+            raw = CsvReader(FilePlan(specs, {}, [], [], [], [], None, None), self.files_cfg.csv)
+            raw._blocks, raw._names = self.reader._blocks, self.reader._names
+            issues = RowIssues(self.tracker, self.reader.where(path, ch.row0), ch.num_rows)
+            table = raw.read_strings(path, ch.part, ch.row0, ch.num_rows, issues)
+        return table.select(columns)
+
     def validate_all(self) -> None:
         """Decode every chunk of every split once (errors surface now; fills the cache)."""
         t0 = time.time()

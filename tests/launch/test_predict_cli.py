@@ -1,22 +1,31 @@
 """``kunlun predict``: score every example of a split with a checkpoint, to Parquet parts.
 
 One tiny run (one process, ``keep_best=false``: the final test scored the last step) is
-trained once per module; its ``latest`` checkpoint is scored on one and on two processes.
+trained once per module; its ``latest`` checkpoint is scored on one and on two processes
+(torchrun, torchx), interrupted and resumed, with and without a progress bar. File-source
+features (``--columns``, ``--input``) are tested in ``test_predict_files.py``.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import pty
+import struct
 import subprocess
+import termios
+import threading
 from pathlib import Path
-from typing import Dict
+from typing import Dict, List
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 
-from jobs import BIN, REPO, final_metrics, job_env, run_single
+from jobs import BIN, REPO, final_metrics, job_env, run_single, run_torchx
 from kunlun.data.sources import build_source
 from kunlun.trainer.config import load_config
 from kunlun.trainer.metrics import auc
@@ -25,8 +34,11 @@ TRAIN = ["trainer.max_steps=10", "trainer.eval_every_n_steps=5", "checkpoint.eve
 TEST_EXAMPLES = 2000  # configs/tiny.yaml; eval_batch_size 256: the last batch is padded
 
 
-def kunlun_predict(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "kunlun"), "predict", *args], cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=timeout)
+STOP = "KUNLUN_PREDICT_STOP_AFTER_PARTS"  # predict_cli's hook: exit (status 3) after K parts, as if killed
+
+
+def kunlun_predict(*args: str, timeout: int = 300, env: Dict[str, str] = {}) -> subprocess.CompletedProcess:  # noqa: B006 - read only
+    return subprocess.run([str(BIN / "kunlun"), "predict", *args], cwd=REPO, env={**job_env(), **env}, capture_output=True, text=True, timeout=timeout)
 
 
 def ok(proc: subprocess.CompletedProcess) -> str:
@@ -117,7 +129,7 @@ def test_existing_output_is_refused_unless_overwrite(run, tmp_path):
     assert (out / "part-r0-00000.parquet").read_bytes() == b"old"
 
     ok(kunlun_predict("--run-dir", str(run), "--output", str(out), "--split", "valid", "--overwrite"))
-    assert sorted(p.name for p in out.iterdir()) == ["_SUCCESS.json", "part-r0-00000.parquet"]  # the stale part is gone
+    assert sorted(p.name for p in out.iterdir()) == ["_PREDICT.json", "_SUCCESS.json", "part-r0-00000.parquet"]  # the stale part is gone
     assert json.loads((out / "_SUCCESS.json").read_text())["split"] == "eval"
     assert len(read_parts(out)["example"]) == 2000  # the tiny validation split, all of it
 
@@ -127,6 +139,131 @@ def test_existing_output_is_refused_unless_overwrite(run, tmp_path):
     assert (out / "notes.txt").exists()
 
 
+def part_tables(out: Path) -> Dict[str, pa.Table]:
+    return {p.name: pq.read_table(p) for p in sorted(out.glob("part-r*-*.parquet"))}
+
+
+def written_parts(log: str) -> List[str]:
+    """The parts a run wrote, from its per-part log lines (rank 0's: the console)."""
+    return [line.split()[2].rstrip(":") for line in log.splitlines() if line.startswith("[kunlun] part part-")]
+
+
+@pytest.mark.slow
+def test_resume_scores_only_the_missing_parts_and_equals_an_uninterrupted_run(run, tmp_path):
+    args = ["--run-dir", str(run), "--rows-per-part", "300"]  # 256-row batches, 2 per part: 4 parts
+    full, out = tmp_path / "full", tmp_path / "out"
+    ok(kunlun_predict(*args, "--output", str(full)))
+    want = part_tables(full)
+    assert list(want) == [f"part-r0-{k:05d}.parquet" for k in range(4)]
+
+    proc = kunlun_predict(*args, "--output", str(out), env={STOP: "2"})  # interrupted after 2 parts
+    assert proc.returncode == 3, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["_PREDICT.json", "part-r0-00000.parquet", "part-r0-00001.parquet"]
+    request = json.loads((out / "_PREDICT.json").read_text())
+    assert request["rows_per_part"] == 300 and request["world_size"] == 1 and request["split"] == "test" and request["split_examples"] == TEST_EXAMPLES
+
+    proc = kunlun_predict(*args, "--output", str(out))
+    assert proc.returncode == 2 and "--resume" in proc.stderr, proc.stderr[-3000:]
+    for other, what in ((["--rows-per-part", "200"], "rows_per_part: 300 there, 200 now"), (["--split", "valid"], "split: 'test' there, 'eval' now")):
+        proc = kunlun_predict(*args, *other, "--output", str(out), "--resume")
+        assert proc.returncode == 2 and "--resume refused" in proc.stderr and what in proc.stderr, proc.stderr[-3000:]
+    proc = kunlun_predict(*args, "--output", str(out), "--resume", "--overwrite")
+    assert proc.returncode == 2 and "not allowed with" in proc.stderr, proc.stderr[-3000:]
+
+    log = ok(kunlun_predict(*args, "--output", str(out), "--resume"))
+    assert written_parts(log) == ["part-r0-00002.parquet", "part-r0-00003.parquet"]  # only the missing ones
+    got = part_tables(out)
+    assert list(got) == list(want) and all(got[k].equals(want[k]) for k in want)
+    success = json.loads((out / "_SUCCESS.json").read_text())
+    assert success["parts_kept"] == 2 and success["rows"] == TEST_EXAMPLES and success["parts"] == list(want)
+
+    (out / "part-r0-00001.parquet").unlink()  # a lost part in the middle
+    (out / ".tmp-part-r0-00003.parquet").write_bytes(b"half written")
+    log = ok(kunlun_predict(*args, "--output", str(out), "--resume"))
+    assert written_parts(log) == ["part-r0-00001.parquet"]
+    got = part_tables(out)
+    assert list(got) == list(want) and all(got[k].equals(want[k]) for k in want)
+    assert not list(out.glob(".tmp-*"))
+
+
+@pytest.mark.slow
+def test_torchx_component_on_two_ranks_interrupted_and_resumed_scores_every_example_once(run, one_process, tmp_path):
+    out = tmp_path / "out_torchx"
+    base = ["run", "-s", "local_cwd", "./launch/components.py:predict", "-j", "1x2", "--run_dir", str(run), "--output", str(out), "--rows_per_part", "300"]
+    proc = run_torchx(*base[:4], "--env", f"{STOP}=1", *base[4:])  # every rank stops after its first part
+    assert proc.returncode != 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(p.name for p in out.glob("part-*")) == ["part-r0-00000.parquet", "part-r1-00000.parquet"] and not (out / "_SUCCESS.json").exists()
+
+    ok(run_torchx(*base, "--resume", "True"))
+    success = json.loads((out / "_SUCCESS.json").read_text())
+    assert success["world_size"] == 2 and success["rows"] == TEST_EXAMPLES and success["parts_kept"] == 2
+    names = sorted(p.name for p in out.glob("part-*"))
+    assert success["parts"] == names and len(names) == 6  # 8 batches, 3 per part: 3 parts per rank
+    two, one = by_example(read_parts(out)), by_example(read_parts(one_process))
+    assert np.array_equal(two["example"], np.arange(TEST_EXAMPLES))  # every example exactly once
+    assert np.array_equal(two["label"], one["label"])
+    assert np.abs(two["score"] - one["score"]).max() < 1e-6
+
+
+def _stderr_on_a_tty(cmd: List[str]) -> str:
+    """Run ``cmd`` with stderr on a pseudo-terminal (as in an interactive shell); what it wrote there."""
+    main, secondary = pty.openpty()
+    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a 0x0 terminal gets an empty bar
+    chunks: List[bytes] = []
+
+    def drain() -> None:
+        while True:
+            try:
+                data = os.read(main, 65536)
+            except OSError:  # the other end closed
+                return
+            if not data:
+                return
+            chunks.append(data)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, env=job_env(), stdout=subprocess.PIPE, stderr=secondary, timeout=300)
+    finally:
+        os.close(secondary)
+    reader.join(timeout=10)
+    os.close(main)
+    text = b"".join(chunks).decode(errors="replace")
+    assert proc.returncode == 0, proc.stdout.decode()[-3000:] + text[-3000:]
+    return text
+
+
+@pytest.mark.slow
+def test_progress_bar_on_a_terminal_unless_no_progress(run, tmp_path):
+    cmd = [str(BIN / "kunlun"), "predict", "--run-dir", str(run), "--rows-per-part", "300"]
+    bar = _stderr_on_a_tty([*cmd, "--output", str(tmp_path / "a")])
+    assert "predict: 100%" in bar and "2.00k/2.00k" in bar and "row/s" in bar, bar[-2000:]
+    assert "predict:" not in _stderr_on_a_tty([*cmd, "--output", str(tmp_path / "b"), "--no-progress"])
+
+
+def test_columns_and_input_are_refused_for_built_in_sources(run, tmp_path):
+    proc = kunlun_predict("--run-dir", str(run), "--output", str(tmp_path / "o"), "--columns", "user_id")
+    assert proc.returncode == 2 and "--columns" in proc.stderr and "data.source=synthetic" in proc.stderr, proc.stderr[-3000:]
+    proc = kunlun_predict("--run-dir", str(run), "--output", str(tmp_path / "o"), "--input", str(tmp_path))
+    assert proc.returncode == 2 and "--input" in proc.stderr and "data.source=synthetic" in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "o").exists()
+
+
+def test_predict_component_runs_the_predict_entry_point_on_every_rank():
+    from kunlun.launch.components import predict as predict_component
+
+    where = dict(run_dir="/shared/runs/a", output="/shared/scores", input="/data/new/*.parquet")
+    app = predict_component("parallel.sparse.strategy=1d", **where, columns="request_id,user_id", resume=True, j="2x4")
+    cmd = app.roles[0].args[-1]
+    assert "--nnodes 2 --nproc_per_node 4" in cmd
+    assert "-m kunlun.launch.predict_cli --run-dir /shared/runs/a --output /shared/scores --checkpoint latest --rows-per-part 1000000 --no-progress" in cmd
+    assert "--input '/data/new/*.parquet' --columns request_id,user_id --resume parallel.sparse.strategy=1d" in cmd
+    assert "--split" not in cmd and "--overwrite" not in cmd
+
+
 def test_kunlun_help_lists_predict():
     proc = subprocess.run([str(BIN / "kunlun"), "--help"], cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "kunlun predict --run-dir" in proc.stdout
+    for flag in ("--input GLOB", "--resume", "--columns"):
+        assert flag in proc.stdout, flag
