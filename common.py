@@ -44,11 +44,15 @@ class FieldError(ConfigError):
 
 def check(owner, ok: bool, field: str, expected: str) -> None:
     """Raise :class:`FieldError` for ``owner.<field>`` unless ``ok`` (``field`` may be dotted,
-    e.g. ``events.dislike.heads``, for values the owner checks on behalf of a child)."""
+    e.g. ``events.dislike.heads``, or index a list, ``tasks[0].type``, for values the owner
+    checks on behalf of a child)."""
     if not ok:
         value = owner
         for part in field.split("."):
-            value = value[part] if isinstance(value, dict) else getattr(value, part)
+            name, _, index = part.partition("[")  # a list element: tasks[0]
+            value = value[name] if isinstance(value, dict) else getattr(value, name)
+            if index:
+                value = value[int(index.rstrip("]"))]
         raise FieldError(type(owner), field, list(value) if isinstance(value, (list, tuple)) else value, expected)
 
 

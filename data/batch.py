@@ -40,7 +40,8 @@ class Batch(Pipelineable):
         timestamps: KJT with one key per event type, int64 seconds, same lengths as the
             event type's item sequence.
         request_time: ``[B]`` int64 seconds.
-        labels: ``[B, num_labels]`` float32 in {0, 1}.
+        labels: ``[B, num_labels]`` float32: 0/1 for binary labels, any float for regression
+            ones, NaN where a label is missing (``schema.label_types``).
         weights: ``[B]`` float32 example weights; padding examples (end of an eval split) have 0.
     """
 

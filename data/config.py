@@ -11,6 +11,49 @@ from typing import Any, List, Optional
 
 from kunlun.common import check, check_choice, check_positive
 
+# MovieLens label name → label type (data.movielens.labels); values in kunlun.data.sources.movielens.
+MOVIELENS_LABELS = {"like": "binary", "love": "binary", "rating": "regression"}
+LABEL_TYPES = ("binary", "regression")  # data.files.schema.columns[i].label_type
+MISSING_POLICIES = ("error", "mask")  # data.files.schema.columns[i].missing
+
+
+@dataclass
+class SyntheticMultitaskConfig:
+    """Multi-task, multi-domain labels of the synthetic source (``data.synthetic.multitask``).
+
+    Off while ``tasks`` is empty (the default: one binary label ``label``, unchanged). On:
+    one label per task and a context feature ``domain`` (ids ``1..num_domains``, table
+    ``domain``); task ``k`` of an example in domain ``d`` has the oracle logit
+    ``shared · base + task_specific · z_k(x) + domain_specific · (b_dk + g_dk(category))``
+    where ``base`` is the single-task logit, ``z_k`` a unit-variance task-specific function
+    of the example (item, user x category, dense features), ``b_dk`` a per-(domain, task)
+    offset and ``g_dk`` a per-(domain, task) category effect, all standard normal (see
+    ``kunlun.data.sources.synthetic``).
+    """
+
+    tasks: List[str] = field(default_factory=list)  # label names, in order; [] = off
+    regression: List[str] = field(default_factory=list)  # tasks that are regression (label = logit + noise); others binary
+    num_domains: int = 3  # domains 1..num_domains, uniform over examples
+    shared: float = 1.0  # weight of the shared (single-task) logit in every task
+    task_specific: float = 0.5  # scale (logits) of each task's own part
+    domain_specific: float = 0.5  # scale (logits) of the per-(domain, task) part
+    missing_rate: float = 0.0  # fraction of each task's labels but the first's set to NaN (missing)
+    regression_noise: float = 1.0  # standard deviation of the Gaussian noise of regression labels
+
+    def __post_init__(self) -> None:
+        self.tasks, self.regression = list(self.tasks), list(self.regression)
+        check(self, all(isinstance(t, str) and t for t in self.tasks), "tasks", "a list of non-empty label names")
+        check(self, len(set(self.tasks)) == len(self.tasks), "tasks", "a list of distinct label names")
+        check(self, all(t in self.tasks for t in self.regression), "regression", f"a subset of data.synthetic.multitask.tasks {self.tasks}")
+        check(self, self.num_domains >= 1, "num_domains", "an integer >= 1")
+        for name in ("shared", "task_specific", "domain_specific", "regression_noise"):
+            check(self, getattr(self, name) >= 0, name, "a value >= 0")
+        check(self, 0.0 <= self.missing_rate < 1.0, "missing_rate", "a fraction in [0, 1)")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.tasks)
+
 
 @dataclass
 class SyntheticConfig:
@@ -29,6 +72,7 @@ class SyntheticConfig:
     # basic: category affinity of the history; rich: + action/recency-weighted history,
     # user x category preference, dense cross term (harder; the scaling-law preset).
     signal: str = "basic"
+    multitask: SyntheticMultitaskConfig = field(default_factory=SyntheticMultitaskConfig)  # off by default
 
     def __post_init__(self) -> None:
         check_positive(self, "num_users", "num_items", "num_categories", "num_actions", "max_seq_len", "train_examples", "eval_examples", "test_examples")
@@ -46,11 +90,21 @@ class MovieLensConfig:
     path: Optional[str] = None
     cache_dir: Optional[str] = None  # default: $KUNLUN_CACHE or ~/.cache/kunlun
     max_history_len: int = 50  # most recent events kept per event type
-    like_threshold: float = 4.0  # rating >= threshold: label 1 and event type "like"
+    like_threshold: float = 4.0  # rating >= threshold: label "like" = 1 and event type "like"
+    # The labels, in order (names in the batch): like (rating >= like_threshold, binary),
+    # love (rating == 5, binary), rating (the raw 1-5 rating, regression).
+    labels: List[str] = field(default_factory=lambda: ["like"])
 
     def __post_init__(self) -> None:
         check_positive(self, "max_history_len")
         check(self, 1.0 <= self.like_threshold <= 5.0, "like_threshold", "a rating in [1, 5]")
+        self.labels = list(self.labels)
+        allowed = list(MOVIELENS_LABELS)
+        check(self, bool(self.labels), "labels", f"a non-empty list of label names, each one of {allowed}")
+        unknown = [name for name in self.labels if name not in MOVIELENS_LABELS]
+        meaning = "like: rating >= like_threshold, love: rating == 5, rating: the 1-5 rating (regression)"
+        check(self, not unknown, "labels", f"label names, each one of {allowed} ({meaning}); unknown: {unknown}")
+        check(self, len(set(self.labels)) == len(self.labels), "labels", f"a list of distinct label names from {allowed}")
 
 
 @dataclass
@@ -80,7 +134,11 @@ class ColumnConfig:
     max_ids: int = 0  # categorical list<...>: most ids kept per example (required for lists)
     transform: str = "none"  # dense: none | log1p (log(1 + max(x, 0)))
     fill: float = 0.0  # dense: value used for nulls and NaN
-    threshold: Optional[float] = None  # label: value >= threshold gives 1 (else values must lie in [0, 1])
+    threshold: Optional[float] = None  # label (binary): value >= threshold gives 1 (else values must lie in [0, 1])
+    label_type: str = "binary"  # label: binary (0/1) | regression (any finite number; no threshold)
+    missing: str = "error"  # label: error (a null/NaN label is a bad row) | mask (it becomes NaN = missing)
+    # label: a declared int64/float32 column (often role ignore): 0/false or null → this label is missing (NaN)
+    mask_column: str = ""
     time_format: str = ""  # request_time of dtype string: strptime format, e.g. "%Y/%m/%d %H:%M" (UTC)
 
 

@@ -2,7 +2,10 @@
 
 Per role:
 
-* ``label``: numeric, not null/NaN; ``threshold`` → ``value >= threshold``, else in ``[0, 1]``;
+* ``label``: numeric. Binary (default): ``threshold`` → ``value >= threshold``, else in
+  ``[0, 1]``; regression: any finite number. Null/NaN: a bad row (``missing: error``) or
+  NaN = missing (``missing: mask``); ``mask_column``: its 0/false/null → NaN (missing),
+  1/true → the label as read; any other value is a bad row;
 * ``weight``: finite and >= 0; ``dense``: null/NaN → ``fill``, ±inf is bad; ``log1p`` →
   ``log(1 + max(x, 0))`` (as DLRM's Criteo preprocessing);
 * ``request_time``: integer seconds, an Arrow timestamp, or a string parsed with
@@ -99,6 +102,47 @@ class Decoder:
             key = (spec.table, spec.name)
             self.zero_ids[key] = self.zero_ids.get(key, 0) + zero
 
+    def _label(self, table: pa.Table, spec: ColumnSpec, issues: RowIssues) -> np.ndarray:
+        """One label column → ``[N]`` float32, NaN where missing (see the module docstring).
+        Bad values are flagged and read as 0; where the mask column says missing, the
+        label's value is not looked at (it may be null)."""
+        arr = _col(table, spec.name)
+        values = _floats(arr)
+        observed = np.ones(len(values), dtype=bool)
+        if spec.mask_column:
+            mask_arr = _col(table, spec.mask_column)
+            mask = _floats(mask_arr)
+            issues.flag(
+                ~np.isnan(mask) & (mask != 0) & (mask != 1),
+                spec.mask_column,
+                lambda i, arr=mask_arr: scalar_text(arr[i]),
+                f"0 or 1, false or true, or null (mask of label {spec.name!r}, {spec.key}.mask_column)",
+            )
+            observed = mask == 1
+        null = np.isnan(values) & observed
+
+        def text(i: int, arr=arr) -> str:
+            return scalar_text(arr[i])
+
+        if spec.missing == "error":
+            issues.flag(null, spec.name, text, "a label (not null; or set missing: mask)")
+        if spec.label_type == "regression":
+            with np.errstate(invalid="ignore"):
+                bad = (np.isinf(values) | (np.abs(values) > np.finfo(np.float32).max)) & observed
+            issues.flag(bad, spec.name, text, "a finite number within float32 range (regression label)")
+            out = np.where(np.isfinite(values) & ~bad, values, 0.0)
+        elif spec.threshold is not None:
+            out = (values >= spec.threshold).astype(np.float64)
+        else:
+            in_range = (values >= 0) & (values <= 1)
+            issues.flag(~np.isnan(values) & ~in_range & observed, spec.name, text, "a label in [0, 1] (or set a threshold)")
+            out = np.where(in_range, values, 0.0)
+        out = out.astype(np.float32)
+        if spec.missing == "mask":
+            out[null] = np.nan
+        out[~observed] = np.nan
+        return out
+
     def decode(self, table: pa.Table, issues: RowIssues) -> ExampleBlock:
         plan = self.plan
         num_rows = table.num_rows
@@ -116,16 +160,7 @@ class Decoder:
         # ------------------------------------------------------------------ labels
         labels = np.zeros((num_rows, len(plan.labels)), dtype=np.float32)
         for j, spec in enumerate(plan.labels):
-            arr = _col(table, spec.name)
-            values = _floats(arr)
-            issues.flag(np.isnan(values), spec.name, lambda i, arr=arr: scalar_text(arr[i]), "a label (not null)")
-            if spec.threshold is not None:
-                label_values = (values >= spec.threshold).astype(np.float32)
-            else:
-                bad = ~np.isnan(values) & ~((values >= 0) & (values <= 1))
-                issues.flag(bad, spec.name, lambda i, arr=arr: scalar_text(arr[i]), "a label in [0, 1] (or set a threshold)")
-                label_values = np.where((values >= 0) & (values <= 1), values, 0).astype(np.float32)
-            labels[:, j] = label_values
+            labels[:, j] = self._label(table, spec, issues)
 
         # ----------------------------------------------------------------- weights
         weights = None

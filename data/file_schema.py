@@ -11,6 +11,9 @@ A user describes every column of their Parquet or CSV files in the job YAML::
           events:  [{name: click, max_len: 50}]
           columns:
             - {name: clicked, role: label, dtype: int64}
+            - {name: watch_minutes, role: label, dtype: float32, label_type: regression, missing: mask}
+            - {name: purchased, role: label, dtype: int64, mask_column: in_shop}
+            - {name: in_shop, role: ignore, dtype: int64}
             - {name: item_id, role: categorical, dtype: string, table: item}
             - {name: click_items, role: sequence, dtype: list<string>, event: click, table: item}
 
@@ -21,7 +24,11 @@ and the batch. No per-data-set Python.
 
 Roles:
 
-* ``label`` (one or more; ``threshold`` turns a value into ``value >= threshold``),
+* ``label`` (one or more): ``label_type: binary`` (default; ``threshold`` turns a value
+  into ``value >= threshold``, else values lie in [0, 1]) or ``regression`` (any finite
+  number); ``missing: error`` (default: a null/NaN label is a bad row) or ``mask`` (it
+  becomes NaN, a missing label); ``mask_column``: a declared scalar int64/float32 column
+  (any role but label, usually ``ignore``) whose 0/false/null marks the label missing (NaN);
   ``weight`` (at most one), ``dense`` (``transform: log1p``, ``fill`` for nulls),
   ``request_time`` (seconds, or a string parsed with ``time_format``), ``ignore``;
 * ``categorical``: a context feature, single-valued (scalar dtype) or multi-valued
@@ -42,6 +49,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+LABEL_TYPES = ("binary", "regression")
+MISSING_POLICIES = ("error", "mask")
+MASK_DTYPES = ("int64", "float32")
 ROLES = ("label", "weight", "dense", "categorical", "sequence", "request_time", "ignore")
 DTYPES = ("int64", "float32", "string", "list<int64>", "list<string>")
 ROLE_DTYPES = {
@@ -92,6 +102,9 @@ class ColumnSpec:
     fill: float = 0.0
     threshold: Optional[float] = None
     time_format: str = ""
+    label_type: str = "binary"  # label: binary | regression
+    missing: str = "error"  # label: error | mask
+    mask_column: str = ""  # label: the column whose 0/false/null marks it missing
 
     @property
     def is_list(self) -> bool:
@@ -140,11 +153,14 @@ class FilePlan:
     request_time: Optional[ColumnSpec]
     id_mapping: str = "hash"
     table_columns: Dict[str, List[ColumnSpec]] = field(default_factory=dict)  # table → id columns reading it
+    # Label mask columns declared with role ignore, read for the labels' mask_column (role
+    # "mask", dtype float32: numbers and booleans; index/key of the declared column).
+    masks: List[ColumnSpec] = field(default_factory=list)
 
     @property
     def read_columns(self) -> List[ColumnSpec]:
-        """Columns read from the files (all but ``ignore``)."""
-        return [c for c in self.columns if c.role != "ignore"]
+        """Columns read from the files (all but ``ignore``), then the label mask columns."""
+        return [c for c in self.columns if c.role != "ignore"] + list(self.masks)
 
     def feature_schema(self, table_sizes: Dict[str, int]):
         """The :class:`FeatureSchema` for resolved table sizes (vocab tables are sized by their vocabulary)."""
@@ -157,6 +173,7 @@ class FilePlan:
             context_features=[ContextFeature(c.feature, c.table, c.max_ids) for c in self.categorical],
             event_types=[EventType(e.name, e.item.table, e.action_table, e.max_len) for e in self.events],
             labels=[c.feature for c in self.labels],
+            label_types=[c.label_type for c in self.labels],
         )
 
 
@@ -205,6 +222,7 @@ def resolve(files, source: str = "parquet") -> FilePlan:
     _check_context_names(by_role, event_cfg)
     events = _event_plans(schema, columns.event_columns, tables)
     table_columns = _table_columns(specs, tables)
+    masks = _mask_columns(by_role["label"], specs)
     return FilePlan(
         columns=specs,
         tables=tables,
@@ -216,6 +234,7 @@ def resolve(files, source: str = "parquet") -> FilePlan:
         request_time=(by_role["request_time"] or [None])[0],
         id_mapping=files.id_mapping,
         table_columns=table_columns,
+        masks=masks,
     )
 
 
@@ -399,6 +418,9 @@ class _ColumnResolver:
             fill=float(col.fill),
             threshold=None if col.threshold is None else float(col.threshold),
             time_format=col.time_format,
+            label_type=col.label_type,
+            missing=col.missing,
+            mask_column=col.mask_column,
         )
         if col.role == "sequence":
             self._add_event_column(col, key, spec)
@@ -467,6 +489,14 @@ def _check_role_options(col, key: str) -> None:
         _check(col.transform == "none", f"{key}.transform", col.transform, "'none' (transforms apply to dense columns)")
     if col.role != "label":
         _check(col.threshold is None, f"{key}.threshold", col.threshold, "null (thresholds apply to labels)")
+        _check(col.label_type == "binary", f"{key}.label_type", col.label_type, "'binary', the default (label types apply to labels)")
+        _check(col.missing == "error", f"{key}.missing", col.missing, "'error', the default (missing policies apply to labels)")
+        _check(not col.mask_column, f"{key}.mask_column", col.mask_column, "'' (mask columns apply to labels)")
+    else:
+        _check(col.label_type in LABEL_TYPES, f"{key}.label_type", col.label_type, f"one of {list(LABEL_TYPES)}")
+        _check(col.missing in MISSING_POLICIES, f"{key}.missing", col.missing, f"one of {list(MISSING_POLICIES)}")
+        if col.label_type == "regression":
+            _check(col.threshold is None, f"{key}.threshold", col.threshold, "null for a regression label (its value is the target)")
     if col.role != "sequence" and col.event:
         _check(False, f"{key}.event", col.event, "'' (only sequence columns belong to an event type)")
     if col.role == "request_time":
@@ -526,6 +556,37 @@ def _check_context_names(by_role: Dict[str, List[ColumnSpec]], event_cfg: Dict[s
     seq_keys = {f"{event}.{attribute}" for event in event_cfg for attribute in ("item", "action")}
     for spec in by_role["categorical"]:
         _check(spec.feature not in seq_keys, f"{spec.key}.feature", spec.feature, "a name other than the sequence keys <event>.item / <event>.action")
+
+
+def _mask_columns(labels: List[ColumnSpec], specs: List[ColumnSpec]) -> List[ColumnSpec]:
+    """Check each label's ``mask_column``: a declared scalar int64/float32 column (any role but
+    label; usually ``ignore``). Returns the extra specs to read: one per ``ignore`` column used
+    as a mask (role ``mask``, dtype float32 so that Parquet ints, floats and booleans pass);
+    a mask column with another role is read anyway."""
+    declared: Dict[str, ColumnSpec] = {}
+    for spec in specs:
+        declared.setdefault(spec.name, spec)
+    masks: Dict[str, ColumnSpec] = {}
+    for label in labels:
+        name = label.mask_column
+        if not name:
+            continue
+        key = f"{label.key}.mask_column"
+        target = declared.get(name)
+        if target is None:
+            example = f"{{name: {name}, role: ignore, dtype: int64}}"
+            _check(False, key, name, f"a column declared in {PREFIX}.schema.columns, e.g. {example}; declared: {list(declared)}")
+            continue
+        _check(target.role != "label", key, name, f"a column that is not a label ({target.key} is a label)")
+        _check(
+            target.dtype in MASK_DTYPES,
+            key,
+            name,
+            f"a column declared with dtype int64 or float32 (0/false/null: the label is missing); {target.key} has dtype {target.dtype!r}",
+        )
+        if target.role == "ignore":
+            masks.setdefault(name, ColumnSpec(index=target.index, name=name, role="mask", dtype="float32", feature=name))
+    return list(masks.values())
 
 
 def _event_plans(schema, event_columns: Dict[str, Dict[str, ColumnSpec]], tables: Dict[str, TablePlan]) -> List[EventPlan]:

@@ -110,6 +110,7 @@ def inspect(data_cfg, splits: Sequence[str] = ("train", "eval", "test")) -> Dict
         rows = 0
         bad = 0
         positives = np.zeros(len(plan.labels))
+        label_weight = np.zeros(len(plan.labels))  # weight of the rows where each label is present
         weight_sum = 0.0
         t_lo, t_hi = None, None
         for chunk, sel in parts:
@@ -125,7 +126,9 @@ def inspect(data_cfg, splits: Sequence[str] = ("train", "eval", "test")) -> Dict
             rows += num_rows
             bad += int(bad_rows.sum())
             weights = block.weights if block.weights is not None else np.ones(num_rows, np.float32)
-            positives += (block.labels * weights[:, None]).sum(axis=0)
+            present = ~np.isnan(block.labels)  # NaN = a missing label (mask column / null under missing: mask)
+            positives += (np.where(present, block.labels, 0.0) * weights[:, None]).sum(axis=0)
+            label_weight += (present * weights[:, None]).sum(axis=0)
             weight_sum += float(weights.sum())
             if plan.request_time is not None and num_rows:
                 good = ~bad_rows
@@ -177,7 +180,8 @@ def inspect(data_cfg, splits: Sequence[str] = ("train", "eval", "test")) -> Dict
             "chunks": len(parts),
             "rows": rows,
             "bad_rows": bad,
-            "label_rate": {lab.feature: (float(positive / weight_sum) if weight_sum else 0.0) for lab, positive in zip(plan.labels, positives)},
+            # positive rate of a binary label, mean of a regression label, over the rows that have it
+            "label_rate": {lab.feature: (float(pos / w) if w else 0.0) for lab, pos, w in zip(plan.labels, positives, label_weight)},
             "request_time": [t_lo, t_hi],
         }
     for spec in plan.read_columns:
@@ -239,7 +243,7 @@ def format_report(report: Dict) -> str:
     out.append("\nsplits")
     out.append(
         _table(
-            ["split", "files", "chunks", "rows", *[f"{lab} rate" for lab in labels], "bad rows", "request time from", "to"],
+            ["split", "files", "chunks", "rows", *[f"{lab} rate/mean" for lab in labels], "bad rows", "request time from", "to"],
             [
                 [
                     split,

@@ -10,7 +10,11 @@ An example has
   bucket, ...) and a timestamp in seconds. They stay jagged (``lengths [B]``,
   ``values [sum(lengths)]``) and go through an unpooled ``EmbeddingCollection``;
 * ``request_time`` (seconds) of the example, the reference point for event ages;
-* one or more binary ``labels``, ``[B, num_labels]``.
+* one or more ``labels``, ``[B, num_labels]`` float32, each of a type (``label_types``):
+  ``binary`` (0/1; a probability in [0, 1] is allowed as a soft label) or ``regression``
+  (any finite float). **NaN marks a missing label**: that task's loss and metrics skip
+  the example (a task observed on some examples only, e.g. a purchase label outside the
+  shop surface).
 
 Each categorical or sequence attribute names the embedding table it feeds; features
 that name the same table share it (e.g. every event type's item ids use one item table).
@@ -20,6 +24,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Dict, List, Tuple
+
+LABEL_TYPES = ("binary", "regression")
 
 
 @dataclass(frozen=True)
@@ -64,6 +70,8 @@ class FeatureSchema:
     context_features: List[ContextFeature]
     event_types: List[EventType]
     labels: List[str] = field(default_factory=lambda: ["label"])
+    # One per label: "binary" or "regression"; empty (the default) = every label binary.
+    label_types: List[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         names = [t.name for t in self.tables]
@@ -79,11 +87,29 @@ class FeatureSchema:
                     raise ValueError(f"schema: event type {e.name!r} uses unknown table {t!r}; tables: {sorted(tables)}")
         if not self.labels:
             raise ValueError("schema: at least one label is required")
+        if len(set(self.labels)) != len(self.labels):
+            raise ValueError(f"schema: duplicate label names in {self.labels}")
+        if not self.label_types:
+            self.label_types = ["binary"] * len(self.labels)
+        self.label_types = list(self.label_types)
+        if len(self.label_types) != len(self.labels):
+            raise ValueError(f"schema: label_types {self.label_types} must give one type per label {self.labels} ({len(self.labels)})")
+        for name, kind in zip(self.labels, self.label_types):
+            if kind not in LABEL_TYPES:
+                raise ValueError(f"schema: label {name!r} has label type {kind!r}: expected one of {list(LABEL_TYPES)}")
         ctx = [f.name for f in self.context_features]
         dup = sorted({k for k in ctx if ctx.count(k) > 1} | (set(ctx) & set(self.sequence_keys)))
         if dup:
             # a shared table's context features are looked up beside the sequence keys (model/embeddings.py)
             raise ValueError(f"schema: feature names {dup} are used twice (context features and sequence keys <event>.item/.action must differ)")
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.labels)
+
+    def label_type(self, name: str) -> str:
+        """``binary`` or ``regression`` for the label ``name``."""
+        return self.label_types[self.labels.index(name)]
 
     @property
     def num_dense(self) -> int:
@@ -128,7 +154,8 @@ class FeatureSchema:
             rows.append((f"context {f.name}", f"table {f.table} ({sizes[f.table]:,} rows)", f"≤{f.max_ids} ids"))
         for e in self.event_types:
             rows.append((f"events {e.name}", f"item→{e.item_table}, action→{e.action_table}", f"≤{e.max_len} events"))
-        rows.append(("labels", ", ".join(self.labels), ""))
+        shown = [name if kind == "binary" else f"{name} ({kind})" for name, kind in zip(self.labels, self.label_types)]
+        rows.append(("labels", ", ".join(shown), ""))
         w0 = max(len(r[0]) for r in rows)
         w1 = max(len(r[1]) for r in rows)
         return "\n".join(f"  {a:<{w0}}  {b:<{w1}}  {c}".rstrip() for a, b, c in rows)

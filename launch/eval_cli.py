@@ -9,7 +9,7 @@ The run's resolved config (``R/config.yaml``, written by the trainer) rebuilds t
 to score a 2D checkpoint on fewer processes, ...). The checkpoint is loaded at whatever
 world size this command runs with (DCP reshards it) and scored exactly like the trainer's
 ``evaluate()``, so the metrics carry the same names: ``auc``, ``ne``, ``logloss`` and, with
-several labels, ``<metric>/<label>``.
+several tasks, ``<task>/<metric>``.
 
 Written: the console; TensorBoard (``R/tensorboard``, tags ``eval_ckpt/<split>/<metric>`` at
 the checkpoint's step); ``R/eval/<checkpoint>-<split>.json`` (step, split, checkpoint,
@@ -167,15 +167,14 @@ def evaluate_checkpoint(trainer, split: str, overrides: List[str]) -> dict:
         out.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out, report)
     per_label = "".join(f"\n  {k}: {v:.6f}" for k, v in sorted(metrics.items()) if "/" in k)
+    plain = " | ".join(f"{k} {metrics[k]:.6f}" for k in ("auc", "ne", "logloss", "mse", "mae") if k in metrics)
     log.info(
-        "%s @ step %d (%s, %s): auc %.6f | ne %.6f | logloss %.6f (%d examples, %.1fs)%s\n  written: %s and TensorBoard tags eval_ckpt/%s/* in %s",
+        "%s @ step %d (%s, %s): %s (%d examples, %.1fs)%s\n  written: %s and TensorBoard tags eval_ckpt/%s/* in %s",
         split,
         step,
         ckpt,
         f"{trainer.info.world_size} process" + ("es" if trainer.info.world_size > 1 else ""),
-        metrics["auc"],
-        metrics["ne"],
-        metrics["logloss"],
+        plain,
         metrics["examples"],
         time.time() - t0,
         per_label,

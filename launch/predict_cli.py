@@ -31,8 +31,10 @@ Written under ``DIR`` (made if missing):
   batches ``[k*B, (k+1)*B)`` with ``B = ceil(rows-per-part / (eval_batch_size / world size))``
   (so about ``--rows-per-part`` rows, rounded up to whole batches; a rank with no rows in
   those batches writes no part). Columns: ``example`` (int64), ``label`` (float32, omitted
-  for label-less ``--input``) and ``score`` (float64: the sigmoid probability); with several
-  labels ``label/<name>`` and ``score/<name>`` per label; then the ``--columns``. Each part is
+  for label-less ``--input``; NaN where a label is missing) and ``score`` (float64: the sigmoid
+  probability of a binary task, the prediction of a regression task); with several tasks
+  (``model.tasks``, by default one per label) ``label/<task>`` and ``score/<task>`` per task;
+  then the ``--columns``. Each part is
   written under a temporary name and renamed.
 * ``_PREDICT.json`` (rank 0, at start): the request (checkpoint, split or input files, world
   size, eval batch size, rows per part, columns, overrides, examples), which ``--resume`` checks.
@@ -322,7 +324,9 @@ def predict(trainer, split: str, out: Path, job: dict) -> dict:
         raise ConfigError(f"WORLD_SIZE={request['world_size']} but the process group has {world} ranks")
     t0 = time.time()
     source = trainer.source  # the --input files' source when given (Trainer(source=...))
-    labels = list(trainer.schema.labels)
+    tasks = trainer.tasks
+    labels = [t.name for t in tasks]
+    binary = np.array([t.type == "binary" for t in tasks])
     write_labels = job["input"] is None or job["input"]["labels"]
     names = [("label", "score")] if len(labels) == 1 else [(f"label/{n}", f"score/{n}") for n in labels]
     out_columns = ["example", *([n for n, _ in names] if write_labels else []), *[s for _, s in names]]
@@ -441,11 +445,13 @@ def predict(trainer, split: str, out: Path, job: dict) -> dict:
             pending: List[tuple] = []
             for j, batch in enumerate(loader):
                 i = first + j  # the global batch index
-                _, (_, logits, lab, _) = trainer.model(batch.to(trainer.info.device))
+                _, model_out = trainer.model(batch.to(trainer.info.device))
+                logits, lab = model_out.logits, model_out.labels
                 example = np.arange(i * G + rank * L, i * G + (rank + 1) * L, dtype=np.int64)
                 valid = example < n  # positions past the end are padding
                 if valid.any():
-                    score = torch.sigmoid(logits.detach().double().cpu().reshape(L, len(labels))).numpy()
+                    raw = logits.detach().double().cpu().reshape(L, len(labels))
+                    score = np.where(binary, torch.sigmoid(raw).numpy(), raw.numpy())  # probability; regression: the prediction
                     lab_np = lab.detach().float().cpu().reshape(L, len(labels)).numpy()
                     pending.append((example[valid], lab_np[valid], score[valid]))
                 bar.update(int(rows_bw[i].sum()))

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, List
 
-from kunlun.common import check, check_choice, check_positive
+from kunlun.common import FieldError, check, check_choice, check_positive
 
 TOWER_NAMES = ("dcnv2", "dlrm", "hstu", "interformer", "kunlun", "wukong")  # = kunlun.model.towers.TOWERS
 GDPA_IMPLS = ("auto", "reference", "triton")
@@ -170,6 +170,78 @@ class InterFormerConfig(_PersonalisedFFNFields, _SequenceTowerBase):
         check_positive(self, "pma_tokens", "recent_tokens")
 
 
+TASK_TYPES = ("binary", "regression")
+REGRESSION_LOSSES = ("mse", "huber")
+MIXERS = ("shared", "mmoe", "ple")
+
+
+@dataclass
+class TaskConfig:
+    """One prediction task (``model.tasks``): a head on a label of the data.
+
+    ``binary``: binary cross-entropy on the logit, metrics AUC / NE / log loss; ``regression``:
+    ``loss`` (mse, or huber with ``huber_delta``) on the raw output, metrics MSE / MAE. A
+    missing label (NaN in the data: a mask column or a null) adds nothing to the task's loss
+    or metrics. The total loss is the ``weight``-ed sum of the tasks' example-weighted means.
+    """
+
+    name: str = ""
+    label: str = ""  # the data's label it predicts (default: the task's name)
+    type: str = "binary"  # binary | regression
+    weight: float = 1.0
+    loss: str = "mse"  # regression: mse | huber
+    huber_delta: float = 1.0
+
+    def __post_init__(self) -> None:
+        # Checked by ModelConfig, which knows the task's index (model.tasks[i].<field> in errors).
+        if not self.label:
+            self.label = self.name
+
+    def check(self, owner, i: int) -> None:
+        key = f"tasks[{i}]"
+        check(owner, bool(self.name) and "/" not in self.name, f"{key}.name", "a non-empty name without '/' (it names metrics: eval/<task>/<metric>)")
+        check(owner, self.type in TASK_TYPES, f"{key}.type", f"one of {list(TASK_TYPES)}")
+        check(owner, self.weight >= 0, f"{key}.weight", "a weight >= 0")
+        check(owner, self.loss in REGRESSION_LOSSES, f"{key}.loss", f"one of {list(REGRESSION_LOSSES)}")
+        check(owner, self.huber_delta > 0, f"{key}.huber_delta", "a value > 0")
+
+
+@dataclass
+class MultiTaskConfig:
+    """How tasks share the tower (``model.multitask``; docs/multitask.md).
+
+    ``shared``: the tower's last layer has one output per task (shared bottom: the towers as
+    they are). ``mmoe``: the tower ends in a ``tower_out``-wide representation, ``num_experts``
+    expert MLPs (``expert_mlp``) read it, each task mixes them with its own softmax gate and
+    runs its own MLP (``task_mlp``) to one output. ``ple``: progressive layered extraction,
+    ``levels`` levels of ``shared_experts`` shared and ``task_experts`` per-task experts.
+    ``domain_feature`` (a single-id context feature, e.g. the surface): per-domain gates
+    (mmoe/ple), ``domain_experts`` experts of its own per domain, and per-domain calibration
+    (a scale and a bias per domain and task on the output); metrics are also reported per domain.
+    """
+
+    mixer: str = "shared"  # shared | mmoe | ple
+    tower_out: int = 64  # width of the tower's representation (mmoe/ple/domain-aware)
+    num_experts: int = 4  # mmoe
+    shared_experts: int = 2  # ple
+    task_experts: int = 1  # ple, per task
+    levels: int = 1  # ple extraction levels
+    expert_mlp: List[int] = field(default_factory=lambda: [64])
+    task_mlp: List[int] = field(default_factory=lambda: [32])
+    domain_feature: str = ""  # a context feature with one id per example; "" = no domains
+    domain_experts: int = 1  # experts per domain (with domain_feature)
+    domain_calibration: bool = True  # per-domain scale and bias of every task's output
+
+    def __post_init__(self) -> None:
+        check_choice(self, "mixer", MIXERS)
+        check_positive(self, "tower_out", "num_experts", "levels")
+        check(self, self.shared_experts >= 0 and self.task_experts >= 0, "shared_experts", "counts >= 0")
+        check(self, self.shared_experts + self.task_experts > 0, "task_experts", "at least one expert per task (shared_experts + task_experts > 0)")
+        check(self, self.domain_experts >= 0, "domain_experts", "a count >= 0")
+        _check_widths(self, "expert_mlp", "task_mlp")
+        check(self, len(self.expert_mlp) > 0, "expert_mlp", "at least one layer")
+
+
 @dataclass
 class ModelConfig:
     tower: str = "dlrm"
@@ -183,8 +255,17 @@ class ModelConfig:
     wukong: WukongTowerConfig = field(default_factory=WukongTowerConfig)
     hstu: HSTUConfig = field(default_factory=HSTUConfig)
     interformer: InterFormerConfig = field(default_factory=InterFormerConfig)
+    # Prediction tasks; empty: one binary task per label of the data, named after it, each
+    # weighted 1/num_labels (the mean over labels, as before tasks existed).
+    tasks: List[TaskConfig] = field(default_factory=list)
+    multitask: MultiTaskConfig = field(default_factory=MultiTaskConfig)
 
     def __post_init__(self) -> None:
+        for i, task in enumerate(self.tasks):
+            task.check(self, i)
+        names = [t.name for t in self.tasks]
+        if len(set(names)) != len(names):
+            raise FieldError(type(self), "tasks", names, "distinct task names")
         check_choice(self, "tower", TOWER_NAMES)
         check_choice(self, "gdpa_impl", GDPA_IMPLS)
         check_positive(self, "embedding_dim")

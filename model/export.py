@@ -8,10 +8,11 @@ looks them up itself). :class:`FlatTower` therefore takes the already looked-up 
     dense         [B, num_dense] float32
     context       [B, C, D] float32   pooled context features, in ``schema.context_keys`` order
     request_time  [B] int64 seconds
+    domain        [B] int64 domain ids (``model.multitask.domain_feature``; zeros without one)
     events        per event type (``schema.event_types`` order), four tensors:
                   item [T_e, D] float32, action [T_e, D] float32, timestamps [T_e] int64,
                   lengths [B] int64 (T_e = lengths.sum(), oldest event first per example)
-    →  logits [B, num_labels] float32
+    →  outputs [B, num_tasks] float32 (logits of binary tasks, predictions of regression tasks)
 
 B and every T_e are dynamic (any B >= 1, any T_e >= 0); the tower code keeps one graph
 for all of them (no branches on sizes, totals taken from shapes, not from ``offsets[-1]``).
@@ -41,14 +42,15 @@ class FlatTower(nn.Module):
         self.context_keys: List[str] = list(schema.context_keys)
         self.event_names: List[str] = [e.name for e in schema.event_types]
 
-    def forward(self, dense: torch.Tensor, context: torch.Tensor, request_time: torch.Tensor, events: Tuple[torch.Tensor, ...]) -> torch.Tensor:
+    def forward(self, dense: torch.Tensor, context: torch.Tensor, request_time: torch.Tensor, domain: torch.Tensor, events: Tuple[torch.Tensor, ...]):
         seqs = {}
         for i, name in enumerate(self.event_names):
             item, action, timestamps, lengths = events[4 * i : 4 * i + 4]
             offsets = F.pad(torch.cumsum(lengths, 0), (1, 0))
             seqs[name] = EventSequence(item=item, action=action, timestamps=timestamps, lengths=lengths, offsets=offsets)
         ctx = {k: context[:, j] for j, k in enumerate(self.context_keys)}
-        return self.tower(TowerInputs(dense=dense, context=ctx, events=seqs, request_time=request_time))
+        uses_domain = getattr(getattr(self.tower, "head", None), "num_domains", 0)
+        return self.tower(TowerInputs(dense=dense, context=ctx, events=seqs, request_time=request_time, domain=domain if uses_domain else None))
 
 
 def flat_inputs(inputs: TowerInputs, schema: FeatureSchema) -> Tuple:
@@ -62,7 +64,8 @@ def flat_inputs(inputs: TowerInputs, schema: FeatureSchema) -> Tuple:
     for e in schema.event_types:
         ev = inputs.events[e.name]
         events += [ev.item, ev.action, ev.timestamps.long(), ev.lengths.long()]
-    return inputs.dense, context, inputs.request_time.long(), tuple(events)
+    domain = inputs.domain.long() if inputs.domain is not None else torch.zeros(b, dtype=torch.long, device=inputs.dense.device)
+    return inputs.dense, context, inputs.request_time.long(), domain, tuple(events)
 
 
 def dynamic_shapes(schema: FeatureSchema) -> Tuple:
@@ -75,7 +78,7 @@ def dynamic_shapes(schema: FeatureSchema) -> Tuple:
     for e in schema.event_types:
         total = Dim(f"events_{e.name}", min=0, max=MAX_EVENTS)
         events += [{0: total}, {0: total}, {0: total}, {0: batch}]
-    return ({0: batch}, {0: batch}, {0: batch}, tuple(events))
+    return ({0: batch}, {0: batch}, {0: batch}, {0: batch}, tuple(events))
 
 
 def export_tower(tower: DenseTower, schema: FeatureSchema, example: Sequence) -> "torch.export.ExportedProgram":

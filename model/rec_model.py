@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
@@ -13,8 +12,28 @@ from kunlun.data.batch import Batch
 from kunlun.data.schema import FeatureSchema
 from kunlun.model.embeddings import build_embeddings, ec_context_features, mean_pooled_tables
 from kunlun.model.modules.jagged import jagged_pool
+from kunlun.model.tasks import multitask_loss, resolve_tasks
 from kunlun.model.towers import build_tower
 from kunlun.model.towers.base import EventSequence, TowerInputs
+
+
+class ModelOutput(NamedTuple):
+    """What :meth:`RecModel.forward` returns beside the loss (for metrics and scoring).
+
+    Attributes:
+        loss: scalar, detached.
+        logits: ``[B, T]`` detached task outputs (logits of binary tasks, predictions of
+            regression tasks), in ``RecModel.tasks`` order.
+        labels: ``[B, T]`` the tasks' labels (NaN = missing).
+        weights: ``[B]`` example weights (0 = padding).
+        domain: ``[B]`` int64 domain ids, or None without ``model.multitask.domain_feature``.
+    """
+
+    loss: torch.Tensor
+    logits: torch.Tensor
+    labels: torch.Tensor
+    weights: torch.Tensor
+    domain: Optional[torch.Tensor] = None
 
 
 class RecModel(nn.Module):
@@ -23,16 +42,21 @@ class RecModel(nn.Module):
     Context features whose table also feeds sequences are looked up in the
     ``EmbeddingCollection`` with the sequences and pooled here (see ``model/embeddings.py``).
 
-    ``forward(batch)`` returns ``(loss, (loss.detach(), logits.detach(), labels, weights))``:
-    the TorchRec convention of a scalar loss plus outputs for metrics. The loss is the
-    example-weighted mean binary cross-entropy over all labels (padding has weight 0).
+    ``forward(batch)`` returns ``(loss, ModelOutput)``: the TorchRec convention of a scalar
+    loss plus outputs for metrics. The loss is :func:`kunlun.model.tasks.multitask_loss` over
+    ``self.tasks`` (``model.tasks``; by default one binary task per label: the
+    example-weighted mean binary cross-entropy over the labels; padding has weight 0).
     """
 
     def __init__(self, schema: FeatureSchema, model_cfg, embedding_device: torch.device = torch.device("meta")):
         super().__init__()
         self.schema = schema
+        self.tasks = resolve_tasks(schema, model_cfg)
+        self._task_labels = [t.label_index for t in self.tasks]
+        self._labels_in_order = self._task_labels == list(range(len(schema.labels)))
+        self.domain_feature = model_cfg.multitask.domain_feature
         self.ebc, self.ec = build_embeddings(schema, model_cfg.embedding_dim, embedding_device)
-        self.tower = build_tower(schema, model_cfg, num_labels=len(schema.labels))
+        self.tower = build_tower(schema, model_cfg, num_labels=len(self.tasks))
         # Context features of shared tables go through the EC (model/embeddings.py); the rest
         # through the EBC. Index lists select them from batch.context (keys = schema.context_keys).
         keys = schema.context_keys
@@ -79,16 +103,27 @@ class RecModel(nn.Module):
                 lengths=lengths,
                 offsets=item.offsets().long(),
             )
-        return TowerInputs(dense=batch.dense, context=context, events=events, request_time=batch.request_time)
+        domain = self.domain_ids(batch) if self.domain_feature else None
+        return TowerInputs(dense=batch.dense, context=context, events=events, request_time=batch.request_time, domain=domain)
 
-    def forward(self, batch: Batch) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
+    def domain_ids(self, batch: Batch) -> torch.Tensor:
+        """``[B]`` int64: the domain feature's id of every example (0 when it has none)."""
+        jt = batch.context[self.domain_feature]
+        lengths = jt.lengths().long()
+        seg = torch.repeat_interleave(torch.arange(lengths.shape[0], device=lengths.device), lengths, output_size=jt.values().shape[0])
+        return torch.zeros(lengths.shape[0], dtype=torch.long, device=lengths.device).index_put_((seg,), jt.values().long())
+
+    def task_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """``labels [B, num_labels]`` → ``[B, T]`` in task order."""
+        return labels if self._labels_in_order else labels[:, self._task_labels]
+
+    def forward(self, batch: Batch) -> Tuple[torch.Tensor, ModelOutput]:
         # Named ranges so a profile splits the step into lookup vs dense compute (no-ops
         # unless a profiler is recording).
         with torch.profiler.record_function("kunlun/embedding_lookup"):
             inputs = self.tower_inputs(batch)
         with torch.profiler.record_function("kunlun/dense_tower"):
-            logits = self.tower(inputs)  # [B, L]
-        per_example = F.binary_cross_entropy_with_logits(logits, batch.labels, reduction="none").mean(dim=1)
-        w = batch.weights
-        loss = (per_example * w).sum() / w.sum().clamp(min=1e-12)
-        return loss, (loss.detach(), logits.detach(), batch.labels, w)
+            logits = self.tower(inputs)  # [B, T]
+        labels = self.task_labels(batch.labels)
+        loss = multitask_loss(logits, labels, batch.weights, self.tasks)
+        return loss, ModelOutput(loss.detach(), logits.detach(), labels, batch.weights, inputs.domain)

@@ -9,7 +9,7 @@
 2. embedding lookups in plain torch, the same pooling as training (``schema.json``: sum for
    single-id features, mean for a table with a multi-valued feature; an empty bag is zeros);
 3. the exported dense tower (``tower.pt2``, or its AOTInductor build ``tower.aoti.pt2``),
-   then a sigmoid.
+   then a sigmoid for binary tasks (regression tasks: the prediction as is).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ def schema_from_json(d: Dict) -> FeatureSchema:
         context_features=[ContextFeature(f["name"], f["table"], int(f["max_ids"])) for f in d["context_features"]],
         event_types=[EventType(e["name"], e["item_table"], e["action_table"], int(e["max_len"])) for e in d["event_types"]],
         labels=list(d["labels"]),
+        label_types=list(d.get("label_types", [])),
     )
 
 
@@ -44,6 +45,7 @@ def schema_to_json(schema: FeatureSchema) -> Dict:
         "context_features": [{"name": f.name, "table": f.table, "max_ids": f.max_ids} for f in schema.context_features],
         "event_types": [{"name": e.name, "item_table": e.item_table, "action_table": e.action_table, "max_len": e.max_len} for e in schema.event_types],
         "labels": list(schema.labels),
+        "label_types": list(schema.label_types),
     }
 
 
@@ -51,11 +53,12 @@ def _ids(values) -> torch.Tensor:
     return torch.as_tensor(np.asarray(values, dtype=np.int64))
 
 
-def lookup(block: ExampleBlock, schema: FeatureSchema, tables: Dict[str, "fmt.Table"], mean_pooled, dim: int) -> Tuple:
+def lookup(block: ExampleBlock, schema: FeatureSchema, tables: Dict[str, "fmt.Table"], mean_pooled, dim: int, domain_feature: str = "") -> Tuple:
     """Embedding lookups of ``block`` (N examples) → the flat tower inputs ``(dense [N, F],
-    context [N, C, D], request_time [N], (item [T_e, D], action [T_e, D], timestamps [T_e],
-    lengths [N]) per event type)``. Context features are pooled as in training: sum, or mean
-    for the tables in ``mean_pooled``; an empty bag gives zeros."""
+    context [N, C, D], request_time [N], domain [N], (item [T_e, D], action [T_e, D],
+    timestamps [T_e], lengths [N]) per event type)``. Context features are pooled as in
+    training: sum, or mean for the tables in ``mean_pooled``; an empty bag gives zeros.
+    ``domain``: the id of ``domain_feature`` per example (0 when absent or not configured)."""
     n = len(block)
     dense = torch.as_tensor(np.asarray(block.dense, dtype=np.float32)).reshape(n, schema.num_dense)
     ctx = []
@@ -73,7 +76,12 @@ def lookup(block: ExampleBlock, schema: FeatureSchema, tables: Dict[str, "fmt.Ta
     for e in schema.event_types:
         ev = block.events[e.name]
         events += [tables[e.item_table].rows(_ids(ev.items)), tables[e.action_table].rows(_ids(ev.actions)), _ids(ev.timestamps), _ids(ev.lengths)]
-    return dense, context, _ids(block.request_time), tuple(events)
+    domain = torch.zeros(n, dtype=torch.long)
+    if domain_feature:
+        col = block.context[domain_feature]
+        has = _ids(col.lengths) > 0
+        domain[has] = _ids(col.values)
+    return dense, context, _ids(block.request_time), domain, tuple(events)
 
 
 class ServingModel:
@@ -89,6 +97,8 @@ class ServingModel:
             self.embedding_dtype = str(info["embedding_dtype"])
             self.mean_pooled = set(info["mean_pooled_tables"])
             self.source = str(info["source"])
+            self.tasks = [(str(t["name"]), str(t["type"])) for t in info["tasks"]]
+            self.domain_feature = str(info.get("domain_feature", ""))
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ExportError(f"{self.root / fmt.SCHEMA}: unreadable or incomplete ({type(e).__name__}: {e})") from e
         if self.embedding_dtype not in fmt.EMBEDDING_DTYPES:
@@ -119,8 +129,9 @@ class ServingModel:
         self._rows = None  # the raw-row decoder, built on first use (file sources only)
 
     @property
-    def labels(self) -> List[str]:
-        return list(self.schema.labels)
+    def task_names(self) -> List[str]:
+        """The output columns of :meth:`score`, in order."""
+        return [name for name, _ in self.tasks]
 
     # ------------------------------------------------------------------ rows
     def decode(self, rows) -> ExampleBlock:
@@ -148,28 +159,31 @@ class ServingModel:
     # --------------------------------------------------------------- lookups
     def tower_inputs(self, block: ExampleBlock) -> Tuple:
         """``block`` → the flat inputs of the exported tower (``kunlun.model.export.FlatTower``)."""
-        return lookup(block, self.schema, self.tables, self.mean_pooled, self.embedding_dim)
+        return lookup(block, self.schema, self.tables, self.mean_pooled, self.embedding_dim, self.domain_feature)
 
     @torch.no_grad()
     def logits(self, rows) -> torch.Tensor:
-        """``[N, num_labels]`` float32 logits of ``rows`` (see :meth:`score`)."""
+        """``[N, num_tasks]`` float32 raw outputs of ``rows`` (logits of binary tasks)."""
         block = self.decode(rows)
         n = len(block)
         if n == 0:
-            return torch.zeros(0, len(self.schema.labels))
+            return torch.zeros(0, len(self.tasks))
         return self.tower(*self.tower_inputs(block)).float()
 
     def score(self, rows, batch_size: Optional[int] = None) -> torch.Tensor:
-        """Probabilities ``[N, num_labels]`` float32 for ``rows``: a ``pyarrow.Table`` or a list of
-        dicts in the job's raw schema (file sources), or an ``ExampleBlock``. ``batch_size``
-        splits large inputs (the result is the same)."""
+        """``[N, num_tasks]`` float32 for ``rows`` (a ``pyarrow.Table`` or a list of dicts in the
+        job's raw schema, file sources; or an ``ExampleBlock``): the probability of each binary
+        task, the prediction of each regression task (columns: :attr:`task_names`).
+        ``batch_size`` splits large inputs (the result is the same)."""
         block = self.decode(rows)
         if batch_size is None or len(block) <= batch_size:
-            return torch.sigmoid(self.logits(block))
-        from kunlun.data.block import take_block
+            raw = self.logits(block)
+        else:
+            from kunlun.data.block import take_block
 
-        parts = [self.logits(take_block(block, np.arange(i, min(i + batch_size, len(block))))) for i in range(0, len(block), batch_size)]
-        return torch.sigmoid(torch.cat(parts))
+            raw = torch.cat([self.logits(take_block(block, np.arange(i, min(i + batch_size, len(block))))) for i in range(0, len(block), batch_size)])
+        binary = torch.tensor([kind == "binary" for _, kind in self.tasks])
+        return torch.where(binary, torch.sigmoid(raw), raw)
 
 
 def load(path, verify: bool = True, backend: str = "auto") -> ServingModel:

@@ -56,7 +56,10 @@ class RowDecoder:
             raise ExportError(f"data.yaml / vocab: table sizes differ from the exported tables (table: (mapping, tables.pt)): {diff}")
         self.decoder = Decoder(self.plan, mappers)
         self.columns = list(dict.fromkeys(c.name for c in self.plan.read_columns))
-        self._optional = {c.name for c in self.plan.labels} | ({self.plan.weight.name} if self.plan.weight is not None else set())
+        # Scoring needs neither labels, their mask columns nor the example weight.
+        self._optional = {c.name for c in self.plan.labels} | {c.name for c in getattr(self.plan, "masks", [])}
+        if self.plan.weight is not None:
+            self._optional.add(self.plan.weight.name)
         self._specs = {c.name: c for c in self.plan.read_columns}
 
     # ------------------------------------------------------------------ input
@@ -89,7 +92,8 @@ class RowDecoder:
             spec = self._specs[name]
             if name not in table.column_names:
                 if name in self._optional:  # scoring needs no label; decoding wants a value
-                    table = table.append_column(name, pa.array(np.zeros(n), pa.float64()) if spec.role != "weight" else pa.array(np.ones(n), pa.float64()))
+                    fill = np.ones(n) if spec.role == "weight" else np.zeros(n)  # labels and masks: 0 (unused)
+                    table = table.append_column(name, pa.array(fill.astype(np.int64 if spec.element_dtype == "int64" else np.float64), _arrow_type(spec)))
                     continue
                 raise DataError(f"rows: column {name!r} is missing (declared at {spec.key} as {_describe(spec)}); the rows have columns {table.column_names}")
             t = table.schema.field(name).type

@@ -77,23 +77,23 @@ class OptimizerConfig:
 class EarlyStoppingConfig:
     """Best step and early stopping on a validation metric (``kunlun.trainer.early_stopping``)."""
 
-    metric: str = "eval/ne"  # eval/<auc|ne|logloss>, or eval/<metric>/<label> with several labels
-    mode: str = "auto"  # auto (lower is better for ne/logloss, higher for auc) | min | max
+    metric: str = "eval/ne"  # eval/<auc|ne|logloss|mse|mae> (mean over tasks), or eval/<task>/<metric>
+    mode: str = "auto"  # auto (lower is better for ne/logloss/mse/mae, higher for auc) | min | max
     patience: int = 0  # stop after this many evaluations in a row without improvement; 0 = never stop early
     min_delta: float = 0.0  # smallest change of the metric that counts as an improvement
 
     def __post_init__(self) -> None:
         # A validation metric the evaluator reports, never a test metric: the test split
-        # must not choose the model it then scores. A label name (third part) is checked by
-        # the trainer, once the data schema is known.
+        # must not choose the model it then scores. A task name is checked by the trainer,
+        # once the tasks are known (eval/<metric>/<task>, the spelling before tasks, is read too).
         from kunlun.trainer.early_stopping import METRIC_MODES
 
         parts = self.metric.split("/")
         check(
             self,
-            len(parts) in (2, 3) and parts[0] == "eval" and parts[1] in METRIC_MODES and all(parts),
+            parts[0] == "eval" and all(parts) and (parts[-1] in METRIC_MODES or (len(parts) == 3 and parts[1] in METRIC_MODES)) and len(parts) in (2, 3),
             "metric",
-            f"eval/<metric> or eval/<metric>/<label> with <metric> one of {sorted(METRIC_MODES)} (validation split only)",
+            f"eval/<metric> or eval/<task>/<metric> with <metric> one of {sorted(METRIC_MODES)} (validation split only)",
         )
         check_choice(self, "mode", ("auto", "min", "max"))
         for name in ("patience", "min_delta"):
@@ -321,7 +321,7 @@ def load_config(preset: Optional[str] = None, overrides: Sequence[str] = ()) -> 
         if isinstance(raised, FieldError):  # name the full key (data.synthetic.num_users)
             err = raised.with_prefix(_section_prefixes().get(raised.owner, raised.owner.__name__))
         # Say where the bad value came from: the command line wins over the preset.
-        from_cli = err.key is not None and any(err.key == k or err.key.startswith(k + ".") for k in (o.split("=", 1)[0] for o in overrides))
+        from_cli = err.key is not None and any(err.key == k or err.key.startswith((k + ".", k + "[")) for k in (o.split("=", 1)[0] for o in overrides))
         line = _yaml_line(path, err.key) if (preset and err.key and not from_cli) else None
         if line is not None:
             raise ConfigError(f"{path}:{line}: {err}", key=err.key) from raised

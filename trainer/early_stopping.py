@@ -17,15 +17,15 @@ import math
 from typing import Any, Dict, Optional
 
 # Direction of every metric the evaluator reports (kunlun.trainer.metrics.EvalAccumulator).
-METRIC_MODES = {"auc": "max", "ne": "min", "logloss": "min"}
+METRIC_MODES = {"auc": "max", "ne": "min", "logloss": "min", "mse": "min", "mae": "min"}
 
 
 def metric_mode(metric: str, mode: str) -> str:
-    """``min``/``max`` for ``metric`` (``eval/ne``, ``eval/auc/<label>``); ``auto`` looks it up."""
+    """``min``/``max`` for ``metric`` (``eval/ne``, ``eval/<task>/auc``); ``auto`` looks it up."""
     if mode != "auto":
         return mode
-    name = metric.split("/")[1]
-    return METRIC_MODES[name]
+    name = metric.split("/")[-1]
+    return METRIC_MODES[name if name in METRIC_MODES else metric.split("/")[1]]
 
 
 class BestTracker:

@@ -63,7 +63,7 @@ def _table_keys(state_keys: List[str], schema) -> Dict[str, str]:
 
 
 def read_weights(ckpt: Path, schema, cfg) -> tuple:
-    """``(tables: name → [N, D] float32, tower)`` from ``ckpt``; a checkpoint of another model
+    """``(tables: name → [N, D] float32, tower, meta, tasks)`` from ``ckpt``; a checkpoint of another model
     (schema, tower or sizes) is refused naming each differing parameter."""
     from kunlun.model.rec_model import RecModel
 
@@ -92,7 +92,13 @@ def read_weights(ckpt: Path, schema, cfg) -> tuple:
 
     dcp.load(state, storage_reader=SafeFileSystemReader(str(ckpt / "dcp")), no_dist=True)
     tower.load_state_dict({k[len("tower.") :]: v for k, v in state["model"].items() if k.startswith("tower.")}, strict=True)
-    return {name: state["model"][key].float() for name, key in keys.items()}, tower.eval(), meta
+    return {name: state["model"][key].float() for name, key in keys.items()}, tower.eval(), meta, skeleton.tasks
+
+
+def _scores(outputs: torch.Tensor, tasks) -> torch.Tensor:
+    """Task outputs ``[B, T]`` → probabilities of binary tasks, predictions of regression ones."""
+    binary = torch.tensor([t.type == "binary" for t in tasks])
+    return torch.where(binary, torch.sigmoid(outputs), outputs)
 
 
 def _sample_block(source, n: int):
@@ -163,18 +169,19 @@ def export_checkpoint(cfg, ckpt: Path, out: Path, embedding_dtype: str = "fp32",
     else:
         source = build_source(cfg.data, cfg.seed)
     schema = source.schema
-    tables, tower, meta = read_weights(ckpt, schema, cfg)
+    tables, tower, meta, tasks = read_weights(ckpt, schema, cfg)
     block, sample_split = _sample_block(source, sample)
     mean_pooled = sorted(mean_pooled_tables(schema))
     dim = cfg.model.embedding_dim
 
     fp32 = {n: fmt.Table(n, {n: w}, "fp32") for n, w in tables.items()}
-    inputs = lookup(block, schema, fp32, set(mean_pooled), dim)
+    domain_feature = cfg.model.multitask.domain_feature
+    inputs = lookup(block, schema, fp32, set(mean_pooled), dim, domain_feature)
     with torch.no_grad():
-        eager = torch.sigmoid(FlatTower(tower, schema).eval()(*inputs).float())
-    program = export_tower(tower, schema, lookup(_trace_block(block, schema), schema, fp32, set(mean_pooled), dim))
+        eager = _scores(FlatTower(tower, schema).eval()(*inputs).float(), tasks)
+    program = export_tower(tower, schema, lookup(_trace_block(block, schema), schema, fp32, set(mean_pooled), dim, domain_feature))
     with torch.no_grad():
-        exported = torch.sigmoid(program.module()(*inputs).float())
+        exported = _scores(program.module()(*inputs).float(), tasks)
     export_diff = float((exported - eager).abs().max())
     if export_diff > EXPORT_TOLERANCE:
         raise RuntimeError(f"export: the exported tower differs from the eager one by {export_diff:.3g} (> {EXPORT_TOLERANCE}) on {len(block)} examples")
@@ -201,6 +208,8 @@ def export_checkpoint(cfg, ckpt: Path, out: Path, embedding_dtype: str = "fp32",
             "mean_pooled_tables": mean_pooled,
             "source": cfg.data.source,
             "tower": cfg.model.tower,
+            "tasks": [{"name": t.name, "label": t.label, "type": t.type} for t in tasks],
+            "domain_feature": domain_feature,
             "id_mapping": mapping,
         }
         (tmp / fmt.SCHEMA).write_text(json.dumps(schema_info, indent=2) + "\n")

@@ -52,48 +52,106 @@ def auc(scores: torch.Tensor, labels: torch.Tensor, weights: Optional[torch.Tens
     return float(((neg_below + 0.5 * neg_w) * pos_w).sum() / (total_pos * total_neg))
 
 
-class EvalAccumulator:
-    """Collects ``(logits, labels, weights)`` batches on each rank; :meth:`compute` gathers
-    them over ranks (collective) and returns metrics per label and averaged."""
+def _masked(values: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor):
+    """The rows whose label is present (not NaN) with positive weight."""
+    keep = ~torch.isnan(labels) & (weights > 0)
+    return values[keep], labels[keep], weights[keep]
 
-    def __init__(self, label_names: List[str]):
-        self.label_names = label_names
+
+def task_metrics(outputs: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, task_type: str) -> Dict[str, float]:
+    """One task's metrics over ``[N]`` outputs/labels/weights (missing labels dropped):
+    binary → ``auc``, ``ne``, ``logloss``; regression → ``mse``, ``mae`` (weighted means);
+    plus ``examples`` (weight of the labelled rows)."""
+    x, y, w = _masked(outputs, labels, weights)
+    out: Dict[str, float] = {"examples": float(w.sum())}
+    if task_type == "binary":
+        out.update(auc=auc(x, y, w), ne=normalized_entropy(x, y, w), logloss=log_loss(x, y, w))
+    else:
+        err = x.double() - y.double()
+        denom = w.double().sum().clamp(min=_EPS)
+        out.update(mse=float((err**2 * w).sum() / denom), mae=float((err.abs() * w).sum() / denom))
+    return out
+
+
+class EvalAccumulator:
+    """Collects ``(outputs, labels, weights[, domain])`` batches on each rank; :meth:`compute`
+    gathers them over ranks (collective) and returns the metrics of every task.
+
+    Names: one binary task → ``auc``, ``ne``, ``logloss`` (as before tasks existed). Several
+    tasks → ``<task>/<metric>`` (binary: auc, ne, logloss; regression: mse, mae) and the means
+    over the binary tasks under the plain names (``auc``, ``ne``, ``logloss``; over regression
+    tasks ``mse``, ``mae`` when there is no binary task), so ``eval/ne`` stays a valid early
+    stopping metric. With domains also ``<task>/<domain>/<metric>`` per domain id seen.
+    ``examples`` is the total example weight.
+    """
+
+    def __init__(self, tasks):
+        """``tasks``: :class:`kunlun.model.tasks.TaskSpec` list (or label names: binary tasks)."""
+        from kunlun.model.tasks import TaskSpec
+
+        self.tasks = [TaskSpec(t, t, j, "binary", 1.0) if isinstance(t, str) else t for j, t in enumerate(tasks)]
         self._logits: List[torch.Tensor] = []
         self._labels: List[torch.Tensor] = []
         self._weights: List[torch.Tensor] = []
+        self._domains: List[torch.Tensor] = []
 
-    def update(self, logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> None:
+    def update(self, logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, domain: Optional[torch.Tensor] = None) -> None:
         self._logits.append(logits.detach().float().cpu())
         self._labels.append(labels.detach().float().cpu())
         self._weights.append(weights.detach().float().cpu())
+        if domain is not None:
+            self._domains.append(domain.detach().long().cpu())
 
     def _gathered(self):
-        logits = torch.cat(self._logits) if self._logits else torch.zeros(0, len(self.label_names))
-        labels = torch.cat(self._labels) if self._labels else torch.zeros(0, len(self.label_names))
+        t = len(self.tasks)
+        logits = torch.cat(self._logits) if self._logits else torch.zeros(0, t)
+        labels = torch.cat(self._labels) if self._labels else torch.zeros(0, t)
         weights = torch.cat(self._weights) if self._weights else torch.zeros(0)
+        domains = torch.cat(self._domains) if self._domains else None
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             # Every rank ran the same number of equally sized batches (padding has weight 0).
             parts = [None] * dist.get_world_size()
-            dist.all_gather_object(parts, (logits, labels, weights))
+            dist.all_gather_object(parts, (logits, labels, weights, domains))
             logits = torch.cat([p[0] for p in parts])
             labels = torch.cat([p[1] for p in parts])
             weights = torch.cat([p[2] for p in parts])
-        return logits, labels, weights
+            domains = torch.cat([p[3] for p in parts]) if domains is not None else None
+        return logits, labels, weights, domains
 
     def compute(self) -> Dict[str, float]:
-        logits, labels, weights = self._gathered()
+        logits, labels, weights, domains = self._gathered()
         out: Dict[str, float] = {"examples": float(weights.sum())}
-        per: Dict[str, List[float]] = {"auc": [], "ne": [], "logloss": []}
-        for j, name in enumerate(self.label_names):
-            vals = {
-                "auc": auc(logits[:, j], labels[:, j], weights),
-                "ne": normalized_entropy(logits[:, j], labels[:, j], weights),
-                "logloss": log_loss(logits[:, j], labels[:, j], weights),
-            }
+        single = len(self.tasks) == 1 and self.tasks[0].type == "binary"
+        per_type: Dict[str, Dict[str, List[float]]] = {"binary": {}, "regression": {}}
+        for j, task in enumerate(self.tasks):
+            vals = task_metrics(logits[:, j], labels[:, j], weights, task.type)
+            vals.pop("examples")
             for k, v in vals.items():
-                per[k].append(v)
-                if len(self.label_names) > 1:
-                    out[f"{k}/{name}"] = v
-        for k, v in per.items():
+                per_type[task.type].setdefault(k, []).append(v)
+                if not single:
+                    out[f"{task.name}/{k}"] = v
+            if domains is not None:
+                for d in torch.unique(domains).tolist():
+                    sel = domains == d
+                    dv = task_metrics(logits[sel, j], labels[sel, j], weights[sel], task.type)
+                    if dv["examples"] > 0:
+                        for k, v in dv.items():
+                            out[f"{task.name}/{d}/{k}"] = v
+        means = per_type["binary"] or per_type["regression"]
+        for k, v in means.items():
             out[k] = sum(v) / len(v)
         return out
+
+
+def summary(metrics: Dict[str, float], tasks) -> str:
+    """One console line for ``metrics`` (an evaluator's result): the mean metrics, then, with
+    several tasks, each task's (``auc 0.7712 | ne 0.8290 | logloss 0.5650 || click: auc ...``)."""
+
+    def fmt(prefix: str) -> str:
+        names = [k for k in ("auc", "ne", "logloss", "mse", "mae") if f"{prefix}{k}" in metrics]
+        return " | ".join(f"{k} {metrics[prefix + k]:.4f}" for k in names)
+
+    line = fmt("")
+    if len(tasks) > 1:
+        line += " || " + " || ".join(f"{t.name}: {fmt(t.name + '/')}" for t in tasks)
+    return line

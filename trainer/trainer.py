@@ -39,7 +39,7 @@ from kunlun.parallel.sparse import shard_model
 from kunlun.trainer.checkpoint import Checkpointer, CheckpointError, ReadOnlyCheckpointer, global_shapes, write_json_atomic
 from kunlun.trainer.config import ConfigError, JobConfig, flatten, to_yaml, validate
 from kunlun.trainer.early_stopping import BestTracker
-from kunlun.trainer.metrics import EvalAccumulator
+from kunlun.trainer.metrics import EvalAccumulator, summary
 from kunlun.trainer.monitor import Monitor, setup_logging
 from kunlun.trainer.perf import TRAIN_FLOPS_FACTOR, average_sequence_lengths, format_flops, peak_tflops
 from kunlun.trainer.profiling import StepProfiler
@@ -155,6 +155,7 @@ class Trainer:
             log.warning("data: skipped %d bad rows (data.bad_row_policy=skip)", self.source.bad_rows)
 
         model = RecModel(self.schema, cfg.model)  # dense tower on CPU, tables on meta
+        self.tasks = model.tasks
         model.tower.to(self.info.device)
         n_dense = sum(p.numel() for p in model.tower.parameters())
         n_sparse = sum(t.num_embeddings * t.embedding_dim for t in model.ebc.embedding_bag_configs()) + sum(
@@ -214,19 +215,33 @@ class Trainer:
 
     # ---------------------------------------------------------------- building
     def _tracked_metric(self) -> str:
-        """``trainer.early_stopping.metric`` checked against this data's labels. With one
-        label the evaluator reports ``auc``, not ``auc/<label>``: accept both spellings."""
+        """``trainer.early_stopping.metric`` checked against the tasks: ``eval/<metric>`` (the
+        mean over tasks, or the one task's), ``eval/<task>/<metric>`` (with one binary task the
+        evaluator reports plain names: ``eval/<metric>``); ``eval/<metric>/<task>`` is read as
+        ``eval/<task>/<metric>``."""
+        from kunlun.trainer.early_stopping import METRIC_MODES
+
         metric = self.cfg.trainer.early_stopping.metric
         parts = metric.split("/")
+        names = [t.name for t in self.tasks]
+        single = len(self.tasks) == 1 and self.tasks[0].type == "binary"
+        types = {t.type for t in self.tasks}
+        allowed = {"binary": ("auc", "ne", "logloss"), "regression": ("mse", "mae")}
+
+        def bad(why: str) -> ConfigError:
+            return ConfigError(f"config key 'trainer.early_stopping.metric' = {metric!r} is invalid: {why}", key="trainer.early_stopping.metric")
+
         if len(parts) == 3:
-            labels = list(self.schema.labels)
-            if parts[2] not in labels:
-                raise ConfigError(
-                    f"config key 'trainer.early_stopping.metric' = {metric!r} is invalid: label {parts[2]!r} is not one of the data's labels {labels}",
-                    key="trainer.early_stopping.metric",
-                )
-            if len(labels) == 1:
-                return "/".join(parts[:2])
+            task, name = (parts[1], parts[2]) if parts[2] in METRIC_MODES else (parts[2], parts[1])
+            if task not in names:
+                raise bad(f"task {task!r} is not one of the tasks {names} (model.tasks, by default one per label of the data)")
+            kind = next(t.type for t in self.tasks if t.name == task)
+            if name not in allowed[kind]:
+                raise bad(f"a {kind} task reports {list(allowed[kind])}")
+            return f"eval/{name}" if single else f"eval/{task}/{name}"
+        plain = allowed["binary"] if "binary" in types else allowed["regression"]
+        if parts[1] not in plain:
+            raise bad(f"the mean over tasks reports {list(plain)} here")
         return metric
 
     def _build_optimizer(self) -> CombinedOptimizer:
@@ -362,12 +377,12 @@ class Trainer:
         max_batches = self.cfg.trainer.eval_max_batches if split == "eval" and self.cfg.trainer.eval_max_batches else None
         self._agree_replicas()
         _, loader = self._loader(split, max_batches=max_batches)
-        acc = EvalAccumulator(self.schema.labels)
+        acc = EvalAccumulator(self.tasks)
         self.model.eval()
         with torch.no_grad():
             for batch in loader:
-                _, (_, logits, labels, weights) = self.model(batch.to(self.info.device))
-                acc.update(logits, labels, weights)
+                _, out = self.model(batch.to(self.info.device))
+                acc.update(out.logits, out.labels, out.weights, out.domain)
         self.model.train()
         return acc.compute()
 
@@ -410,7 +425,7 @@ class Trainer:
                     batch = next(it).to(self.info.device, non_blocking=True)
                 lrs = self._set_lr(self.step)
                 self.optimizer.zero_grad()
-                loss, (_, logits, _, _) = self.model(batch)
+                loss, out = self.model(batch)
                 # One collective per step, before backward: the fused embedding update runs
                 # inside backward, so a non-finite loss must stop it there; and every rank must
                 # agree on a preemption request (SIGTERM may reach ranks at different times).
@@ -426,7 +441,7 @@ class Trainer:
                 if nonfinite:
                     consecutive_skips += 1
                     self.skipped_steps += 1
-                    what = self._nonfinite_report(batch, loss, logits, [] if flags[0] else None)
+                    what = self._nonfinite_report(batch, loss, out.logits, [] if flags[0] else None)
                     if t_cfg.nonfinite_policy == "stop" or consecutive_skips > t_cfg.max_consecutive_skips:
                         path = self._write_diagnostic(what)
                         raise NonFiniteError(
@@ -592,14 +607,12 @@ class Trainer:
         if self.info.rank == 0:
             write_json_atomic(self.run_dir / "final_metrics.json", final)
             log.info(
-                "done (%s step %d of %d%s): test auc %.4f | test ne %.4f | test logloss %.4f\n  TensorBoard: tensorboard --logdir %s\n  checkpoints: %s",
+                "done (%s step %d of %d%s): test %s\n  TensorBoard: tensorboard --logdir %s\n  checkpoints: %s",
                 "best" if label else "last",
                 tested_step,
                 self.step,
                 ", stopped early" if self.best.stopped else "",
-                test_metrics["auc"],
-                test_metrics["ne"],
-                test_metrics["logloss"],
+                summary(test_metrics, self.tasks),
                 self.run_dir / "tensorboard",
                 self.checkpointer.root,
             )
@@ -640,7 +653,7 @@ class Trainer:
             "loss": not bool(torch.isfinite(loss.detach()).item()),
             "logits": not bool(torch.isfinite(logits).all()),
             "dense_features": not bool(torch.isfinite(batch.dense).all()),
-            "labels": not bool(torch.isfinite(batch.labels).all()),
+            "labels": bool(torch.isinf(batch.labels).any()),  # NaN is a missing label, not a fault
             "dense_grads": self._nonfinite_dense_grads() if grads is None else grads,
         }
         per_rank = [None] * self.info.world_size
@@ -669,15 +682,7 @@ class Trainer:
         metrics = self.evaluate(split)
         self.monitor.scalars({f"{split}/{k}": v for k, v in metrics.items() if k != "examples"}, self.step if step is None else step)
         self.monitor.flush()
-        log.info(
-            "%s: auc %.4f | ne %.4f | logloss %.4f (%d examples, %.1fs)",
-            label or f"{split} @ step {self.step}",
-            metrics["auc"],
-            metrics["ne"],
-            metrics["logloss"],
-            metrics["examples"],
-            time.time() - t0,
-        )
+        log.info("%s: %s (%d examples, %.1fs)", label or f"{split} @ step {self.step}", summary(metrics, self.tasks), metrics["examples"], time.time() - t0)
         return metrics
 
     def close(self, synchronize: bool = True) -> None:

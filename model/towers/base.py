@@ -4,7 +4,7 @@ module) and the inputs it sees."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 from torch import nn
@@ -40,12 +40,15 @@ class TowerInputs:
         context: feature name → pooled embedding ``[B, D]`` (ordered as ``schema.context_keys``).
         events: event type → :class:`EventSequence`.
         request_time: ``[B]`` int64 seconds.
+        domain: ``[B]`` int64 domain ids (rows of ``model.multitask.domain_feature``'s table;
+            0 = missing), or None without a domain feature.
     """
 
     dense: torch.Tensor
     context: Dict[str, torch.Tensor]
     events: Dict[str, EventSequence]
     request_time: torch.Tensor
+    domain: Optional[torch.Tensor] = None
 
 
 class DenseTower(nn.Module):

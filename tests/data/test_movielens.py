@@ -17,7 +17,7 @@ import pytest
 from kunlun.data.batch import ExampleBlock
 from kunlun.data.errors import DataError
 from kunlun.data.sources.movielens import HOLDOUT, MovieLensSource, ensure_movielens
-from kunlun.trainer.config import MovieLensConfig, default_cache_dir
+from kunlun.trainer.config import ConfigError, MovieLensConfig, default_cache_dir, load_config, resolve_preset
 
 GENRES = [
     "unknown",
@@ -289,6 +289,52 @@ def test_like_threshold_changes_labels_and_event_types(tmp_path, ratings):
     assert set(b.events["dislike"].actions.tolist()) <= {1, 2, 3, 4}
 
 
+# ============================================================================ labels (multi-task)
+def test_default_label_is_like_binary(tmp_path, ratings):
+    src = load(write_grouplens(tmp_path / "gl", ratings))
+    assert src.schema.labels == ["like"] and src.schema.label_types == ["binary"]
+    assert read_all(src, "train").labels.shape[1] == 1
+
+
+@pytest.mark.parametrize("names", [["like", "rating", "love"], ["rating"], ["love", "like"]])
+def test_multitask_labels_against_raw_ratings(layout, ratings, names):
+    _, folder = layout
+    src = MovieLensSource(MovieLensConfig(path=str(folder), labels=names))
+    types = {"like": "binary", "love": "binary", "rating": "regression"}
+    assert src.schema.labels == names and src.schema.label_types == [types[n] for n in names]
+    by_key = {(r.user, r.item): r for r in ratings}
+    want = {"like": lambda r: float(r.rating >= 4), "love": lambda r: float(r.rating == 5), "rating": lambda r: float(r.rating)}
+    seen = set()
+    for split in ("train", "eval", "test"):
+        b = read_all(src, split)
+        assert b.labels.shape == (len(b), len(names)) and b.labels.dtype == np.float32
+        for i in range(len(b)):
+            r = by_key[(int(b.context["user_id"].values[i]), int(b.context["item_id"].values[i]))]
+            assert b.labels[i].tolist() == [want[n](r) for n in names]
+            seen.add(r.rating)
+    assert seen == {1, 2, 3, 4, 5}
+    # the other columns do not depend on the labels chosen
+    plain = read_all(load(folder), "eval")
+    np.testing.assert_array_equal(read_all(src, "eval").dense, plain.dense)
+
+
+@pytest.mark.parametrize(
+    "value, expected", [("[like,stars]", "each one of ['like', 'love', 'rating']"), ("[]", "a non-empty list"), ("[like,like]", "distinct")]
+)
+def test_unknown_movielens_label_is_a_config_error(value, expected):
+    with pytest.raises(ConfigError) as ei:
+        load_config("movielens", [f"data.movielens.labels={value}"])
+    assert "'data.movielens.labels'" in str(ei.value) and expected in str(ei.value)
+
+
+def test_movielens_mt_preset_loads():
+    cfg = load_config("movielens-mt")
+    assert cfg.data.source == "movielens" and cfg.data.movielens.labels == ["like", "rating", "love"]
+    # the model.tasks block waits in a comment until the model side reads it
+    text = resolve_preset("movielens-mt").read_text()
+    assert "# model:" in text and "tasks:" in text
+
+
 # ============================================================================ bad rows
 # (raw line, field named in the error); the user/item ids are valid unless the row says otherwise
 BAD_ROWS = [
@@ -418,6 +464,19 @@ def test_real_movielens_100k():
     rate = float(np.concatenate(labels).mean())
     assert rate == pytest.approx(0.554, abs=0.01)
     assert src.schema.table_sizes["user"] == 944 and src.schema.table_sizes["item"] == 1683
+
+
+@pytest.mark.network
+def test_real_movielens_multitask_labels():
+    folder = ensure_movielens(default_cache_dir())
+    src = MovieLensSource(MovieLensConfig(path=str(folder), labels=["like", "rating", "love"]))
+    for split in ("train", "eval", "test"):
+        b = src.read(split, np.arange(src.num_examples(split)))
+        raw = src._ex["rating"][src._split_rows[split]]
+        np.testing.assert_array_equal(b.labels[:, 0], (raw >= 4).astype(np.float32))
+        np.testing.assert_array_equal(b.labels[:, 1], raw.astype(np.float32))
+        np.testing.assert_array_equal(b.labels[:, 2], (raw == 5).astype(np.float32))
+    assert set(np.unique(b.labels[:, 1]).tolist()) == {1.0, 2.0, 3.0, 4.0, 5.0}
 
 
 @pytest.mark.network

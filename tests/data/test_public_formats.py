@@ -29,7 +29,8 @@ def _train_step(src, model_cfg):
     torch.manual_seed(0)
     model = RecModel(src.schema, model_cfg, embedding_device=torch.device("cpu"))
     batch = ShardedBatches(src, "train", 64, seed=0).batch(0)
-    loss, (_, logits, _, _) = model(batch)
+    loss, out = model(batch)
+    logits = out.logits
     assert logits.shape == (64, 1) and torch.isfinite(loss)
     loss.backward()
     return model

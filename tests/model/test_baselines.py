@@ -58,7 +58,8 @@ def build(name: str, schema, seed: int = 0) -> RecModel:
 def test_forward_backward(name, data):
     schema, batches = data
     model = build(name, schema)
-    loss, (_, logits, labels, _) = model(batches[0])
+    loss, out = model(batches[0])
+    logits, labels = out.logits, out.labels
     assert logits.shape == (B, 1) and labels.shape == (B, 1)
     assert torch.isfinite(loss) and torch.isfinite(logits).all()
     loss.backward()

@@ -44,7 +44,7 @@ def test_exported_tower_equals_eager_for_every_batch_size_and_history_length(nam
     torch.manual_seed(0)
     model = RecModel(schema, load_config("tiny", SMALL[name]).model, embedding_device=torch.device("cpu")).eval()
     trace = flat(model, source.read("test", np.arange(8)), schema)
-    assert all(t.shape[0] >= 2 for t in trace[3]), "the trace batch must have histories"
+    assert all(t.shape[0] >= 2 for t in trace[4]), "the trace batch must have histories"
     path = tmp_path / "tower.pt2"
     torch.export.save(export_tower(model.tower, schema, trace), str(path))
     program = torch.export.load(str(path)).module()

@@ -94,7 +94,8 @@ def test_schemas_with_an_empty_collection_train(case):
     assert (len(model.ebc.embedding_bag_configs()) == 0) == (case == "all_context_shared")
     assert (len(model.ec.embedding_configs()) == 0) == (case == "no_sequences")
     block = _block(s)
-    loss, (_, logits, _, _) = model(collate(block, s))
+    loss, out = model(collate(block, s))
+    logits = out.logits
     assert logits.shape == (3, 1) and torch.isfinite(loss)
     loss.backward()
 

@@ -156,8 +156,8 @@ def test_early_stopping_metric_errors_name_key_and_value(tmp_path):
     proc = run_single([f"run_dir={tmp_path}", "trainer.early_stopping.metric=test/auc"])
     assert proc.returncode == 2
     assert "trainer.early_stopping.metric" in proc.stderr and "'test/auc'" in proc.stderr and "validation" in proc.stderr
-    proc = run_single([f"run_dir={tmp_path}", "trainer.early_stopping.metric=eval/auc/click"])
-    assert proc.returncode == 2 and "label 'click' is not one of the data's labels ['label']" in proc.stderr
+    proc = run_single([f"run_dir={tmp_path}", "trainer.early_stopping.metric=eval/click/auc"])
+    assert proc.returncode == 2 and "task 'click' is not one of the tasks ['label']" in proc.stderr
     proc = run_single([f"run_dir={tmp_path}", "trainer.early_stopping.patience=3", "trainer.eval_every_n_steps=0"])
     assert proc.returncode == 2 and "trainer.early_stopping.patience" in proc.stderr
 

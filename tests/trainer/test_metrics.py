@@ -195,15 +195,15 @@ def test_accumulator_ignores_weight_zero_padding():
     assert bad.compute()["logloss"] > expected["logloss"] + 0.1
 
 
-def test_accumulator_multi_label_reports_per_label_and_mean():
+def test_accumulator_multi_label_reports_per_task_and_mean():
     x, y = _data(200, labels=2, seed=7)
     acc = EvalAccumulator(["click", "like"])
     acc.update(x, y, torch.ones(200))
     out = acc.compute()
     for j, name in enumerate(["click", "like"]):
-        assert out[f"auc/{name}"] == pytest.approx(auc(x[:, j], y[:, j]), abs=1e-12)
-        assert out[f"ne/{name}"] == pytest.approx(normalized_entropy(x[:, j], y[:, j]), rel=1e-9)
-        assert out[f"logloss/{name}"] == pytest.approx(log_loss(x[:, j], y[:, j]), rel=1e-9)
-    assert out["auc"] == pytest.approx((out["auc/click"] + out["auc/like"]) / 2)
-    assert out["ne"] == pytest.approx((out["ne/click"] + out["ne/like"]) / 2)
-    assert out["auc/click"] != out["auc/like"]
+        assert out[f"{name}/auc"] == pytest.approx(auc(x[:, j], y[:, j]), abs=1e-12)
+        assert out[f"{name}/ne"] == pytest.approx(normalized_entropy(x[:, j], y[:, j]), rel=1e-9)
+        assert out[f"{name}/logloss"] == pytest.approx(log_loss(x[:, j], y[:, j]), rel=1e-9)
+    assert out["auc"] == pytest.approx((out["click/auc"] + out["like/auc"]) / 2)
+    assert out["ne"] == pytest.approx((out["click/ne"] + out["like/ne"]) / 2)
+    assert out["click/auc"] != out["like/auc"]
