@@ -208,7 +208,7 @@ class TaskConfig:
 
 @dataclass
 class MultiTaskConfig:
-    """How tasks share the tower (``model.multitask``; docs/multitask.md).
+    """How tasks share the tower (``model.multitask``; README "Several tasks and domains").
 
     ``shared``: the tower's last layer has one output per task (shared bottom: the towers as
     they are). ``mmoe``: the tower ends in a ``tower_out``-wide representation, ``num_experts``
