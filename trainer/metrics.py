@@ -1,7 +1,8 @@
 """Ranking metrics: NE (normalized entropy), AUC, log loss — exact over a whole split.
 
 Eval metrics are computed over every example of the split (weighted; padding has weight
-0), gathered from all ranks, so they do not depend on the world size. TorchRec's
+0), gathered from all ranks with tensor collectives (no pickles), so they do not depend on
+the world size. TorchRec's
 ``RecMetricModule`` is built for windowed metrics on the training stream; for exact
 split-level numbers that tests can check against a direct computation we keep these
 few lines instead.
@@ -50,6 +51,22 @@ def auc(scores: torch.Tensor, labels: torch.Tensor, weights: Optional[torch.Tens
     if total_pos <= 0 or total_neg <= 0:
         return float("nan")
     return float(((neg_below + 0.5 * neg_w) * pos_w).sum() / (total_pos * total_neg))
+
+
+def gather_rows(local: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's ``[n_r, C]`` rows in rank order (a collective). Row counts may
+    differ: they are exchanged first and the rows padded to the largest for ``all_gather``."""
+    world = dist.get_world_size()
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    n = torch.tensor([local.shape[0]], dtype=torch.long, device=device)
+    counts = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(counts, n)
+    counts = [int(c) for c in counts]
+    padded = torch.zeros(max(counts), local.shape[1], dtype=local.dtype, device=device)
+    padded[: local.shape[0]] = local.to(device)
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:c] for p, c in zip(parts, counts)]).cpu()
 
 
 def _masked(values: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor):
@@ -109,13 +126,14 @@ class EvalAccumulator:
         weights = torch.cat(self._weights) if self._weights else torch.zeros(0)
         domains = torch.cat(self._domains) if self._domains else None
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            # Every rank ran the same number of equally sized batches (padding has weight 0).
-            parts = [None] * dist.get_world_size()
-            dist.all_gather_object(parts, (logits, labels, weights, domains))
-            logits = torch.cat([p[0] for p in parts])
-            labels = torch.cat([p[1] for p in parts])
-            weights = torch.cat([p[2] for p in parts])
-            domains = torch.cat([p[3] for p in parts]) if domains is not None else None
+            # Tensor collectives, not pickles: one float64 matrix per rank, rows = examples,
+            # columns = logits | labels | weight | domain (ids < 2^53 are exact in float64).
+            cols = [logits.double(), labels.double(), weights.double()[:, None]]
+            if domains is not None:
+                cols.append(domains.double()[:, None])
+            rows = gather_rows(torch.cat(cols, dim=1))
+            logits, labels, weights = rows[:, :t].float(), rows[:, t : 2 * t].float(), rows[:, 2 * t].float()
+            domains = rows[:, 2 * t + 1].long() if domains is not None else None
         return logits, labels, weights, domains
 
     def compute(self) -> Dict[str, float]:

@@ -207,3 +207,54 @@ def test_accumulator_multi_label_reports_per_task_and_mean():
     assert out["auc"] == pytest.approx((out["click/auc"] + out["like/auc"]) / 2)
     assert out["ne"] == pytest.approx((out["click/ne"] + out["like/ne"]) / 2)
     assert out["click/auc"] != out["like/auc"]
+
+
+def _gather_worker(rank: int, world: int, port: int, out_path: str) -> None:
+    import torch.distributed as dist
+
+    from kunlun.model.tasks import TaskSpec
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+
+    def no_pickles(*args, **kwargs):
+        raise AssertionError("metrics must gather tensors, not pickled objects")
+
+    dist.all_gather_object = no_pickles  # type: ignore[assignment]
+    x, y, w, d = _rank_data()
+    lo, hi = (0, 130) if rank == 0 else (130, 300)  # unequal row counts
+    specs = [TaskSpec("click", "click", 0, "binary", 1.0), TaskSpec("watch", "watch", 1, "regression", 1.0)]
+    acc = EvalAccumulator(specs)
+    acc.update(x[lo:hi], y[lo:hi], w[lo:hi], d[lo:hi])
+    got = acc.compute()
+    if rank == 0:
+        torch.save(got, out_path)
+    dist.destroy_process_group()
+
+
+def _rank_data():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(300, 2, generator=g)
+    y = torch.stack([(torch.rand(300, generator=g) < 0.4).float(), torch.randn(300, generator=g)], dim=1)
+    y[::7, 0] = float("nan")
+    return x, y, torch.rand(300, generator=g) + 0.5, torch.randint(1, 4, (300,), generator=g)
+
+
+@pytest.mark.slow
+def test_two_ranks_gather_tensors_and_match_one_process(tmp_path):
+    """2 gloo ranks with 130 and 170 rows (NaN labels, domains): the gathered metrics equal
+    one process's over all 300 rows, with ``all_gather_object`` made to fail."""
+    import torch.multiprocessing as mp
+
+    from jobs import free_port
+    from kunlun.model.tasks import TaskSpec
+
+    out = tmp_path / "metrics.pt"
+    mp.spawn(_gather_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
+    got = torch.load(out)
+    x, y, w, d = _rank_data()
+    ref = EvalAccumulator([TaskSpec("click", "click", 0, "binary", 1.0), TaskSpec("watch", "watch", 1, "regression", 1.0)])
+    ref.update(x, y, w, d)
+    want = ref.compute()
+    assert set(got) == set(want) and "click/2/auc" in got
+    for k, v in want.items():
+        assert got[k] == pytest.approx(v, rel=1e-12, abs=1e-12), k
