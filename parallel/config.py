@@ -13,6 +13,9 @@ SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "table_column_wise", 
 SHARDING_TYPES_2D = ("table_wise", "row_wise", "column_wise")
 
 
+COMM_PRECISIONS = ("fp32", "bf16", "fp16", "fp8")
+
+
 @dataclass
 class SparseParallelConfig:
     """How embedding tables are distributed (``kunlun.parallel.sparse``)."""
@@ -36,8 +39,12 @@ class SparseParallelConfig:
     momentum_scaling: bool = True  # 2d: scale the sparse lr and eps by sqrt(#replica groups)
     # Sharding types the planner may choose from; empty = the fused types (no data_parallel).
     sharding_types: List[str] = field(default_factory=list)
+    # Precision of the embedding all-to-all / reduce-scatter (forward and backward), through
+    # TorchRec's qcomm codecs: fp32 (no codec) | bf16 | fp16 | fp8 (fp8: CUDA only)
+    comm_precision: str = "fp32"
 
     def __post_init__(self) -> None:
+        check_choice(self, "comm_precision", COMM_PRECISIONS)
         check_choice(self, "strategy", ("1d", "2d"))
         check(self, self.sharding_group_size >= 0, "sharding_group_size", "an integer >= 0 (0 = the world size)")
         check_choice(self, "sync", ("full", "touched"))

@@ -50,9 +50,24 @@ def fused_params(optim_cfg, lr_scale: float = 1.0, eps_scale: float = 1.0) -> Di
     }
 
 
-def build_sharders(optim_cfg, lr_scale: float = 1.0, eps_scale: float = 1.0) -> List[ModuleSharder]:
+def qcomm_registry(comm_precision: str):
+    """TorchRec's quantized-communication codecs for ``parallel.sparse.comm_precision`` (the
+    same precision forward and backward), or None for fp32 (no codec, no conversion)."""
+    if comm_precision == "fp32":
+        return None
+    from torchrec.distributed.fbgemm_qcomm_codec import CommType, QCommsConfig, get_qcomm_codecs_registry
+
+    kind = {"bf16": CommType.BF16, "fp16": CommType.FP16, "fp8": CommType.FP8}[comm_precision]
+    return get_qcomm_codecs_registry(QCommsConfig(forward_precision=kind, backward_precision=kind))
+
+
+def build_sharders(optim_cfg, lr_scale: float = 1.0, eps_scale: float = 1.0, comm_precision: str = "fp32") -> List[ModuleSharder]:
     fp = fused_params(optim_cfg, lr_scale, eps_scale)
-    return [CpuCapableEmbeddingBagCollectionSharder(fused_params=fp), EmbeddingCollectionSharder(fused_params=fp)]
+    codecs = qcomm_registry(comm_precision)
+    return [
+        CpuCapableEmbeddingBagCollectionSharder(fused_params=fp, qcomm_codecs_registry=codecs),
+        EmbeddingCollectionSharder(fused_params=fp, qcomm_codecs_registry=codecs),
+    ]
 
 
 def build_constraints(table_names: List[str], sharding_types: Optional[List[str]]) -> Dict[str, ParameterConstraints]:

@@ -55,6 +55,7 @@ from torchrec.distributed.types import (
     ShardingStrategy,
 )
 
+from kunlun.common import ConfigError
 from kunlun.parallel.dense import FSDPDenseWrapper
 from kunlun.parallel.layout import ParallelLayout
 from kunlun.parallel.planner import SHARDING_TYPES_2D, build_sharders, plan_sharding
@@ -195,10 +196,17 @@ def shard_model(model: torch.nn.Module, parallel_cfg, optim_cfg, device: torch.d
     """Plan (collectively) and shard ``model``; embeddings may be on ``meta``."""
     world = dist.get_world_size()
     sp = parallel_cfg.sparse
+    if sp.comm_precision == "fp8" and device.type != "cuda":
+        # FBGEMM's fp8 row-wise quantisation kernels exist for CUDA only (on CPU the first
+        # all-to-all fails inside the codec); fp16 and bf16 run on CPU/gloo.
+        raise ConfigError(
+            f"config key 'parallel.sparse.comm_precision' = 'fp8' is invalid on {device.type}: fp8 embedding communication needs CUDA; use bf16 or fp16 here",
+            key="parallel.sparse.comm_precision",
+        )
     wrapper = FSDPDenseWrapper() if parallel_cfg.dense.strategy == "fsdp" else None
     if sp.strategy == "1d":
         layout = ParallelLayout(world, world, "1d")
-        sharders = build_sharders(optim_cfg)
+        sharders = build_sharders(optim_cfg, comm_precision=parallel_cfg.sparse.comm_precision)
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
         plan = plan_sharding(
             model,
@@ -225,7 +233,7 @@ def shard_model(model: torch.nn.Module, parallel_cfg, optim_cfg, device: torch.d
     layout = ParallelLayout(world, group, "2d", placement=sp.replica_placement, local_world_size=local_world)
     m = layout.num_replica_groups
     scale = math.sqrt(m) if sp.momentum_scaling else 1.0
-    sharders = build_sharders(optim_cfg, lr_scale=scale, eps_scale=scale)
+    sharders = build_sharders(optim_cfg, lr_scale=scale, eps_scale=scale, comm_precision=parallel_cfg.sparse.comm_precision)
     # The plan is made for one sharding group (S ranks); DMPCollection remaps it per group.
     plan = plan_sharding(
         model,
