@@ -15,6 +15,7 @@ from kunlun.common import FieldError, check, check_choice, check_positive
 
 TOWER_NAMES = ("dcnv2", "dlrm", "hstu", "interformer", "kunlun", "wukong")  # = kunlun.model.towers.TOWERS
 GDPA_IMPLS = ("auto", "reference", "triton")
+EMBEDDING_DTYPES = ("fp32", "fp16", "bf16")
 ACTIVATIONS = ("identity", "relu", "silu", "gelu", "gelu_tanh")
 
 
@@ -246,6 +247,9 @@ class MultiTaskConfig:
 class ModelConfig:
     tower: str = "dlrm"
     embedding_dim: int = 32  # one dim for every table (DLRM's dot interaction needs it)
+    # Storage precision of the embedding tables (TBE weights): fp32 | fp16 | bf16. The
+    # row-wise AdaGrad state stays fp32; lookups reach the tower in fp32.
+    embedding_dtype: str = "fp32"
     # GDPA kernels of every tower module: auto (Triton on CUDA, reference elsewhere) |
     # reference | triton (CPU: only under TRITON_INTERPRET=1); see kunlun.model.ops.select.
     gdpa_impl: str = "auto"
@@ -269,3 +273,4 @@ class ModelConfig:
         check_choice(self, "tower", TOWER_NAMES)
         check_choice(self, "gdpa_impl", GDPA_IMPLS)
         check_positive(self, "embedding_dim")
+        check_choice(self, "embedding_dtype", EMBEDDING_DTYPES)

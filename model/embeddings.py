@@ -22,7 +22,7 @@ from __future__ import annotations
 from typing import Dict, List
 
 import torch
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig, PoolingType
+from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, EmbeddingConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 
 from kunlun.data.schema import ContextFeature, FeatureSchema
@@ -45,7 +45,10 @@ def mean_pooled_tables(schema: FeatureSchema) -> List[str]:
     return sorted({f.table for f in schema.context_features if f.max_ids > 1})
 
 
-def context_table_configs(schema: FeatureSchema, dim: int) -> List[EmbeddingBagConfig]:
+DATA_TYPES = {"fp32": DataType.FP32, "fp16": DataType.FP16, "bf16": DataType.BF16}
+
+
+def context_table_configs(schema: FeatureSchema, dim: int, dtype: str = "fp32") -> List[EmbeddingBagConfig]:
     sizes = schema.table_sizes
     multi = set(mean_pooled_tables(schema))
     shared = set(shared_tables(schema))
@@ -56,29 +59,33 @@ def context_table_configs(schema: FeatureSchema, dim: int) -> List[EmbeddingBagC
             num_embeddings=sizes[table],
             feature_names=features,
             pooling=PoolingType.MEAN if table in multi else PoolingType.SUM,
+            data_type=DATA_TYPES[dtype],
         )
         for table, features in schema.context_tables().items()
         if table not in shared
     ]
 
 
-def sequence_table_configs(schema: FeatureSchema, dim: int) -> List[EmbeddingConfig]:
+def sequence_table_configs(schema: FeatureSchema, dim: int, dtype: str = "fp32") -> List[EmbeddingConfig]:
     sizes = schema.table_sizes
     ctx: Dict[str, List[str]] = {}
     for f in ec_context_features(schema):
         ctx.setdefault(f.table, []).append(f.name)
     return [
-        EmbeddingConfig(name=f"seq_{table}", embedding_dim=dim, num_embeddings=sizes[table], feature_names=features + ctx.get(table, []))
+        EmbeddingConfig(
+            name=f"seq_{table}", embedding_dim=dim, num_embeddings=sizes[table], feature_names=features + ctx.get(table, []), data_type=DATA_TYPES[dtype]
+        )
         for table, features in schema.sequence_tables().items()
     ]
 
 
-def build_embeddings(schema: FeatureSchema, dim: int, device: torch.device = torch.device("meta")):
-    """``(EmbeddingBagCollection, EmbeddingCollection)`` for ``schema`` with ``dim``-wide rows.
+def build_embeddings(schema: FeatureSchema, dim: int, device: torch.device = torch.device("meta"), dtype: str = "fp32"):
+    """``(EmbeddingBagCollection, EmbeddingCollection)`` for ``schema`` with ``dim``-wide rows
+    stored as ``dtype`` (fp32 | fp16 | bf16: the sharded TBE tables' weights precision).
 
     Either may hold no tables (a schema without sequences, or whose every context feature
     reads a shared table); ``RecModel`` then does not call it.
     """
-    ebc = EmbeddingBagCollection(tables=context_table_configs(schema, dim), device=device)
-    ec = EmbeddingCollection(tables=sequence_table_configs(schema, dim), device=device)
+    ebc = EmbeddingBagCollection(tables=context_table_configs(schema, dim, dtype), device=device)
+    ec = EmbeddingCollection(tables=sequence_table_configs(schema, dim, dtype), device=device)
     return ebc, ec

@@ -55,7 +55,7 @@ class RecModel(nn.Module):
         self._task_labels = [t.label_index for t in self.tasks]
         self._labels_in_order = self._task_labels == list(range(len(schema.labels)))
         self.domain_feature = model_cfg.multitask.domain_feature
-        self.ebc, self.ec = build_embeddings(schema, model_cfg.embedding_dim, embedding_device)
+        self.ebc, self.ec = build_embeddings(schema, model_cfg.embedding_dim, embedding_device, model_cfg.embedding_dtype)
         self.tower = build_tower(schema, model_cfg, num_labels=len(self.tasks))
         # Context features of shared tables go through the EC (model/embeddings.py); the rest
         # through the EBC. Index lists select them from batch.context (keys = schema.context_keys).

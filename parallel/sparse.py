@@ -192,6 +192,18 @@ def broadcast_replicas(dmp: DMPCollection) -> None:
                     dist.broadcast(t, group=ctx.replica_pg, group_src=0)
 
 
+def _has_bf16_tables(model: torch.nn.Module) -> bool:
+    from torchrec.modules.embedding_configs import DataType
+
+    configs = []
+    for m in model.modules():
+        if hasattr(m, "embedding_bag_configs"):
+            configs += m.embedding_bag_configs()
+        elif hasattr(m, "embedding_configs"):
+            configs += m.embedding_configs()
+    return any(c.data_type == DataType.BF16 for c in configs)
+
+
 def shard_model(model: torch.nn.Module, parallel_cfg, optim_cfg, device: torch.device) -> ShardedModel:
     """Plan (collectively) and shard ``model``; embeddings may be on ``meta``."""
     world = dist.get_world_size()
@@ -202,6 +214,13 @@ def shard_model(model: torch.nn.Module, parallel_cfg, optim_cfg, device: torch.d
         raise ConfigError(
             f"config key 'parallel.sparse.comm_precision' = 'fp8' is invalid on {device.type}: fp8 embedding communication needs CUDA; use bf16 or fp16 here",
             key="parallel.sparse.comm_precision",
+        )
+    if device.type != "cuda" and _has_bf16_tables(model):
+        # FBGEMM's CPU TBE kernels train fp32 and fp16 tables only (bf16: NotImplementedError
+        # inside the first forward).
+        raise ConfigError(
+            f"config key 'model.embedding_dtype' = 'bf16' is invalid on {device.type}: bf16 embedding tables need CUDA; use fp16 or fp32 here",
+            key="model.embedding_dtype",
         )
     wrapper = FSDPDenseWrapper() if parallel_cfg.dense.strategy == "fsdp" else None
     if sp.strategy == "1d":

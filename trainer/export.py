@@ -86,7 +86,10 @@ def read_weights(ckpt: Path, schema, cfg) -> tuple:
     # reference of GDPA, whatever kernel the run trained with (same function, tested equal).
     set_gdpa_impl(tower, "reference")
     tower_state = {f"tower.{k}": torch.empty_like(v) for k, v in tower.state_dict().items()}
-    tables = {key: torch.empty(saved[key], dtype=torch.float32) for key in keys.values()}
+    from kunlun.trainer.checkpoint import read_dcp_metadata
+
+    stored = read_dcp_metadata(ckpt / "dcp" / ".metadata").state_dict_metadata  # tables may be fp16 (model.embedding_dtype)
+    tables = {key: torch.empty(saved[key], dtype=stored[f"model.{key}"].properties.dtype) for key in keys.values()}
     state = {"model": {**tables, **tower_state}}
     import torch.distributed.checkpoint as dcp
 
