@@ -840,11 +840,11 @@ def source_unique_curve(trainer, table_of_key: Dict[str, str], ks: Sequence[int]
     return curve
 
 
-def run_one(mix: str, strategy: str, run_dir: str, warmup: int, steps: int) -> Dict:
+def run_one(mix: str, strategy: str, run_dir: str, warmup: int, steps: int, extra: Sequence[str] = ()) -> Dict:
     from kunlun.trainer.config import load_config
     from kunlun.trainer.trainer import Trainer
 
-    overrides = COMMON + [f"run_dir={run_dir}/{mix}-{strategy}", f"trainer.max_steps={warmup + steps}"] + MIXES[mix] + STRATEGIES[strategy]
+    overrides = COMMON + [f"run_dir={run_dir}/{mix}-{strategy}", f"trainer.max_steps={warmup + steps}"] + MIXES[mix] + STRATEGIES[strategy] + list(extra)
     cfg = load_config("tiny", overrides)
     trainer = Trainer(cfg)
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -1199,6 +1199,8 @@ def main() -> None:
     ap.add_argument("--mixes", nargs="*", default=list(MIXES), choices=list(MIXES))
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--strategies", nargs="*", default=list(STRATEGIES), choices=list(STRATEGIES))
+    ap.add_argument("--extra", nargs="*", default=[], help="more key=value overrides for every job, e.g. parallel.sparse.comm_precision=fp16")
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     if "RANK" not in os.environ:
@@ -1214,10 +1216,10 @@ def main() -> None:
     runs = []
     try:
         for mix in args.mixes:
-            for strategy in STRATEGIES:
+            for strategy in args.strategies:
                 if rank == 0:
                     print(f"[parallel_bench] {mix} / {strategy} ...", flush=True)
-                r = run_one(mix, strategy, run_dir, args.warmup, args.steps)
+                r = run_one(mix, strategy, run_dir, args.warmup, args.steps, args.extra)
                 r["summary"] = summarise(r)
                 runs.append(r)
         if rank == 0:

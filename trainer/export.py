@@ -196,6 +196,9 @@ def export_checkpoint(cfg, ckpt: Path, out: Path, embedding_dtype: str = "fp32",
     tmp.mkdir()
     try:
         torch.save(fmt.encode_tables(tables, embedding_dtype), tmp / fmt.TABLES)
+        # torch.export keeps the trace inputs in the program: looked-up embeddings of real
+        # examples. A serving artifact should carry no training data: drop them.
+        program.example_inputs = None
         torch.export.save(program, str(tmp / fmt.TOWER))
         if aoti:  # minutes of C++ compilation: opt-in
             t_aoti = time.time()

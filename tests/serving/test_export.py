@@ -105,6 +105,7 @@ def test_tiny_fp32_export_scores_equal_the_trainer(tiny):
     assert abs(auc(got, ref["label"]) - final_metrics(run)["test/auc"]) <= AUC_TOL
     info = json.loads((exports["fp32"] / "manifest.json").read_text())
     assert info["step"] == 10 and set(info["files"]) >= {"tower.pt2", "tables.pt", "schema.json", "data.yaml", "config.yaml", "metrics.json"}
+    assert torch.export.load(str(exports["fp32"] / "tower.pt2")).example_inputs is None  # no training examples in the artifact
     metrics = json.loads((exports["fp32"] / "metrics.json").read_text())
     assert metrics["step"] == 10 and metrics["test"]["test/auc"] == final_metrics(run)["test/auc"]  # keep_best=false: tested at 10
 
