@@ -187,6 +187,9 @@ class Trainer:
             "datasheet" if self.info.device.type == "cuda" and self.peak["peak"] != self.peak["probe"] else "matmul probe",
         )
         self.optimizer = self._build_optimizer()
+        # Walked every step by the finiteness check: listed once (DMP's named_parameters()
+        # walks every sharded module). Gradients of fused embedding tables are never set.
+        self._named_params = list(self.model.named_parameters())
 
         self.step = 0
         self.examples_consumed = 0
@@ -639,10 +642,16 @@ class Trainer:
     def _nonfinite_dense_grads(self) -> List[str]:
         """Names of dense parameters with NaN/Inf gradients. One device sync for the common
         all-finite case (this runs every step); names are resolved only on failure."""
-        named = [(n, p.grad) for n, p in self.model.named_parameters() if p.grad is not None]
+        named = [(n, p.grad) for n, p in self._named_params if p.grad is not None]
         if not named:
             return []
-        finite = torch.stack([torch.isfinite(g).all() for _, g in named])
+        grads = [g for _, g in named]
+        if all(type(g) is torch.Tensor and g.numel() for g in grads):
+            # DDP (plain tensors): one fused reduction over all gradients (max |g|: NaN or Inf
+            # stays non-finite) instead of a kernel per parameter.
+            finite = torch.isfinite(torch.stack(torch._foreach_norm(grads, float("inf"))))
+        else:  # FSDP's DTensor gradients (their reduction spans the shards), empty tensors
+            finite = torch.stack([torch.isfinite(g).all() for g in grads])
         if bool(finite.all()):
             return []
         return [n for (n, _), ok in zip(named, finite.tolist()) if not ok]
