@@ -17,7 +17,7 @@ import pytest
 from kunlun.data.batch import ExampleBlock
 from kunlun.data.errors import DataError
 from kunlun.data.sources.movielens import HOLDOUT, MovieLensSource, ensure_movielens
-from kunlun.trainer.config import ConfigError, MovieLensConfig, default_cache_dir, load_config, resolve_preset
+from kunlun.trainer.config import ConfigError, MovieLensConfig, default_cache_dir, load_config
 
 GENRES = [
     "unknown",
@@ -330,9 +330,8 @@ def test_unknown_movielens_label_is_a_config_error(value, expected):
 def test_movielens_mt_preset_loads():
     cfg = load_config("movielens-mt")
     assert cfg.data.source == "movielens" and cfg.data.movielens.labels == ["like", "rating", "love"]
-    # the model.tasks block waits in a comment until the model side reads it
-    text = resolve_preset("movielens-mt").read_text()
-    assert "# model:" in text and "tasks:" in text
+    assert [(t.name, t.label, t.type) for t in cfg.model.tasks] == [("like", "like", "binary"), ("rating", "rating", "regression"), ("love", "love", "binary")]
+    assert cfg.model.multitask.mixer == "mmoe" and cfg.trainer.early_stopping.metric == "eval/like/ne"
 
 
 # ============================================================================ bad rows
