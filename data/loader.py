@@ -186,3 +186,66 @@ def make_loader(dataset: ShardedBatches, num_workers: int) -> DataLoader:
 
 
 __all__ = ["ShardedBatches", "make_loader"]
+
+
+class BackgroundIterator:
+    """Reads up to ``depth`` items of ``source`` ahead in a daemon thread, so building the next
+    batches (reading, decoding, collating) overlaps the training step instead of running
+    inside it. Items come out in order; an exception raised by ``source`` (a
+    :class:`~kunlun.data.errors.DataError` naming the file and row) is raised by the
+    ``next()`` that reaches it. The data position stays the consumer's: an item read ahead but
+    never taken was not trained on, and a resumed job reads it again.
+
+    Worth it because the batch builders spend most of their time in numpy, pyarrow and torch
+    code that releases the GIL; ``close()`` stops the thread (also at interpreter exit)."""
+
+    def __init__(self, source, depth: int = 2):
+        import queue
+        import threading
+
+        self._queue: "queue.Queue" = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(iter(source),), name="kunlun-batches", daemon=True)
+        self._thread.start()
+
+    def _put(self, entry) -> bool:
+        import queue
+
+        while not self._stop.is_set():
+            try:
+                self._queue.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self, it) -> None:
+        try:
+            for item in it:
+                if not self._put(("item", item)):
+                    return
+            self._put(("end", None))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
+            self._put(("error", e))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        kind, value = self._queue.get()
+        if kind == "item":
+            return value
+        if kind == "end":
+            raise StopIteration
+        raise value
+
+    def close(self) -> None:
+        import queue
+
+        self._stop.set()
+        try:
+            while True:
+                self._queue.get_nowait()
+        except queue.Empty:
+            pass
+        self._thread.join(timeout=5)

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
-from kunlun.data.loader import ShardedBatches, make_loader
+from kunlun.data.loader import BackgroundIterator, ShardedBatches, make_loader
 from kunlun.data.sources import build_source
 from kunlun.model.rec_model import RecModel
 from kunlun.parallel.planner import describe_plan
@@ -394,7 +394,7 @@ class Trainer:
         t_cfg, c_cfg, l_cfg = cfg.trainer, cfg.checkpoint, cfg.logging
         global_batch = cfg.data.batch_size
         _, loader = self._loader("train", examples_consumed=self.examples_consumed)
-        it = iter(loader)
+        it = BackgroundIterator(loader, t_cfg.prefetch_batches) if t_cfg.prefetch_batches else iter(loader)
         self.model.train()
         last_saved = self.step if self.resumed_from is not None else -1
         n_train = self.source.num_examples("train")
@@ -412,6 +412,8 @@ class Trainer:
         try:
             self._train_loop(it, global_batch, t_cfg, c_cfg, l_cfg, last_saved)
         finally:
+            if isinstance(it, BackgroundIterator):
+                it.close()
             self.profiler.finish()  # a window cut short by the end of training or a fault
             # Outside the step loop SIGTERM must terminate as usual (e.g. a launcher
             # stopping the workers after another rank failed).
