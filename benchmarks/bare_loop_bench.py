@@ -34,7 +34,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 WARMUP = 20
 MODES = ("kunlun", "kunlun_sync", "bare", "prebuilt")
-QUIET = ["trainer.eval_every_n_steps=0", "checkpoint.every_n_steps=0", "checkpoint.resume=never", "logging.progress_bar=false", "logging.tensorboard=false"]
+QUIET = [
+    "trainer.eval_every_n_steps=0",
+    "trainer.early_stopping.patience=0",
+    "checkpoint.every_n_steps=0",
+    "checkpoint.resume=never",
+    "logging.progress_bar=false",
+    "logging.tensorboard=false",
+]
 
 
 def one(args) -> None:
