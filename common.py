@@ -64,3 +64,14 @@ def check_positive(owner, *fields: str) -> None:
 
 def check_choice(owner, field: str, allowed) -> None:
     check(owner, getattr(owner, field) in allowed, field, f"one of {list(allowed)}")
+
+
+def sha256_file(path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks (checkpoint and export manifests)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -26,13 +26,14 @@ No pickled Python objects anywhere: JSON, YAML, ``weights_only`` tensors, ``torc
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Dict, Iterable
 
 import torch
+
+from kunlun.common import sha256_file
 
 FORMAT = "kunlun-export/1"
 MANIFEST = "manifest.json"
@@ -52,12 +53,7 @@ class ExportError(ValueError):
     """A damaged, incomplete or unsupported export folder, or input it cannot score."""
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+sha256 = sha256_file
 
 
 def write_manifest(root: Path, info: Dict) -> Dict:

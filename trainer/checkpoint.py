@@ -26,7 +26,6 @@ checkpoint saved at 2 ranks loads at 1 or 4.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -43,6 +42,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint import metadata as dcp_metadata
 from torch.distributed.checkpoint.api import CheckpointException
+
+from kunlun.common import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -143,11 +144,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return sha256_file(path)
 
 
 def global_shapes(state: Dict[str, Any], prefix: str = "") -> Dict[str, List[int]]:
