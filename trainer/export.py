@@ -196,16 +196,16 @@ def export_checkpoint(cfg, ckpt: Path, out: Path, embedding_dtype: str = "fp32",
     tmp.mkdir()
     try:
         torch.save(fmt.encode_tables(tables, embedding_dtype), tmp / fmt.TABLES)
-        # torch.export keeps the trace inputs in the program: looked-up embeddings of real
-        # examples. A serving artifact should carry no training data: drop them.
-        program.example_inputs = None
-        torch.export.save(program, str(tmp / fmt.TOWER))
-        if aoti:  # minutes of C++ compilation: opt-in
+        if aoti:  # minutes of C++ compilation: opt-in (it reads the program's trace inputs)
             t_aoti = time.time()
             from torch._inductor import aoti_compile_and_package
 
             aoti_compile_and_package(program, package_path=str(tmp / fmt.TOWER_AOTI))
             log.info("AOTInductor package compiled in %.0fs", time.time() - t_aoti)
+        # torch.export keeps the trace inputs in the program: looked-up embeddings of real
+        # examples. A serving artifact should carry no training data: drop them.
+        program.example_inputs = None
+        torch.export.save(program, str(tmp / fmt.TOWER))
         mapping = _write_data_section(cfg, tmp, source)
         schema_info = {
             "schema": schema_to_json(schema),
