@@ -227,7 +227,7 @@ print("loaded:", sorted(m for m in sys.modules if m.startswith(("torchrec", "fbg
 @pytest.mark.network
 def test_movielens_export_scores_equal_the_trainer(tmp_path):
     run = tmp_path / "run"
-    proc = run_single([f"run_dir={run}", "trainer.max_steps=30", "trainer.eval_every_n_steps=30", "checkpoint.keep_best=false"], config="movielens")
+    proc = run_single([f"run_dir={run}", "trainer.max_steps=10", "trainer.eval_every_n_steps=10", "checkpoint.keep_best=false"], config="movielens")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ref = predicted(run, tmp_path / "predict")
     export(run, tmp_path / "export")

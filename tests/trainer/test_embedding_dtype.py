@@ -15,7 +15,7 @@ from jobs import BIN, REPO, final_metrics, job_env, run_single, run_torchrun
 from kunlun.trainer.checkpoint import read_dcp_metadata
 
 NE_BOUND = 0.005
-JOB = ["trainer.max_steps=100", "trainer.eval_every_n_steps=100", "checkpoint.every_n_steps=100", "checkpoint.keep_best=false", "logging.progress_bar=false"]
+JOB = ["trainer.max_steps=40", "trainer.eval_every_n_steps=40", "checkpoint.every_n_steps=40", "checkpoint.keep_best=false", "logging.progress_bar=false"]
 
 
 @pytest.mark.slow
@@ -26,7 +26,7 @@ def test_fp16_tables_train_store_reload_and_export(tmp_path):
         run_torchrun(2, [f"run_dir={runs[dtype]}", f"model.embedding_dtype={dtype}", *JOB])
     fp16, fp32 = final_metrics(runs["fp16"]), final_metrics(runs["fp32"])
     assert fp16["test/ne"] != fp32["test/ne"] and abs(fp16["test/ne"] - fp32["test/ne"]) <= NE_BOUND
-    ckpt = runs["fp16"] / "checkpoints" / "step_00000100"
+    ckpt = runs["fp16"] / "checkpoints" / "step_00000040"
     meta = read_dcp_metadata(ckpt / "dcp" / ".metadata").state_dict_metadata
     tables = {k: v.properties.dtype for k, v in meta.items() if k.startswith("model.") and (".embedding_bags." in k or ".embeddings." in k)}
     states = {k: v.properties.dtype for k, v in meta.items() if k.endswith("momentum1")}
@@ -35,7 +35,7 @@ def test_fp16_tables_train_store_reload_and_export(tmp_path):
     # reload at world size 1: the checkpoint's metrics again
     proc = subprocess.run([str(BIN / "kunlun"), "eval", "--run-dir", str(runs["fp16"])], cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    got = json.loads((runs["fp16"] / "eval" / "step_00000100-test.json").read_text())["metrics"]
+    got = json.loads((runs["fp16"] / "eval" / "step_00000040-test.json").read_text())["metrics"]
     for k in ("auc", "ne", "logloss"):
         assert got[k] == pytest.approx(fp16[f"test/{k}"], abs=1e-6), k
     proc = subprocess.run(
