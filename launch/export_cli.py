@@ -59,9 +59,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     ours = logging.getLogger("kunlun")
     ours.setLevel(logging.INFO)
     ours.propagate = False
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("[kunlun] %(message)s"))
-    ours.addHandler(handler)
+    if not any(getattr(h, "_kunlun_export", False) for h in ours.handlers):  # main() may run more than once in a process
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("[kunlun] %(message)s"))
+        handler._kunlun_export = True  # type: ignore[attr-defined]
+        ours.addHandler(handler)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message="torch.distributed is disabled")
     try:

@@ -70,7 +70,31 @@ def predicted(run: Path, out: Path, *extra: str) -> Dict[str, np.ndarray]:
 
 
 def export(run: Path, out: Path, *extra: str) -> str:
-    return ok(kunlun("export", "--run-dir", str(run), "--out", str(out), *extra))
+    """``kunlun export`` in this process (``launch.export_cli.main``: the command's own code
+    without a new interpreter's start-up); the CLI itself runs in ``tiny``."""
+    rc, err = export_main("--run-dir", str(run), "--out", str(out), *extra)
+    assert rc == 0, err[-5000:]
+    return err
+
+
+def export_main(*args: str):
+    """``(exit status, stderr)`` of ``kunlun export args`` run in this process."""
+    import contextlib
+    import io
+
+    from kunlun.launch.export_cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = main(list(args))
+    return rc, err.getvalue()
+
+
+class Proc:
+    """An in-process command's result, shaped like ``subprocess.CompletedProcess``."""
+
+    def __init__(self, returncode: int, stderr: str):
+        self.returncode, self.stderr = returncode, stderr
 
 
 def served_scores(folder: Path, run: Path, n: int) -> np.ndarray:
@@ -89,7 +113,9 @@ def tiny(tmp_path_factory):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ref = predicted(run, root / "predict")
     exports = {}
-    for dtype in ("fp32", "fp16", "int8"):
+    exports["fp32"] = root / "export-fp32"
+    ok(kunlun("export", "--run-dir", str(run), "--out", str(exports["fp32"])))  # the command line, once
+    for dtype in ("fp16", "int8"):
         exports[dtype] = root / f"export-{dtype}"
         export(run, exports[dtype], "--embedding-dtype", dtype)
     return run, ref, exports
@@ -172,21 +198,21 @@ def test_damaged_export_is_detected_by_the_manifest(tiny, tmp_path):
 def test_export_refuses_bad_requests_with_clear_errors(tiny, tmp_path):
     run, _, exports = tiny
     # another model than the checkpoint's
-    proc = kunlun("export", "--run-dir", str(run), "--out", str(tmp_path / "a"), "model.embedding_dim=8")
+    proc = Proc(*export_main("--run-dir", str(run), "--out", str(tmp_path / "a"), "model.embedding_dim=8"))
     assert proc.returncode == 2 and "saved from a different model" in proc.stderr, proc.stderr[-2000:]
     assert "ctx_item.weight: checkpoint [400, 16] vs model [400, 8]" in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "a").exists() and not list(tmp_path.glob(".tmp-*"))
-    proc = kunlun("export", "--run-dir", str(run), "--out", str(tmp_path / "b"), "--embedding-dtype", "int4")
+    proc = Proc(*export_main("--run-dir", str(run), "--out", str(tmp_path / "b"), "--embedding-dtype", "int4"))
     assert proc.returncode == 2 and "--embedding-dtype 'int4': expected one of ['fp32', 'fp16', 'int8']" in proc.stderr
-    proc = kunlun("export", "--run-dir", str(run), "--out", str(tmp_path / "c"), "data.id_policy=wrap")
+    proc = Proc(*export_main("--run-dir", str(run), "--out", str(tmp_path / "c"), "data.id_policy=wrap"))
     assert proc.returncode == 2 and "data.id_policy" in proc.stderr and "'wrap'" in proc.stderr, proc.stderr[-2000:]
     # an existing output: refused without --overwrite; a folder that is not an export is never replaced
-    proc = kunlun("export", "--run-dir", str(run), "--out", str(exports["fp32"]))
+    proc = Proc(*export_main("--run-dir", str(run), "--out", str(exports["fp32"])))
     assert proc.returncode == 2 and "pass --overwrite" in proc.stderr
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
-    proc = kunlun("export", "--run-dir", str(run), "--out", str(foreign), "--overwrite")
+    proc = Proc(*export_main("--run-dir", str(run), "--out", str(foreign), "--overwrite"))
     assert proc.returncode == 2 and "not a kunlun export" in proc.stderr and (foreign / "notes.txt").read_text() == "keep me"
 
 
