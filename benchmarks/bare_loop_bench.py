@@ -6,7 +6,7 @@ Three modes, each a fresh process (``one --mode M``) built by kunlun's ``Trainer
 tables, sharding plan, fused row-wise AdaGrad, dense optimizer, loader and batches):
 
 * ``kunlun``: the trainer's step loop (validation and checkpoints off; batches built ahead in
-  a thread, ``trainer.prefetch_batches=2``, as ``train()`` does); examples/s over the training
+  a thread, ``trainer.prefetch_batches=2``, as ``train()`` does on a GPU); examples/s over the training
   steps' wall time (``train_seconds``: data, forward, backward, optimizer, the per-step checks
   and logging); ``kunlun_sync``: the same with ``trainer.prefetch_batches=0`` (batches built
   inside the step);
@@ -52,7 +52,7 @@ def one(args) -> None:
     from kunlun.trainer.trainer import Trainer
 
     run_dir = tempfile.mkdtemp(prefix="bare-loop-")
-    extra = ["trainer.prefetch_batches=0"] if args.mode == "kunlun_sync" else []
+    extra = ["trainer.prefetch_batches=0"] if args.mode == "kunlun_sync" else ["trainer.prefetch_batches=2"]
     cfg = load_config(args.config, [f"run_dir={run_dir}", f"trainer.max_steps={WARMUP + args.steps}", *QUIET, *extra])
     trainer = Trainer(cfg)
     gb = cfg.data.batch_size
@@ -97,7 +97,8 @@ def _kunlun_seconds(trainer, max_steps: int) -> float:
 
     t = trainer.cfg.trainer
     loader = trainer._loader("train", trainer.examples_consumed)[1]
-    it = BackgroundIterator(loader, t.prefetch_batches) if t.prefetch_batches else iter(loader)  # as train() does
+    depth = trainer.prefetch_depth()
+    it = BackgroundIterator(loader, depth) if depth else iter(loader)  # as train() does
     try:
         loop(it, trainer.cfg.data.batch_size, t, trainer.cfg.checkpoint, trainer.cfg.logging, -1)
     finally:

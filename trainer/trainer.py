@@ -389,12 +389,18 @@ class Trainer:
         self.model.train()
         return acc.compute()
 
+    def prefetch_depth(self) -> int:
+        """Train batches built ahead (``trainer.prefetch_batches``; -1: 2 on GPU, 0 on CPU)."""
+        n = self.cfg.trainer.prefetch_batches
+        return n if n >= 0 else (2 if self.info.device.type == "cuda" else 0)
+
     def train(self) -> Dict[str, float]:
         cfg = self.cfg
         t_cfg, c_cfg, l_cfg = cfg.trainer, cfg.checkpoint, cfg.logging
         global_batch = cfg.data.batch_size
         _, loader = self._loader("train", examples_consumed=self.examples_consumed)
-        it = BackgroundIterator(loader, t_cfg.prefetch_batches) if t_cfg.prefetch_batches else iter(loader)
+        depth = self.prefetch_depth()
+        it = BackgroundIterator(loader, depth) if depth else iter(loader)
         self.model.train()
         last_saved = self.step if self.resumed_from is not None else -1
         n_train = self.source.num_examples("train")
