@@ -92,18 +92,11 @@ def one(args) -> None:
 def _kunlun_seconds(trainer, max_steps: int) -> float:
     """Train up to ``max_steps`` (continuing) and return the total training-step wall time."""
     trainer.cfg.trainer.max_steps = max_steps
-    loop = trainer._train_loop  # the loop itself: no final test, no final save
-    from kunlun.data.loader import BackgroundIterator
-
     t = trainer.cfg.trainer
-    loader = trainer._loader("train", trainer.examples_consumed)[1]
-    depth = trainer.prefetch_depth()
-    it = BackgroundIterator(loader, depth) if depth else iter(loader)  # as train() does
-    try:
-        loop(it, trainer.cfg.data.batch_size, t, trainer.cfg.checkpoint, trainer.cfg.logging, -1)
+    try:  # the loop itself (as train() runs it): no final test, no final save
+        trainer._train_loop(trainer.cfg.data.batch_size, t, trainer.cfg.checkpoint, trainer.cfg.logging, -1)
     finally:
-        if isinstance(it, BackgroundIterator):
-            it.close()
+        trainer._stop_pipeline()
     return trainer.train_seconds
 
 

@@ -43,6 +43,10 @@ class Batch(Pipelineable):
         labels: ``[B, num_labels]`` float32: 0/1 for binary labels, any float for regression
             ones, NaN where a label is missing (``schema.label_types``).
         weights: ``[B]`` float32 example weights; padding examples (end of an eval split) have 0.
+        position: the split's global stream position (examples consumed by all ranks) once
+            this batch is trained; -1 when unknown. A pipeline that reads ahead hands back the
+            batch it trained, and the trainer saves its position, so a resumed job reads the
+            batches that were read but not trained again.
     """
 
     dense: torch.Tensor
@@ -52,6 +56,7 @@ class Batch(Pipelineable):
     request_time: torch.Tensor
     labels: torch.Tensor
     weights: torch.Tensor
+    position: int = -1
 
     @property
     def batch_size(self) -> int:
@@ -66,9 +71,12 @@ class Batch(Pipelineable):
             request_time=self.request_time.to(device, non_blocking=non_blocking),
             labels=self.labels.to(device, non_blocking=non_blocking),
             weights=self.weights.to(device, non_blocking=non_blocking),
+            position=self.position,
         )
 
     def record_stream(self, stream: torch.Stream) -> None:
+        if self.dense.device.type != "cuda":  # streams order CUDA memory only (TorchRec's pipelines call this on CPU too)
+            return
         for t in (self.dense, self.request_time, self.labels, self.weights):
             t.record_stream(stream)
         for kjt in (self.context, self.sequences, self.timestamps):
@@ -83,6 +91,7 @@ class Batch(Pipelineable):
             request_time=self.request_time.pin_memory(),
             labels=self.labels.pin_memory(),
             weights=self.weights.pin_memory(),
+            position=self.position,
         )
 
 

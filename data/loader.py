@@ -158,7 +158,9 @@ class ShardedBatches(IterableDataset):
         check_ids(block, self.source.schema, self.id_policy, self.split, indices)
         if weights is not None:  # padding has weight 0; example weights of the source stay
             block.weights = weights if block.weights is None else block.weights * weights
-        return collate(block, self.source.schema)
+        batch = collate(block, self.source.schema)
+        batch.position = self.examples_consumed + (i + 1) * self.global_batch_size
+        return batch
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()

@@ -6,7 +6,7 @@ from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 from torch import nn
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from kunlun.data.batch import Batch
 from kunlun.data.schema import FeatureSchema
@@ -69,21 +69,32 @@ class RecModel(nn.Module):
         mean_tables = set(mean_pooled_tables(schema))
         self._ec_ctx_mean = {f.name: f.table in mean_tables for f in ec_ctx}
         self._use_ec = bool(schema.event_types)
+        self.dense_step = _DenseStep(self)
 
-    def _lookup_context(self, batch: Batch) -> Tuple[Dict[str, torch.Tensor], KeyedJaggedTensor]:
-        """Pooled EBC context features, and the KJT for the EC (sequences + shared-table context features)."""
-        context: Dict[str, torch.Tensor] = {}
+    def _lookup(self, batch: Batch) -> Tuple[Dict[str, torch.Tensor], Dict[str, JaggedTensor]]:
+        """The sharded lookups: pooled EBC context features, and the EC's jagged outputs
+        (sequences + shared-table context features).
+
+        Each sharded module is called on a ``batch`` attribute itself (unless shared tables
+        need a permuted/concatenated KJT), which is what TorchRec's train pipelines look for
+        when they move a lookup's input distribution ahead of the step (``trainer.pipeline``).
+        """
+        pooled: Dict[str, torch.Tensor] = {}
         if self._ebc_keys:
             kjt = batch.context if not self._ec_ctx_keys else batch.context.permute(self._ebc_index)
-            context = self.ebc(kjt).to_dict()
-        ec_input = batch.sequences
-        if self._ec_ctx_keys:
-            ec_input = KeyedJaggedTensor.concat([batch.sequences, batch.context.permute(self._ec_ctx_index)])
-        return context, ec_input
+            pooled = self.ebc(kjt).to_dict()
+        seqs: Dict[str, JaggedTensor] = {}
+        if self._use_ec:
+            ec_input = batch.sequences
+            if self._ec_ctx_keys:
+                ec_input = KeyedJaggedTensor.concat([batch.sequences, batch.context.permute(self._ec_ctx_index)])
+            seqs = self.ec(ec_input)
+        return pooled, seqs
 
     def tower_inputs(self, batch: Batch) -> TowerInputs:
-        pooled, ec_input = self._lookup_context(batch)
-        seqs = self.ec(ec_input) if self._use_ec else {}
+        return self._tower_inputs(batch, *self._lookup(batch))
+
+    def _tower_inputs(self, batch: Batch, pooled: Dict[str, torch.Tensor], seqs: Dict[str, JaggedTensor]) -> TowerInputs:
         context: Dict[str, torch.Tensor] = {}
         for k in self.schema.context_keys:  # the tower sees schema order
             if k in pooled:
@@ -91,16 +102,18 @@ class RecModel(nn.Module):
             else:
                 jt = seqs[k]
                 context[k] = jagged_pool(jt.values(), jt.lengths(), mean=self._ec_ctx_mean[k])
-        ts = batch.timestamps.to_dict()
         events: Dict[str, EventSequence] = {}
-        for e in self.schema.event_types:
+        if self.schema.event_types:
+            # One split of the timestamps KJT (not a dict per step of every key).
+            ts_values = batch.timestamps.values()
+            ts_offsets = batch.timestamps.offset_per_key()
+        for i, e in enumerate(self.schema.event_types):
             item, action = seqs[e.item_key], seqs[e.action_key]
-            lengths = item.lengths().long()
             events[e.name] = EventSequence(
                 item=item.values(),
                 action=action.values(),
-                timestamps=ts[e.name].values(),
-                lengths=lengths,
+                timestamps=ts_values[ts_offsets[i] : ts_offsets[i + 1]],
+                lengths=item.lengths().long(),
                 offsets=item.offsets().long(),
             )
         domain = self.domain_ids(batch) if self.domain_feature else None
@@ -118,12 +131,35 @@ class RecModel(nn.Module):
         return labels if self._labels_in_order else labels[:, self._task_labels]
 
     def forward(self, batch: Batch) -> Tuple[torch.Tensor, ModelOutput]:
+        """``(loss, ModelOutput)``. The sharded lookups are called here; everything after them
+        runs in ``self.dense_step`` — a parameter-free module, so TorchRec's pipeline tracer
+        (``torch.fx``) treats it as one opaque call instead of tracing the tower's Python."""
         # Named ranges so a profile splits the step into lookup vs dense compute (no-ops
         # unless a profiler is recording).
         with torch.profiler.record_function("kunlun/embedding_lookup"):
-            inputs = self.tower_inputs(batch)
+            pooled, seqs = self._lookup(batch)
+        return self.dense_step(batch, pooled, seqs)
+
+    def _dense_forward(self, batch: Batch, pooled: Dict[str, torch.Tensor], seqs: Dict[str, JaggedTensor]) -> Tuple[torch.Tensor, ModelOutput]:
         with torch.profiler.record_function("kunlun/dense_tower"):
+            inputs = self._tower_inputs(batch, pooled, seqs)
             logits = self.tower(inputs)  # [B, T]
         labels = self.task_labels(batch.labels)
         loss = multitask_loss(logits, labels, batch.weights, self.tasks)
         return loss, ModelOutput(loss.detach(), logits.detach(), labels, batch.weights, inputs.domain)
+
+
+class _DenseStep(nn.Module):
+    """Lookup outputs → tower → loss, for :class:`RecModel`. Holds no parameters (the tower
+    stays ``RecModel.tower``: checkpoint names, FSDP wrapping and export are unchanged); it
+    exists to be a leaf module for ``torch.fx`` (TorchRec's pipeline tracer stops at modules
+    that hold no sharded table)."""
+
+    def __init__(self, owner: RecModel):
+        super().__init__()
+        # A plain attribute, not a submodule: modules()/state_dict() do not see the owner twice;
+        # deepcopy maps it to the copied owner.
+        object.__setattr__(self, "_owner", owner)
+
+    def forward(self, batch: Batch, pooled: Dict[str, torch.Tensor], seqs: Dict[str, JaggedTensor]) -> Tuple[torch.Tensor, ModelOutput]:
+        return self._owner._dense_forward(batch, pooled, seqs)

@@ -113,6 +113,10 @@ class TrainerConfig:
     # -1 = auto: 2 on GPU, 0 on CPU, where the ranks already fill the cores and the thread only
     # competes with them (a 2-rank test job ran ~10% slower with it; MovieLens: no gain).
     prefetch_batches: int = -1
+    # How a step runs (trainer/pipeline.py): none | sparse_dist | semi_sync | prefetch (TorchRec's
+    # train pipelines, overlapping input distribution / lookups with the previous batch).
+    # auto: sparse_dist on GPU, none on CPU (no streams to overlap on; measured slower there).
+    pipeline: str = "auto"
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     # Epochs are implicit: training loops over the train split until max_steps.
 
@@ -123,6 +127,7 @@ class TrainerConfig:
             check(self, getattr(self, name) >= 0, name, "a value >= 0")
         check_choice(self, "device", ("auto", "cpu", "cuda"))
         check_choice(self, "nonfinite_policy", ("stop", "skip"))
+        check_choice(self, "pipeline", ("auto", "none", "sparse_dist", "semi_sync", "prefetch"))
         if self.early_stopping.patience:
             check(
                 self, self.eval_every_n_steps > 0, "early_stopping.patience", "0 when trainer.eval_every_n_steps=0 (early stopping needs periodic evaluations)"

@@ -3,10 +3,12 @@
 Its state — model, optimizers, ``step``, ``examples_consumed`` (the data position) — is
 exactly what a checkpoint holds, so resuming continues bit-for-bit where it stopped.
 
-The loop is a plain forward/backward/step loop rather than TorchRec's
-``TrainPipelineSparseDist``: the pipeline pulls batches ahead of the step being trained,
-which would make the saved data position ambiguous, and on CPU (no CUDA streams) it
-overlaps nothing. The GPU pipeline lands with the parallelism work.
+A step is one ``progress()`` of the runner ``trainer.pipeline`` chooses (``trainer/pipeline.py``:
+a plain loop or one of TorchRec's train pipelines); whichever it is, it calls
+:meth:`Trainer._train_forward` (forward + the step's one collective) and the step optimizer
+(:meth:`Trainer._optimizer_step`: dense-gradient check, update, 2D replica sync). The data
+position saved is the position of the batch actually trained (``Batch.position``), so the
+batches a pipeline read ahead are read again after a resume.
 """
 
 from __future__ import annotations
@@ -14,99 +16,54 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import random
-import signal
-import tempfile
-import threading
 import time
-from dataclasses import dataclass
-from datetime import timedelta
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
+from kunlun.data.batch import Batch
 from kunlun.data.loader import BackgroundIterator, ShardedBatches, make_loader
 from kunlun.data.sources import build_source
 from kunlun.model.rec_model import RecModel
+from kunlun.parallel.distributed import all_max_flags, all_mean, broadcast_error, init_distributed, seed_everything
 from kunlun.parallel.planner import describe_plan
 from kunlun.parallel.sparse import shard_model
 from kunlun.trainer.checkpoint import Checkpointer, CheckpointError, ReadOnlyCheckpointer, global_shapes, write_json_atomic
 from kunlun.trainer.config import ConfigError, JobConfig, flatten, to_yaml, validate
 from kunlun.trainer.early_stopping import BestTracker
+from kunlun.trainer.faults import (  # noqa: F401 - the names launch/main.py and tests import from here
+    NONFINITE_EXIT_CODE,
+    PREEMPTED_EXIT_CODE,
+    NonFiniteError,
+    Preempted,
+    SigtermFlag,
+    nonfinite_dense_grads,
+)
 from kunlun.trainer.metrics import EvalAccumulator, summary
 from kunlun.trainer.monitor import Monitor, setup_logging
 from kunlun.trainer.perf import TRAIN_FLOPS_FACTOR, average_sequence_lengths, format_flops, peak_tflops
+from kunlun.trainer.pipeline import StepOptimizer, build_pipeline, check_pipeline, resolve_pipeline
 from kunlun.trainer.profiling import StepProfiler
 
 log = logging.getLogger("kunlun")
 
-PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again": a checkpoint was saved, rerun resumes
-NONFINITE_EXIT_CODE = 3
-
-
-class Preempted(Exception):
-    """SIGTERM handled: the checkpoint of the current step is saved."""
-
-
-class NonFiniteError(RuntimeError):
-    """NaN/Inf loss or gradients under ``trainer.nonfinite_policy`` (diagnostic written)."""
-
 
 @dataclass
-class DistInfo:
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-    backend: str
+class _StepRecord:
+    """What the step's forward saw, for the loop after ``progress()`` returns."""
 
-
-def init_distributed(cfg: JobConfig) -> DistInfo:
-    """Join the process group torchrun set up, or make a 1-process one (plain ``python``)."""
-    want_cuda = cfg.trainer.device == "cuda" or (cfg.trainer.device == "auto" and torch.cuda.is_available())
-    if cfg.trainer.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("config key 'trainer.device' = 'cuda' is invalid: no CUDA device is visible; use 'cpu' or 'auto'")
-    backend = cfg.parallel.backend if cfg.parallel.backend != "auto" else ("nccl" if want_cuda else "gloo")
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cuda", local_rank) if want_cuda else torch.device("cpu")
-    if want_cuda:
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-            rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-            restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
-            if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and restart is not None:
-                # torchrun's agent keeps one store across restarts and hands it to the workers
-                # without a per-attempt prefix, so a restarted group can read its peers' *old*
-                # gloo addresses ("connectFullMesh failed ... Connection refused"). Namespace
-                # every attempt's keys.
-                base = dist.TCPStore(
-                    os.environ["MASTER_ADDR"],
-                    int(os.environ["MASTER_PORT"]),
-                    world,
-                    is_master=False,
-                    timeout=timedelta(minutes=10),
-                )
-                store = dist.PrefixStore(f"kunlun/attempt{restart}", base)
-                dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world)
-            else:
-                dist.init_process_group(backend=backend)
-        else:
-            store = dist.FileStore(tempfile.mktemp(prefix="kunlun-store-"), 1)
-            dist.init_process_group(backend=backend, store=store, rank=0, world_size=1)
-    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, backend)
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
+    batch: Batch
+    loss: torch.Tensor  # detached
+    output: object
+    lrs: Dict[str, float]
+    loss_nonfinite: bool
+    sigterm: bool
+    bad_grads: List[str] = field(default_factory=list)
 
 
 def _prepare_run_dir(run_dir: Path, rank: int) -> None:
@@ -119,10 +76,9 @@ def _prepare_run_dir(run_dir: Path, rank: int) -> None:
             probe.unlink()
         except OSError as e:
             error = f"config key 'run_dir' = {str(run_dir)!r} is invalid: cannot create or write it ({e.strerror or e})"
-    box = [error]
-    dist.broadcast_object_list(box, src=0)
-    if box[0]:
-        raise ConfigError(box[0])
+    error = broadcast_error(error)
+    if error:
+        raise ConfigError(error)
 
 
 class Trainer:
@@ -137,7 +93,7 @@ class Trainer:
             raise ValueError("Trainer(source=...) is for evaluate_only: training reads cfg.data's source")
         self.cfg = cfg
         self.evaluate_only = evaluate_only
-        self.info = init_distributed(cfg)
+        self.info = init_distributed(cfg.trainer.device, cfg.parallel.backend)
         rank, world = self.info.rank, self.info.world_size
         validate(cfg, world_size=world)
         self.run_dir = Path(cfg.run_dir).expanduser().resolve()
@@ -147,7 +103,7 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
         log.info("run_dir %s | world %d (%s on %s)", self.run_dir, world, self.info.backend, self.info.device.type)
 
-        _seed_everything(cfg.seed)
+        seed_everything(cfg.seed)
         self.source = build_source(cfg.data, cfg.seed) if source is None else source
         self.schema = self.source.schema
         log.info("schema:\n%s", self.schema.describe())
@@ -196,7 +152,14 @@ class Trainer:
         self.skipped_steps = 0
         self.train_seconds = 0.0  # wall time inside training steps of this process (no eval/saves)
         self.examples_this_attempt = 0
-        self._sigterm = False
+        self._sigterm = SigtermFlag()
+        self.pipeline_kind = resolve_pipeline(cfg.trainer.pipeline, self.info.device)
+        why = check_pipeline(self.pipeline_kind, self.info.device, sharded.is_2d, cfg.parallel.sparse.sync)
+        if why and not evaluate_only:
+            raise ConfigError(f"config key 'trainer.pipeline' = {cfg.trainer.pipeline!r} is invalid: {why}", key="trainer.pipeline")
+        self.pipeline = None  # built by train(); dropped (detached) before every evaluation
+        self._stream = None  # the train batches the pipeline reads from
+        self._rec: Optional[_StepRecord] = None
         self.checkpointer = (ReadOnlyCheckpointer if evaluate_only else Checkpointer)(self.run_dir, cfg.checkpoint, rank, world, comm_device=self.comm_device)
         es = cfg.trainer.early_stopping
         self.best = BestTracker(self._tracked_metric(), es.mode, es.patience, es.min_delta)
@@ -368,16 +331,12 @@ class Trainer:
     @property
     def comm_device(self) -> torch.device:
         """Where small control tensors for collectives live: NCCL needs them on the GPU."""
-        return self.info.device if self.info.backend == "nccl" else torch.device("cpu")
-
-    def _all_mean(self, value: float) -> float:
-        t = torch.tensor([value], dtype=torch.float64, device=self.comm_device)
-        dist.all_reduce(t)
-        return float(t.item()) / self.info.world_size
+        return self.info.comm_device
 
     def evaluate(self, split: str = "eval") -> Dict[str, float]:
         """Metrics over the whole split (or ``trainer.eval_max_batches`` batches for ``eval``)."""
         max_batches = self.cfg.trainer.eval_max_batches if split == "eval" and self.cfg.trainer.eval_max_batches else None
+        self._stop_pipeline()  # a plain loop on the model as built (see _stop_pipeline)
         self._agree_replicas()
         _, loader = self._loader(split, max_batches=max_batches)
         acc = EvalAccumulator(self.tasks)
@@ -394,18 +353,70 @@ class Trainer:
         n = self.cfg.trainer.prefetch_batches
         return n if n >= 0 else (2 if self.info.device.type == "cuda" else 0)
 
+    # ------------------------------------------------------------------ step
+    def _start_pipeline(self) -> None:
+        """Open the train stream at the trained position and build the step runner on it."""
+        _, loader = self._loader("train", examples_consumed=self.examples_consumed)
+        depth = self.prefetch_depth()
+        self._stream = BackgroundIterator(loader, depth) if depth else iter(loader)
+        dense = dict(self.optimizer.optimizers)["dense"]
+        step_optimizer = StepOptimizer(self.optimizer.zero_grad, self._optimizer_step, dense.param_groups)
+        self.pipeline = build_pipeline(self.pipeline_kind, self.model, step_optimizer, self.info.device, self._train_forward)
+
+    def _stop_pipeline(self) -> None:
+        """Detach the runner from the model and drop it with the batches it read ahead.
+
+        Evaluation is a plain loop on the detached model (not TorchRec's eval pipeline): the
+        pipelines replace the sharded modules' forward with one that consumes the input
+        distribution they started for the *next train batch*, so scoring another split
+        through the same model needs the original forwards back. The next train step starts
+        a fresh runner at the trained position: the read-ahead batches are read again (a
+        refill of up to three batches per evaluation)."""
+        if self.pipeline is not None:
+            self.pipeline.detach()
+            self.pipeline = None
+        if isinstance(self._stream, BackgroundIterator):
+            self._stream.close()
+        self._stream = None
+
+    def _train_forward(self, batch: Batch):
+        """The step's forward, called by the runner with the batch it trains: sets the
+        learning rates, runs the model, and agrees with every rank in one collective on
+        (non-finite loss, SIGTERM requested). A non-finite loss returns a detached leaf zero
+        instead: the runner's backward is then a no-op, so the fused embedding update inside
+        it never sees the bad gradients."""
+        lrs = self._set_lr(self.step)
+        loss, out = self.model(batch)
+        flags = torch.stack([(~torch.isfinite(loss.detach())).to(torch.float32), torch.tensor(float(self._sigterm.requested), device=loss.device)])
+        loss_nonfinite, sigterm = (bool(x) for x in all_max_flags(flags.to(self.comm_device)).tolist())  # the step's one host read
+        self._rec = _StepRecord(batch, loss.detach(), out, lrs, loss_nonfinite, sigterm)
+        if loss_nonfinite:
+            return torch.zeros((), device=loss.device, requires_grad=True), out
+        return loss, out
+
+    def _optimizer_step(self) -> None:
+        """After backward: skip the update when the loss or a dense gradient is non-finite
+        (DDP/FSDP averaged the gradients, so every rank gives the same answer); else step and
+        run the 2D replica sync on the global step's schedule."""
+        rec = self._rec
+        if not rec.loss_nonfinite:
+            rec.bad_grads = nonfinite_dense_grads(self._named_params)
+        if rec.loss_nonfinite or rec.bad_grads:
+            self.optimizer.zero_grad()
+            return
+        with self.profiler.region("kunlun/optimizer"):
+            self.optimizer.step()
+            self.sharded.maybe_sync(self.step + 1)
+
     def train(self) -> Dict[str, float]:
         cfg = self.cfg
         t_cfg, c_cfg, l_cfg = cfg.trainer, cfg.checkpoint, cfg.logging
         global_batch = cfg.data.batch_size
-        _, loader = self._loader("train", examples_consumed=self.examples_consumed)
-        depth = self.prefetch_depth()
-        it = BackgroundIterator(loader, depth) if depth else iter(loader)
         self.model.train()
         last_saved = self.step if self.resumed_from is not None else -1
         n_train = self.source.num_examples("train")
         log.info(
-            "training steps %d → %d, global batch %d; one epoch = %s train examples = %.1f steps (%d steps = %.2f epochs)",
+            "training steps %d → %d, global batch %d; one epoch = %s train examples = %.1f steps (%d steps = %.2f epochs); pipeline %s",
             self.step,
             t_cfg.max_steps,
             global_batch,
@@ -413,46 +424,31 @@ class Trainer:
             n_train / global_batch,
             t_cfg.max_steps,
             t_cfg.max_steps * global_batch / n_train,
+            self.pipeline_kind,
         )
-        self._install_sigterm()
+        self._sigterm.install()
         try:
-            self._train_loop(it, global_batch, t_cfg, c_cfg, l_cfg, last_saved)
+            self._train_loop(global_batch, t_cfg, c_cfg, l_cfg, last_saved)
         finally:
-            if isinstance(it, BackgroundIterator):
-                it.close()
+            self._stop_pipeline()
             self.profiler.finish()  # a window cut short by the end of training or a fault
-            # Outside the step loop SIGTERM must terminate as usual (e.g. a launcher
-            # stopping the workers after another rank failed).
-            self._restore_sigterm()
+            self._sigterm.restore()
         return self._finish()
 
-    def _train_loop(self, it, global_batch, t_cfg, c_cfg, l_cfg, last_saved) -> None:
-        window_loss, window_steps, window_start = 0.0, 0, time.time()
+    def _train_loop(self, global_batch, t_cfg, c_cfg, l_cfg, last_saved) -> None:
+        window_loss, window_steps, window_start = torch.zeros((), dtype=torch.float64), 0, time.time()
         consecutive_skips = 0
         while self.step < t_cfg.max_steps and not self.best.stopped:
             t_step = time.perf_counter()
+            if self.pipeline is None:
+                self._start_pipeline()
             with self.profiler.step(self.step):
-                with self.profiler.region("kunlun/data"):
-                    batch = next(it).to(self.info.device, non_blocking=True)
-                lrs = self._set_lr(self.step)
-                self.optimizer.zero_grad()
-                loss, out = self.model(batch)
-                # One collective per step, before backward: the fused embedding update runs
-                # inside backward, so a non-finite loss must stop it there; and every rank must
-                # agree on a preemption request (SIGTERM may reach ranks at different times).
-                flags = torch.tensor([float(not torch.isfinite(loss.detach()).item()), float(self._sigterm)], device=self.comm_device)
-                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-                nonfinite = bool(flags[0])
-                if not nonfinite:
-                    with self.profiler.region("kunlun/backward"):
-                        loss.backward()
-                    # DDP has averaged the dense gradients, so every rank sees the same answer.
-                    bad_grads = self._nonfinite_dense_grads()
-                    nonfinite = bool(bad_grads)
-                if nonfinite:
+                self.pipeline.progress(self._stream)
+                rec = self._rec
+                if rec.loss_nonfinite or rec.bad_grads:
                     consecutive_skips += 1
                     self.skipped_steps += 1
-                    what = self._nonfinite_report(batch, loss, out.logits, [] if flags[0] else None)
+                    what = self._nonfinite_report(rec.batch, rec.loss, rec.output.logits, [] if rec.loss_nonfinite else rec.bad_grads)
                     if t_cfg.nonfinite_policy == "stop" or consecutive_skips > t_cfg.max_consecutive_skips:
                         path = self._write_diagnostic(what)
                         raise NonFiniteError(
@@ -461,26 +457,25 @@ class Trainer:
                             f"{consecutive_skips} consecutive)"
                         )
                     log.warning("skipping step %d: non-finite %s (%d in a row)", self.step, what["nonfinite"], consecutive_skips)
-                    self.optimizer.zero_grad()
                     self.monitor.scalars({"train/skipped_steps": float(self.skipped_steps)}, self.step)
                 else:
                     consecutive_skips = 0
-                    with self.profiler.region("kunlun/optimizer"):
-                        self.optimizer.step()
-                        self.sharded.maybe_sync(self.step + 1)
-                    window_loss += float(loss.detach())
+                    window_loss = window_loss + rec.loss.to("cpu", torch.float64, non_blocking=True)
                     window_steps += 1
                 self.step += 1
-                self.examples_consumed += global_batch
+                if rec.batch.position < 0:
+                    raise RuntimeError("a train batch without its stream position (Batch.position): cannot checkpoint the data position")
+                self.examples_consumed = rec.batch.position
+                lrs = rec.lrs
             self.train_seconds += time.perf_counter() - t_step
             self.examples_this_attempt += global_batch
-            if bool(flags[1]):
+            if rec.sigterm:
                 path = self.checkpointer.root / f"step_{self.step:08d}" if last_saved == self.step else self.save_checkpoint()
                 self.monitor.flush()
                 raise Preempted(f"SIGTERM: saved {path} at step {self.step}; rerun the same command to resume")
 
             if (self.step % l_cfg.log_every_n_steps == 0 or self.step == t_cfg.max_steps) and window_steps:
-                mean_loss = self._all_mean(window_loss / window_steps)
+                mean_loss = all_mean(float(window_loss) / window_steps, self.comm_device)
                 elapsed = max(time.time() - window_start, 1e-9)
                 examples_per_sec = window_steps * global_batch / elapsed
                 model_tflops = TRAIN_FLOPS_FACTOR * self.flops_per_example * examples_per_sec / 1e12
@@ -505,7 +500,7 @@ class Trainer:
                         scalars["train/examples_per_sec"],
                         lrs["dense"],
                     )
-                window_loss, window_steps, window_start = 0.0, 0, time.time()
+                window_loss, window_steps, window_start = torch.zeros((), dtype=torch.float64), 0, time.time()
 
             # The last step is always validated (before its checkpoint, so that the saved
             # validation history includes it).
@@ -630,40 +625,6 @@ class Trainer:
         return final
 
     # -------------------------------------------------------------- faults
-    def _install_sigterm(self) -> None:
-        """SIGTERM (preemption) → finish the current step, checkpoint, exit PREEMPTED_EXIT_CODE."""
-
-        def handler(signum, frame):  # noqa: ARG001
-            if self._sigterm:  # a second SIGTERM (e.g. the launcher escalating): stop now
-                self._restore_sigterm()
-                raise SystemExit(128 + signal.SIGTERM)
-            self._sigterm = True
-
-        if threading.current_thread() is threading.main_thread():
-            self._previous_sigterm = signal.signal(signal.SIGTERM, handler)
-
-    def _restore_sigterm(self) -> None:
-        if getattr(self, "_previous_sigterm", None) is not None:
-            signal.signal(signal.SIGTERM, self._previous_sigterm)
-            self._previous_sigterm = None
-
-    def _nonfinite_dense_grads(self) -> List[str]:
-        """Names of dense parameters with NaN/Inf gradients. One device sync for the common
-        all-finite case (this runs every step); names are resolved only on failure."""
-        named = [(n, p.grad) for n, p in self._named_params if p.grad is not None]
-        if not named:
-            return []
-        grads = [g for _, g in named]
-        if all(type(g) is torch.Tensor and g.numel() for g in grads):
-            # DDP (plain tensors): one fused reduction over all gradients (max |g|: NaN or Inf
-            # stays non-finite) instead of a kernel per parameter.
-            finite = torch.isfinite(torch.stack(torch._foreach_norm(grads, float("inf"))))
-        else:  # FSDP's DTensor gradients (their reduction spans the shards), empty tensors
-            finite = torch.stack([torch.isfinite(g).all() for g in grads])
-        if bool(finite.all()):
-            return []
-        return [n for (n, _), ok in zip(named, finite.tolist()) if not ok]
-
     def _nonfinite_report(self, batch, loss, logits, grads) -> Dict:
         local = {
             "rank": self.info.rank,
@@ -671,7 +632,7 @@ class Trainer:
             "logits": not bool(torch.isfinite(logits).all()),
             "dense_features": not bool(torch.isfinite(batch.dense).all()),
             "labels": bool(torch.isinf(batch.labels).any()),  # NaN is a missing label, not a fault
-            "dense_grads": self._nonfinite_dense_grads() if grads is None else grads,
+            "dense_grads": grads,
         }
         per_rank = [None] * self.info.world_size
         dist.all_gather_object(per_rank, local)
@@ -705,7 +666,7 @@ class Trainer:
     def close(self, synchronize: bool = True) -> None:
         """Flush outputs and leave the process group. ``synchronize=False`` after an
         unexpected error: a peer may be dead, so no barrier (it would hang) — just exit."""
-        self._restore_sigterm()
+        self._sigterm.restore()
         self.monitor.close()
         if dist.is_initialized() and synchronize:
             dist.barrier()

@@ -423,11 +423,15 @@ def _poison_batch(monkeypatch, global_batch: int, batch_size: int = 64):
     monkeypatch.setattr(SyntheticSource, "read", read)
 
 
-def test_nan_batch_stops_with_a_diagnostic(tmp_path, monkeypatch):
+PIPELINES = ["none", "sparse_dist", "semi_sync"]  # trainer.pipeline values that run on CPU
+
+
+@pytest.mark.parametrize("pipeline", PIPELINES)
+def test_nan_batch_stops_with_a_diagnostic(tmp_path, monkeypatch, pipeline):
     from kunlun.trainer.trainer import NonFiniteError
 
     _poison_batch(monkeypatch, global_batch=7)
-    trainer = make_trainer(tmp_path / "r", "data.shuffle=false", "trainer.max_steps=20", "checkpoint.every_n_steps=5")
+    trainer = make_trainer(tmp_path / "r", "data.shuffle=false", "trainer.max_steps=20", "checkpoint.every_n_steps=5", f"trainer.pipeline={pipeline}")
     try:
         with pytest.raises(NonFiniteError, match="step 7 \\(global batch 7\\)"):
             trainer.train()
@@ -443,9 +447,12 @@ def test_nan_batch_stops_with_a_diagnostic(tmp_path, monkeypatch):
     assert weights and all(bool(torch.isfinite(v).all()) for v in weights.values())
 
 
-def test_nan_batch_skipped_under_skip_policy(tmp_path, monkeypatch):
+@pytest.mark.parametrize("pipeline", PIPELINES)
+def test_nan_batch_skipped_under_skip_policy(tmp_path, monkeypatch, pipeline):
     _poison_batch(monkeypatch, global_batch=3)
-    trainer, final = train_in_process(tmp_path / "r", "data.shuffle=false", "trainer.max_steps=12", "trainer.nonfinite_policy=skip")
+    trainer, final = train_in_process(
+        tmp_path / "r", "data.shuffle=false", "trainer.max_steps=12", "trainer.nonfinite_policy=skip", f"trainer.pipeline={pipeline}"
+    )
     assert trainer.skipped_steps == 1 and trainer.step == 12
     assert final["train/examples_consumed"] == 12 * 64  # the bad batch is consumed, not retried
     state = load_checkpoint_tensors(latest_checkpoint(tmp_path / "r"))
@@ -656,10 +663,11 @@ def test_fuzzed_rating_files_parse_exactly_or_fail_with_a_location(tmp_path):
             assert not expected and "no valid ratings" in str(e)
 
 
-def test_nonfinite_dense_gradient_with_finite_loss_is_caught(tmp_path):
+@pytest.mark.parametrize("pipeline", ["none", "sparse_dist"])
+def test_nonfinite_dense_gradient_with_finite_loss_is_caught(tmp_path, pipeline):
     from kunlun.trainer.trainer import NonFiniteError
 
-    trainer = make_trainer(tmp_path / "r", "trainer.max_steps=10")
+    trainer = make_trainer(tmp_path / "r", "trainer.max_steps=10", f"trainer.pipeline={pipeline}")
     try:
         name, param = next((n, p) for n, p in trainer.model.named_parameters() if "tower.top" in n and n.endswith("weight"))
         param.register_hook(lambda g: torch.full_like(g, float("inf")))
