@@ -1,4 +1,5 @@
-"""Kernel selection for GDPA: the one place that maps ``impl`` to the implementation that runs.
+"""Kernel selection for the ops (GDPA, jagged softmax attention): the one place that maps
+``impl`` to the implementation that runs.
 
 ``impl`` (the towers' ``gdpa_impl`` config field, passed down unchanged to every module):
 
@@ -11,7 +12,9 @@
 Modules that call it inherit :class:`UsesGDPA` and read ``self.gdpa_impl``; the model
 sets it once for all of them with :func:`set_gdpa_impl` (from ``model.gdpa_impl``), like
 generative-recommenders sets its kernel on every module of a model, instead of threading a
-string through every constructor. Imports only torch.
+string through every constructor. Other ops (:func:`kunlun.model.ops.jagged_attention.jagged_attention`)
+resolve through :func:`resolve_impl` with their own name in the messages; the values and the
+per-device ``"auto"`` choice are shared. Imports only torch.
 """
 
 from __future__ import annotations
@@ -28,9 +31,9 @@ DEFAULT_IMPL = "auto"
 _AUTO_BY_DEVICE_TYPE: Dict[str, str] = {}
 
 
-def check_impl(impl: str) -> None:
+def check_impl(impl: str, op: str = "gdpa") -> None:
     if impl not in IMPLS:
-        raise ValueError(f"gdpa: impl={impl!r}; expected one of {IMPLS}")
+        raise ValueError(f"{op}: impl={impl!r}; expected one of {IMPLS}")
 
 
 def auto_impl(device: torch.device) -> str:
@@ -41,18 +44,23 @@ def auto_impl(device: torch.device) -> str:
     return choice
 
 
-def resolve_gdpa_impl(impl: str, device: torch.device) -> str:
-    """``impl`` → ``"reference"`` or ``"triton"`` for tensors on ``device``.
+def resolve_impl(impl: str, device: torch.device, op: str = "gdpa") -> str:
+    """``impl`` → ``"reference"`` or ``"triton"`` for op ``op`` on tensors on ``device``.
 
     Raises ``ValueError`` for an unknown name and ``RuntimeError`` for ``"triton"`` on a
-    non-CUDA device unless ``TRITON_INTERPRET=1``.
+    non-CUDA device unless ``TRITON_INTERPRET=1``. ``op`` only names the op in the messages.
     """
-    check_impl(impl)
+    check_impl(impl, op)
     if impl == "auto":
         impl = auto_impl(device)
     if impl == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError("gdpa impl='triton' needs a CUDA tensor (or TRITON_INTERPRET=1 to run the kernels on CPU)")
+        raise RuntimeError(f"{op} impl='triton' needs a CUDA tensor (or TRITON_INTERPRET=1 to run the kernels on CPU)")
     return impl
+
+
+def resolve_gdpa_impl(impl: str, device: torch.device) -> str:
+    """:func:`resolve_impl` for GDPA (kept for its callers)."""
+    return resolve_impl(impl, device, "gdpa")
 
 
 class UsesGDPA:
