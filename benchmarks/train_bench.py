@@ -35,9 +35,10 @@ import torch
 
 from kunlun.data.schema import ContextFeature, EventType, FeatureSchema, TableSpec
 from kunlun.model.config import ModelConfig
+from kunlun.model.flops import LengthStats
 from kunlun.model.towers import build_tower
 from kunlun.model.towers.base import EventSequence, TowerInputs
-from kunlun.trainer.perf import gpu_peak_tflops, matmul_probe_tflops
+from kunlun.trainer.perf import TRAIN_FLOPS_FACTOR, gpu_peak_tflops, matmul_probe_tflops
 
 
 def make_schema(n_ctx: int, n_dense: int, events: dict) -> FeatureSchema:
@@ -126,7 +127,7 @@ def e2e(args) -> None:
         # by the first steps' one-off costs.
         global_batch = m["train/examples_consumed"] / m["train/step"]
         ex_s = global_batch / (prof["step_ms"] / 1e3)
-        model_tflops = 3 * m["perf/forward_flops_per_example"] * ex_s / 1e12
+        model_tflops = TRAIN_FLOPS_FACTOR * m["perf/forward_flops_per_example"] * ex_s / 1e12
         rows.append(
             dict(
                 tower=tower,
@@ -201,7 +202,7 @@ def main() -> None:
     schema = make_schema(n_ctx=16, n_dense=8, events={"click": seq, "impression": seq})
     tower = build_tower(schema, cfg, num_labels=1).to(dev, dtype)
     inputs = make_inputs(schema, b, cfg.embedding_dim, dev, dtype, fill=0.5)
-    avg = {n: float(e.lengths.float().mean()) for n, e in inputs.events.items()}
+    avg = {n: LengthStats(e.lengths.cpu().numpy()) for n, e in inputs.events.items()}  # E[L] and E[L²] for the FLOPs
     flops_ex = tower.flops_per_example(avg)
     labels = torch.randint(0, 2, (b, 1), device=dev).to(dtype)
     opt = torch.optim.AdamW(tower.parameters(), lr=1e-4)
@@ -224,7 +225,7 @@ def main() -> None:
         torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / args.steps
     ex_s = b / dt
-    model_tflops = 3 * flops_ex * ex_s / 1e12
+    model_tflops = TRAIN_FLOPS_FACTOR * flops_ex * ex_s / 1e12
     probe = matmul_probe_tflops(dev, dtype, n=8192 if gpu else 512)
     peak = (gpu_peak_tflops(dev) if gpu else None) or probe
     result = dict(

@@ -1,8 +1,14 @@
 """Model FLOPs and MFU.
 
 MFU = achieved model FLOP/s ÷ peak FLOP/s (docs/architecture.md §6). Model FLOPs per
-training example = 3 × the tower's analytic forward FLOPs (backward ≈ 2× forward;
-embedding lookups and elementwise work excluded). Peak: a table of bf16 dense datasheet
+training example = :data:`TRAIN_FLOPS_FACTOR` × the tower's analytic forward FLOPs
+(embedding lookups and elementwise work excluded).
+
+One backward convention for every matmul, attention included: backward = 2× forward (the
+gradients w.r.t. both operands of each product), so forward + backward = 3× forward. These
+are *model* FLOPs: work a kernel repeats to save memory (FlashAttention-style kernels, and
+the GDPA kernels, recompute ``Q Kᵀ`` in backward, which the "backward = 2.5× forward"
+attention convention counts) is not model work, so it is not counted — MFU, not HFU. Peak: a table of bf16 dense datasheet
 numbers for known GPUs; on CPU, a matmul probe of the training dtype measured at start.
 """
 
@@ -14,9 +20,12 @@ from typing import Dict, Optional
 import numpy as np
 import torch
 
+from kunlun.model.flops import LengthStats
+
 # bf16 dense (non-sparse) peak TFLOP/s, vendor datasheets (SXM parts).
 GPU_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "B200": 2250.0, "A100": 312.0}
-TRAIN_FLOPS_FACTOR = 3.0
+BACKWARD_FLOPS_FACTOR = 2.0  # backward FLOPs ÷ forward FLOPs, every matmul (attention too)
+TRAIN_FLOPS_FACTOR = 1.0 + BACKWARD_FLOPS_FACTOR  # forward + backward ÷ forward
 
 
 def gpu_peak_tflops(device: torch.device) -> Optional[float]:
@@ -60,9 +69,13 @@ def peak_tflops(device: torch.device) -> Dict[str, float]:
     return {"peak": table if table is not None else probe, "probe": probe}
 
 
-def average_sequence_lengths(source, num_examples: int = 4096, seed: int = 0, num_windows: int = 32, split: str = "train") -> Dict[str, float]:
-    """Mean kept history length per event type (events per example, after ``max_len``) on
-    about ``num_examples`` examples of ``split`` (default train): ``{event type: mean}``.
+def average_sequence_lengths(source, num_examples: int = 4096, seed: int = 0, num_windows: int = 32, split: str = "train") -> Dict[str, LengthStats]:
+    """Kept history lengths per event type (events per example, after ``max_len``) on about
+    ``num_examples`` examples of ``split`` (default train): ``{event type: LengthStats}``.
+
+    Each value is a ``float`` equal to the mean length (what callers logging "mean history
+    lengths" print) that also carries the sampled lengths, so ``flops_per_example`` charges
+    full self-attention ``E[L²]`` and windowed attention its exact band, not ``mean(L)²``.
 
     The sample is ``num_windows`` contiguous windows, one at a random offset inside each of
     ``num_windows`` equal strata of the split. Spread over the whole split because histories
@@ -81,4 +94,4 @@ def average_sequence_lengths(source, num_examples: int = 4096, seed: int = 0, nu
         starts = bounds[:-1] + np.random.default_rng(seed).integers(0, strata - window + 1)
         indices = (starts[:, None] + np.arange(window)).ravel()
     block = source.read(split, indices)
-    return {name: float(np.mean(ev.lengths)) if len(ev.lengths) else 0.0 for name, ev in block.events.items()}
+    return {name: LengthStats(np.asarray(ev.lengths)) for name, ev in block.events.items()}

@@ -20,6 +20,7 @@ from typing import Sequence, Union
 import torch
 from torch import nn
 
+from kunlun.model.flops import LengthLike, LengthStats
 from kunlun.model.ops import gdpa_dense_kv
 from kunlun.model.ops.select import UsesGDPA
 
@@ -75,5 +76,6 @@ class GDPAFFN(UsesGDPA, nn.Module):
         ).reshape(-1, self.dim)
         return self.norm_out(o + ln_q) + seq
 
-    def flops_per_example(self, avg_len: float) -> float:
-        return self.kv.flops_per_example() + 4 * self.dim * self.m * avg_len
+    def flops_per_example(self, avg_len: LengthLike) -> float:
+        """K/V generation plus ``m`` keys per event (linear in ``E[L]``)."""
+        return self.kv.flops_per_example() + 4 * self.dim * self.m * LengthStats.of(avg_len).mean

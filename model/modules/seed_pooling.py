@@ -19,6 +19,7 @@ import math
 import torch
 from torch import nn
 
+from kunlun.model.flops import LengthLike, LengthStats
 from kunlun.model.modules.attention import masked_softmax_attention
 from kunlun.model.modules.jagged import padding_mask, to_padded
 from kunlun.model.ops import gdpa_shared_q
@@ -85,8 +86,10 @@ class SeedAttention(UsesGDPA, nn.Module):
             )
         return self.out(att.reshape(b, self.n_seeds, self.dim))
 
-    def flops_per_example(self, avg_len: float) -> float:
-        return 2 * self.dim * 2 * self.dim * avg_len + 4 * self.dim * self.n_seeds * avg_len + 2 * self.dim * self.dim * self.n_seeds
+    def flops_per_example(self, avg_len: LengthLike) -> float:
+        """``kv`` projection per event and ``n_seeds`` queries × ``L`` keys: linear in ``E[L]``."""
+        n = LengthStats.of(avg_len).mean
+        return 2 * self.dim * 2 * self.dim * n + 4 * self.dim * self.n_seeds * n + 2 * self.dim * self.dim * self.n_seeds
 
     def fixed_flops(self) -> float:
         """Per batch, not per example: projecting the shared seeds."""
@@ -105,7 +108,7 @@ class HierarchicalSeedPooling(nn.Module):
     def forward(self, seq: torch.Tensor, offsets: torch.Tensor, max_len: int) -> torch.Tensor:
         return self.norm(self.compress(self.seed_attention(seq, offsets, max_len)))
 
-    def flops_per_example(self, avg_len: float) -> float:
+    def flops_per_example(self, avg_len: LengthLike) -> float:
         return self.seed_attention.flops_per_example(avg_len) + self.compress.flops_per_example()
 
     def fixed_flops(self) -> float:
@@ -123,7 +126,7 @@ class PMA(nn.Module):
     def forward(self, seq: torch.Tensor, offsets: torch.Tensor, max_len: int) -> torch.Tensor:
         return self.norm(self.seed_attention(seq, offsets, max_len))
 
-    def flops_per_example(self, avg_len: float) -> float:
+    def flops_per_example(self, avg_len: LengthLike) -> float:
         return self.seed_attention.flops_per_example(avg_len)
 
     def fixed_flops(self) -> float:

@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from kunlun.model.flops import LengthLike, LengthStats
 from kunlun.model.modules.attention import masked_softmax_attention
 from kunlun.model.modules.jagged import from_padded, padding_mask, to_padded
 
@@ -39,6 +40,9 @@ class WindowSelfAttention(nn.Module):
         att = att.transpose(1, 2).reshape(b, max_len, self.dim)
         return seq + self.out(from_padded(att, offsets, t))
 
-    def flops_per_example(self, avg_len: float) -> float:
-        keys = avg_len if self.window is None else min(avg_len, 2 * self.window + 1)
-        return 2 * self.dim * 4 * self.dim * avg_len + 4 * self.dim * avg_len * keys
+    def flops_per_example(self, avg_len: LengthLike) -> float:
+        """Forward FLOPs per example: ``qkv`` + ``out`` projections (``8·d²`` per event, over
+        ``E[L]``) and ``q kᵀ`` + ``A v`` (``4·d`` per (query, key) pair) over the exact mean
+        number of pairs: ``E[L²]`` for full attention, the ``|i − j| ≤ w`` band otherwise."""
+        stats = LengthStats.of(avg_len)
+        return 2 * self.dim * 4 * self.dim * stats.mean + 4 * self.dim * stats.band(self.window)

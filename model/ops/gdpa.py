@@ -39,6 +39,11 @@ from kunlun.model.ops.select import DEFAULT_IMPL, check_impl, resolve_gdpa_impl
 
 
 def _max_len(offsets: torch.Tensor, given: Optional[int]) -> int:
+    """Longest sample of ``offsets [B+1]``: ``given`` as is (no device sync), else computed.
+
+    A ``given`` value is not checked (checking would sync): the Triton kernels loop over
+    tiles past the grid, so a sample longer than it is still computed exactly, only slower
+    (``max_len`` sizes the grid and picks the schedule; it is not a correctness bound)."""
     if given is not None:
         return int(given)
     if offsets.numel() <= 1:
@@ -60,6 +65,11 @@ def _check(q, k, v, q_offsets, kv_offsets, window, impl) -> None:
     check_impl(impl)
     if window is not None and window < 0:
         raise ValueError(f"gdpa: window must be >= 0, got {window}")
+    # Before dispatch, so every impl rejects it alike. Self-attention modules pass the same
+    # offsets tensor for both, which skips the value comparison (a device sync on CUDA).
+    if window is not None and q_offsets is not kv_offsets:
+        if q.shape[0] != k.shape[0] or not torch.equal(q_offsets, kv_offsets):
+            raise ValueError("gdpa: window needs equal query and key lengths per sample (self-attention)")
 
 
 def gdpa(
@@ -77,7 +87,10 @@ def gdpa(
     max_q_len: Optional[int] = None,
     max_kv_len: Optional[int] = None,
 ) -> torch.Tensor:
-    """See the module docstring. ``max_q_len`` / ``max_kv_len`` (optional) avoid a device sync."""
+    """See the module docstring. ``max_q_len`` / ``max_kv_len`` (optional, events): the
+    longest query / key sample, to avoid a device sync; they size the Triton grid and pick
+    its schedule (short-KV kernels when ``max_kv_len ≤ 64`` and no window), and an
+    understated value costs speed, not correctness."""
     _check(q, k, v, q_offsets, kv_offsets, window, impl)
     acts = per_head(activation, q.shape[1])
     if resolve_gdpa_impl(impl, q.device) == "triton":
@@ -96,9 +109,6 @@ def gdpa(
             _max_len(q_offsets, max_q_len),
             _max_len(kv_offsets, max_kv_len),
         )
-    if window is not None:
-        if not torch.equal(q_offsets, kv_offsets):
-            raise ValueError("gdpa: window needs equal query and key lengths per sample (self-attention)")
     return gdpa_reference(q, k, v, q_offsets, kv_offsets, acts, qk_scale, out_scale, window, max_q_len, max_kv_len)
 
 

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from kunlun.data.schema import FeatureSchema
+from kunlun.model.flops import LengthLike
 
 
 @dataclass
@@ -66,6 +67,8 @@ class DenseTower(nn.Module):
     def forward(self, inputs: TowerInputs) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def flops_per_example(self, avg_seq_len: Dict[str, float]) -> float:
-        """Forward FLOPs per example (multiply-add = 2), given mean history lengths."""
+    def flops_per_example(self, avg_seq_len: Dict[str, LengthLike]) -> float:
+        """Forward FLOPs per example (multiply-add = 2), given per-event-type history length
+        statistics (:class:`kunlun.model.flops.LengthStats`; a plain number means every
+        example has that length)."""
         raise NotImplementedError

@@ -13,6 +13,7 @@ from typing import Dict
 import torch
 
 from kunlun.data.schema import FeatureSchema
+from kunlun.model.flops import LengthLike
 from kunlun.model.modules.jagged import jagged_pool
 from kunlun.model.modules.mlp import mlp, mlp_flops
 from kunlun.model.towers.base import DenseTower, TowerInputs
@@ -50,7 +51,7 @@ class DLRMTower(DenseTower):
         top_in = torch.cat([bottom, pairs], dim=1) if bottom is not None else pairs
         return self.top(top_in)
 
-    def flops_per_example(self, avg_seq_len: Dict[str, float]) -> float:
+    def flops_per_example(self, avg_seq_len: Dict[str, LengthLike]) -> float:
         d = self.embedding_dim
         pooling = sum(2 * d * avg_seq_len.get(e.name, 0.0) for e in self.schema.event_types)
         interaction = 2 * self.num_vectors * self.num_vectors * d

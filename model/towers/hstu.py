@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kunlun.data.schema import FeatureSchema
+from kunlun.model.flops import LengthLike, LengthStats
 from kunlun.model.modules.head import PredictionHead
 from kunlun.model.modules.seed_pooling import PMA
 from kunlun.model.modules.temporal import TemporalEncoding
@@ -73,12 +74,11 @@ class HSTULayer(UsesGDPA, nn.Module):
         ).reshape(t, self.dim)
         return seq + self.out(u * self.norm_attn(av))
 
-    def flops_per_example(self, avg_len: float) -> float:
-        """``uvqk`` and ``W_o`` per event, plus ``q kᵀ`` and ``A v`` over ``avg_len`` keys.
-
-        Uses ``avg_len²`` for the attention term (exact when all lengths are equal; a jagged
-        batch does ``mean(L²) ≥ mean(L)²``)."""
-        return 2 * self.dim * 5 * self.dim * avg_len + 4 * self.dim * avg_len * avg_len
+    def flops_per_example(self, avg_len: LengthLike) -> float:
+        """``uvqk`` and ``W_o`` per event (over ``E[L]``), plus ``q kᵀ`` and ``A v`` over every
+        (query, key) pair of the sample: ``E[L²]`` (a jagged batch does ``E[L²] ≥ E[L]²``)."""
+        stats = LengthStats.of(avg_len)
+        return 2 * self.dim * 5 * self.dim * stats.mean + 4 * self.dim * stats.mean_sq
 
 
 class HSTUSequence(nn.Module):
@@ -98,8 +98,8 @@ class HSTUSequence(nn.Module):
             seq = layer(seq, ev.offsets)
         return self.summary(seq, ev.offsets, self.max_len)
 
-    def flops_per_example(self, avg_len: float) -> float:
-        total = 2 * self.token.in_features * self.dim * avg_len
+    def flops_per_example(self, avg_len: LengthLike) -> float:
+        total = 2 * self.token.in_features * self.dim * LengthStats.of(avg_len).mean
         total += sum(layer.flops_per_example(avg_len) for layer in self.layers)
         return total + self.summary.flops_per_example(avg_len)
 
@@ -124,7 +124,7 @@ class HSTUTower(DenseTower):
             tokens.append(seq(inputs.events[name], inputs.request_time))  # [B, n_sum, d]
         return self.head(torch.cat(tokens, dim=1))
 
-    def flops_per_example(self, avg_seq_len: Dict[str, float]) -> float:
+    def flops_per_example(self, avg_seq_len: Dict[str, LengthLike]) -> float:
         total = self.tokenizer.flops_per_example()
         for name, seq in self.events.items():
             total += seq.flops_per_example(avg_seq_len.get(name, 0.0))

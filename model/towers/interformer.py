@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from kunlun.data.schema import FeatureSchema
+from kunlun.model.flops import LengthLike, LengthStats
 from kunlun.model.modules.gdpa_ffn import GDPAFFN
 from kunlun.model.modules.head import PredictionHead
 from kunlun.model.modules.interaction import ContextSummary, Gating
@@ -79,7 +80,7 @@ class SequenceSummary(nn.Module):
         recent = seq[idx.clamp(min=0)] * valid.unsqueeze(-1).to(seq.dtype)  # [B, r, d]
         return self.gating(torch.cat([cls, pma, recent], dim=1))
 
-    def flops_per_example(self, avg_len: float) -> float:
+    def flops_per_example(self, avg_len: LengthLike) -> float:
         return self.pma.flops_per_example(avg_len) + self.n_tokens * self.gating.flops_per_token()
 
     def fixed_flops(self) -> float:
@@ -117,9 +118,10 @@ class InterFormerSequence(nn.Module):
     def step(self, layer: int, seq: torch.Tensor, offsets: torch.Tensor, x_sum: torch.Tensor) -> torch.Tensor:
         return self.mha[layer](self.pffn[layer](seq, offsets, x_sum, self.max_len), offsets, self.max_len)
 
-    def flops_per_example(self, avg_len: float) -> float:
-        n = avg_len + 1  # CLS row
-        total = 2 * self.token.in_features * self.dim * avg_len
+    def flops_per_example(self, avg_len: LengthLike) -> float:
+        stats = LengthStats.of(avg_len)
+        n = stats.plus(1)  # + the CLS row (shifts every sample, so E[(L+1)²] stays exact)
+        total = 2 * self.token.in_features * self.dim * stats.mean
         total += sum(s.flops_per_example(n) for s in self.summaries)
         total += sum(p.flops_per_example(n) for p in self.pffn)
         return total + sum(m.flops_per_example(n) for m in self.mha)
@@ -164,7 +166,7 @@ class InterFormerTower(DenseTower):
         _, t = self._summaries(self.cfg.num_layers, x, seqs, offsets)
         return self.head(t)
 
-    def flops_per_example(self, avg_seq_len: Dict[str, float]) -> float:
+    def flops_per_example(self, avg_seq_len: Dict[str, LengthLike]) -> float:
         total = self.tokenizer.flops_per_example()
         for name, tower in self.events.items():
             total += tower.flops_per_example(avg_seq_len.get(name, 0.0))

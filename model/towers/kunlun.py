@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from kunlun.data.schema import FeatureSchema
+from kunlun.model.flops import LengthLike, LengthStats
 from kunlun.model.modules.gdpa_ffn import GDPAFFN
 from kunlun.model.modules.head import PredictionHead
 from kunlun.model.modules.interaction import ContextSummary
@@ -96,8 +97,10 @@ class EventTower(nn.Module):
             summary = self.project(self.summaries[key](seq, offsets, self.max_len))
         return seq, summary
 
-    def flops_per_example(self, avg_len: float, d_ctx: int) -> float:
-        total = 2 * self.token.in_features * self.dim * avg_len
+    def flops_per_example(self, avg_len: LengthLike, d_ctx: int) -> float:
+        """Forward FLOPs per example of this event tower; ``avg_len``: a :class:`LengthStats`
+        (or a number: every example that long); ``d_ctx``: width of the context tokens."""
+        total = 2 * self.token.in_features * self.dim * LengthStats.of(avg_len).mean
         for key in self.summaries:
             total += self.summaries[key].flops_per_example(avg_len) + 2 * self.dim * d_ctx * self.num_tokens
         for key in self.pffn:
@@ -149,7 +152,7 @@ class KunlunTower(DenseTower):
             x = self.norms[layer](x + self.interactions[layer](t))
         return self.head(x)
 
-    def flops_per_example(self, avg_seq_len: Dict[str, float]) -> float:
+    def flops_per_example(self, avg_seq_len: Dict[str, LengthLike]) -> float:
         d, cfg = self.cfg.dim, self.cfg
         total = self.tokenizer.flops_per_example()
         for name, tower in self.events.items():
