@@ -94,9 +94,10 @@ def e2e(args) -> None:
     probe = matmul_probe_tflops(torch.device("cpu"), torch.float32, n=512, repeats=9)
     warm, prof_steps = 15, 10
     rows = []
-    for tower in args.towers.split(","):
+    runs = [(t, p) for t in args.towers.split(",") for p in args.pipelines.split(",")]
+    for tower, pipeline in runs:
         w = matched_width(tower, args.target_mflops * 1e6)
-        run_dir = out / tower
+        run_dir = out / tower if args.pipelines == "none" else out / f"{tower}-{pipeline}"
         cmd = [
             str(Path(sys.executable).parent / "torchrun"),
             "--standalone",
@@ -115,6 +116,7 @@ def e2e(args) -> None:
             "data.synthetic.eval_examples=2048",
             "data.synthetic.test_examples=2048",
             "checkpoint.every_n_steps=0",
+            f"trainer.pipeline={pipeline}",
         ]
         env = dict(os.environ, OMP_NUM_THREADS="1")
         proc = subprocess.run(cmd, cwd=scaling.REPO, env=env, capture_output=True, text=True)
@@ -131,6 +133,7 @@ def e2e(args) -> None:
         rows.append(
             dict(
                 tower=tower,
+                pipeline=pipeline,
                 width=w,
                 mflops_per_example_fwd=m["perf/forward_flops_per_example"] / 1e6,
                 dense_params=int(m["model/dense_params"]),
@@ -149,13 +152,13 @@ def e2e(args) -> None:
     (out / "train_bench_e2e.json").write_text(json.dumps({"probe_tflops_per_rank": probe, "nproc": args.nproc, "rows": rows}, indent=1))
     print(f"\nmatmul probe (fp32, 1 thread, 512³): {probe * 1e3:.1f} GFLOP/s per rank; {args.nproc} ranks")
     print(
-        "| tower | width | fwd MFLOPs/ex | dense params | examples/s | model GFLOP/s | MFU vs probe | step ms | outside dense compute | data | embedding | optimizer | communication | other |"
+        "| tower | pipeline | width | fwd MFLOPs/ex | dense params | examples/s | model GFLOP/s | MFU vs probe | step ms | outside dense compute | data | embedding | optimizer | communication | other |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         sh = r["shares"]
         print(
-            f"| {r['tower']} | {r['width']} | {r['mflops_per_example_fwd']:.3f} | {r['dense_params']:,} | {r['examples_per_sec']:.0f} | {r['model_gflops']:.2f} | "
+            f"| {r['tower']} | {r['pipeline']} | {r['width']} | {r['mflops_per_example_fwd']:.3f} | {r['dense_params']:,} | {r['examples_per_sec']:.0f} | {r['model_gflops']:.2f} | "
             f"{100 * r['mfu_vs_probe']:.1f}% | {r['step_ms']:.1f} | {100 * r['outside_dense_compute']:.0f}% | "
             + " | ".join(f"{100 * sh[c]:.0f}%" for c in ("data", "embedding", "optimizer", "communication", "other"))
             + " |"
@@ -168,6 +171,10 @@ def main() -> None:
     ap.add_argument("--towers", default="kunlun,interformer,hstu,wukong,dcnv2,dlrm", help="--e2e: towers to run")
     ap.add_argument("--target-mflops", type=float, default=1.0, help="--e2e: forward MFLOPs/example every tower is sized to")
     ap.add_argument("--nproc", type=int, default=2, help="--e2e: ranks (torchrun, gloo on CPU)")
+    ap.add_argument("--pipelines", default="none", help="--e2e: trainer.pipeline values to run for every tower, e.g. none,sparse_dist,semi_sync")
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="tower compute: bf16 = autocast, fp32 weights (auto: bf16 on GPU)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the tower (dynamic=True), as model.compile=true")
+    ap.add_argument("--compile-backend", default="inductor")
     ap.add_argument("--out", default="", help="--e2e: run folder (default runs/train_bench)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--tower", default="kunlun")
@@ -181,7 +188,11 @@ def main() -> None:
         return e2e(args)
     dev = torch.device(args.device)
     gpu = dev.type == "cuda"
-    dtype = torch.bfloat16 if gpu else torch.float32
+    precision = args.precision if args.precision != "auto" else ("bf16" if gpu else "fp32")
+    # As the trainer runs it (trainer.precision): fp32 weights, inputs and optimizer state;
+    # bf16 = the tower's compute under autocast.
+    dtype = torch.float32
+    compute_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     b = args.batch or (1152 if gpu else 64)
     seq = args.seq or (1024 if gpu else 32)
     cfg = ModelConfig(tower=args.tower, embedding_dim=128 if gpu else 16)
@@ -201,6 +212,8 @@ def main() -> None:
         setattr(obj, last, value.lower() in ("1", "true", "yes") if isinstance(old, bool) else type(old)(value))
     schema = make_schema(n_ctx=16, n_dense=8, events={"click": seq, "impression": seq})
     tower = build_tower(schema, cfg, num_labels=1).to(dev, dtype)
+    if args.compile:
+        tower.compile(dynamic=True, backend=args.compile_backend)
     inputs = make_inputs(schema, b, cfg.embedding_dim, dev, dtype, fill=0.5)
     avg = {n: LengthStats(e.lengths.cpu().numpy()) for n, e in inputs.events.items()}  # E[L] and E[L²] for the FLOPs
     flops_ex = tower.flops_per_example(avg)
@@ -209,7 +222,9 @@ def main() -> None:
 
     def step():
         opt.zero_grad(set_to_none=True)
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(tower(inputs).float(), labels.float())
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            logits = tower(inputs)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), labels.float())
         loss.backward()
         opt.step()
         return loss
@@ -226,12 +241,13 @@ def main() -> None:
     dt = (time.perf_counter() - t0) / args.steps
     ex_s = b / dt
     model_tflops = TRAIN_FLOPS_FACTOR * flops_ex * ex_s / 1e12
-    probe = matmul_probe_tflops(dev, dtype, n=8192 if gpu else 512)
-    peak = (gpu_peak_tflops(dev) if gpu else None) or probe
+    probe = matmul_probe_tflops(dev, compute_dtype, n=8192 if gpu else 512)
+    peak = (gpu_peak_tflops(dev, compute_dtype) if gpu else None) or probe
     result = dict(
         device=torch.cuda.get_device_name() if gpu else "cpu",
         tower=args.tower,
-        dtype=str(dtype),
+        precision=precision,
+        compiled=bool(args.compile),
         batch=b,
         max_seq=seq,
         mean_seq=avg,

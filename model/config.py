@@ -253,6 +253,10 @@ class ModelConfig:
     # GDPA kernels of every tower module: auto (Triton on CUDA, reference elsewhere) |
     # reference | triton (CPU: only under TRITON_INTERPRET=1); see kunlun.model.ops.select.
     gdpa_impl: str = "auto"
+    # torch.compile the dense tower (dynamic jagged totals; nn.Module.compile keeps parameter
+    # names, so checkpoints are unchanged). Backend: inductor | aot_eager | eager.
+    compile: bool = False
+    compile_backend: str = "inductor"
     dlrm: DLRMConfig = field(default_factory=DLRMConfig)
     kunlun: KunlunConfig = field(default_factory=KunlunConfig)
     dcnv2: DCNv2Config = field(default_factory=DCNv2Config)
@@ -272,5 +276,6 @@ class ModelConfig:
             raise FieldError(type(self), "tasks", names, "distinct task names")
         check_choice(self, "tower", TOWER_NAMES)
         check_choice(self, "gdpa_impl", GDPA_IMPLS)
+        check_choice(self, "compile_backend", ("inductor", "aot_eager", "eager"))
         check_positive(self, "embedding_dim")
         check_choice(self, "embedding_dtype", EMBEDDING_DTYPES)

@@ -57,6 +57,13 @@ class RecModel(nn.Module):
         self.domain_feature = model_cfg.multitask.domain_feature
         self.ebc, self.ec = build_embeddings(schema, model_cfg.embedding_dim, embedding_device, model_cfg.embedding_dtype)
         self.tower = build_tower(schema, model_cfg, num_labels=len(self.tasks))
+        if model_cfg.compile:
+            # In place (Module.compile): parameter names, FSDP wrapping and export see the
+            # plain tower. dynamic=True: jagged totals vary every batch.
+            self.tower.compile(dynamic=True, backend=model_cfg.compile_backend)
+        # Dense compute dtype under autocast (None = fp32): set by the trainer from
+        # trainer.precision. Lookups stay outside it (TBE kernels choose their own precision).
+        self.autocast_dtype: Optional[torch.dtype] = None
         # Context features of shared tables go through the EC (model/embeddings.py); the rest
         # through the EBC. Index lists select them from batch.context (keys = schema.context_keys).
         keys = schema.context_keys
@@ -143,7 +150,10 @@ class RecModel(nn.Module):
     def _dense_forward(self, batch: Batch, pooled: Dict[str, torch.Tensor], seqs: Dict[str, JaggedTensor]) -> Tuple[torch.Tensor, ModelOutput]:
         with torch.profiler.record_function("kunlun/dense_tower"):
             inputs = self._tower_inputs(batch, pooled, seqs)
-            logits = self.tower(inputs)  # [B, T]
+            dtype = self.autocast_dtype
+            with torch.autocast(batch.dense.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+                logits = self.tower(inputs)  # [B, T]
+            logits = logits.float()  # loss and metrics in fp32 whatever the tower computed in
         labels = self.task_labels(batch.labels)
         loss = multitask_loss(logits, labels, batch.weights, self.tasks)
         return loss, ModelOutput(loss.detach(), logits.detach(), labels, batch.weights, inputs.domain)

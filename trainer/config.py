@@ -117,6 +117,10 @@ class TrainerConfig:
     # train pipelines, overlapping input distribution / lookups with the previous batch).
     # auto: sparse_dist on GPU, none on CPU (no streams to overlap on; measured slower there).
     pipeline: str = "auto"
+    # Dense tower compute precision: fp32 | bf16 (autocast; fp32 master weights, optimizer
+    # state, loss and metrics) | auto (bf16 on GPU, fp32 on CPU). Embedding storage is
+    # model.embedding_dtype.
+    precision: str = "auto"
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     # Epochs are implicit: training loops over the train split until max_steps.
 
@@ -128,6 +132,7 @@ class TrainerConfig:
         check_choice(self, "device", ("auto", "cpu", "cuda"))
         check_choice(self, "nonfinite_policy", ("stop", "skip"))
         check_choice(self, "pipeline", ("auto", "none", "sparse_dist", "semi_sync", "prefetch"))
+        check_choice(self, "precision", ("auto", "fp32", "bf16"))
         if self.early_stopping.patience:
             check(
                 self, self.eval_every_n_steps > 0, "early_stopping.patience", "0 when trainer.eval_every_n_steps=0 (early stopping needs periodic evaluations)"

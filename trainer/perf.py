@@ -24,13 +24,17 @@ from kunlun.model.flops import LengthStats
 
 # bf16 dense (non-sparse) peak TFLOP/s, vendor datasheets (SXM parts).
 GPU_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "B200": 2250.0, "A100": 312.0}
+# fp32 peak TFLOP/s (CUDA cores; PyTorch's default matmul precision does not use TF32), datasheets.
+GPU_PEAK_TFLOPS_FP32 = {"H100": 67.0, "H200": 67.0, "B200": 80.0, "A100": 19.5}
 BACKWARD_FLOPS_FACTOR = 2.0  # backward FLOPs ÷ forward FLOPs, every matmul (attention too)
 TRAIN_FLOPS_FACTOR = 1.0 + BACKWARD_FLOPS_FACTOR  # forward + backward ÷ forward
 
 
-def gpu_peak_tflops(device: torch.device) -> Optional[float]:
+def gpu_peak_tflops(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> Optional[float]:
+    """Datasheet peak of this GPU for matmuls in ``dtype`` (bf16/fp16 tensor cores, or fp32)."""
     name = torch.cuda.get_device_name(device)
-    for key, tflops in GPU_PEAK_TFLOPS.items():
+    table = GPU_PEAK_TFLOPS_FP32 if dtype == torch.float32 else GPU_PEAK_TFLOPS
+    for key, tflops in table.items():
         if key in name:
             return tflops
     return None
@@ -62,10 +66,20 @@ def format_flops(flops: float) -> str:
     return f"{flops:.3g} FLOPs"
 
 
-def peak_tflops(device: torch.device) -> Dict[str, float]:
-    """``{"peak": ..., "probe": ...}`` TFLOP/s of one rank's device."""
-    probe = matmul_probe_tflops(device, torch.bfloat16 if device.type == "cuda" else torch.float32, n=4096 if device.type == "cuda" else 512)
-    table = gpu_peak_tflops(device) if device.type == "cuda" else None
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``trainer.precision`` → ``"fp32"`` or ``"bf16"`` (auto: bf16 on GPU, fp32 on CPU, where
+    bf16 matmuls are emulated and slower)."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def peak_tflops(device: torch.device, dtype: torch.dtype = torch.float32) -> Dict[str, float]:
+    """``{"peak": ..., "probe": ...}`` TFLOP/s of one rank's device for matmuls in ``dtype``:
+    the dtype the dense tower actually computes in (``trainer.precision``), so MFU divides
+    bf16 work by the bf16 peak and fp32 work by the fp32 one."""
+    probe = matmul_probe_tflops(device, dtype, n=4096 if device.type == "cuda" else 512)
+    table = gpu_peak_tflops(device, dtype) if device.type == "cuda" else None
     return {"peak": table if table is not None else probe, "probe": probe}
 
 

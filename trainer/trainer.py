@@ -46,7 +46,7 @@ from kunlun.trainer.faults import (  # noqa: F401 - the names launch/main.py and
 )
 from kunlun.trainer.metrics import EvalAccumulator, summary
 from kunlun.trainer.monitor import Monitor, setup_logging
-from kunlun.trainer.perf import TRAIN_FLOPS_FACTOR, average_sequence_lengths, format_flops, peak_tflops
+from kunlun.trainer.perf import TRAIN_FLOPS_FACTOR, average_sequence_lengths, format_flops, peak_tflops, resolve_precision
 from kunlun.trainer.pipeline import StepOptimizer, build_pipeline, check_pipeline, resolve_pipeline
 from kunlun.trainer.profiling import StepProfiler
 
@@ -111,6 +111,8 @@ class Trainer:
             log.warning("data: skipped %d bad rows (data.bad_row_policy=skip)", self.source.bad_rows)
 
         model = RecModel(self.schema, cfg.model)  # dense tower on CPU, tables on meta
+        self.precision = resolve_precision(cfg.trainer.precision, self.info.device)
+        model.autocast_dtype = torch.bfloat16 if self.precision == "bf16" else None
         self.tasks = model.tasks
         model.tower.to(self.info.device)
         n_dense = sum(p.numel() for p in model.tower.parameters())
@@ -131,14 +133,15 @@ class Trainer:
         self.num_params = {"dense": n_dense, "embedding": n_sparse}
         self.avg_seq_len = average_sequence_lengths(self.source, seed=cfg.seed, split="train" if source is None else "test")
         self.flops_per_example = model.tower.flops_per_example(self.avg_seq_len)
-        self.peak = peak_tflops(self.info.device)
+        self.peak = peak_tflops(self.info.device, torch.bfloat16 if self.precision == "bf16" else torch.float32)
         log.info(
-            "tower %s: %s/example forward, %s training (x%.0f) at mean history lengths %s; peak %.3g TFLOP/s per rank (%s)",
+            "tower %s: %s/example forward, %s training (x%.0f) at mean history lengths %s; %s peak %.3g TFLOP/s per rank (%s)",
             cfg.model.tower,
             format_flops(self.flops_per_example),
             format_flops(TRAIN_FLOPS_FACTOR * self.flops_per_example),
             TRAIN_FLOPS_FACTOR,
             {k: round(v, 1) for k, v in self.avg_seq_len.items()},
+            self.precision,
             self.peak["peak"],
             "datasheet" if self.info.device.type == "cuda" and self.peak["peak"] != self.peak["probe"] else "matmul probe",
         )

@@ -96,6 +96,10 @@ def gdpa(
     if resolve_gdpa_impl(impl, q.device) == "triton":
         from kunlun.model.ops.triton.gdpa import gdpa_triton
 
+        if torch.is_autocast_enabled(q.device.type):  # autocast does not reach into custom kernels
+            dtype = torch.get_autocast_dtype(q.device.type)
+            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+
         return gdpa_triton(
             q,
             k,
