@@ -50,10 +50,20 @@ def train_in_process(run_dir: Path, *overrides: str):
 
 # ------------------------------------------------------------------ killed rank
 @pytest.mark.slow
-def test_sigkilled_rank_is_restarted_and_run_matches_uninterrupted(tmp_path):
+@pytest.mark.parametrize(
+    "layout",
+    [
+        [],  # 1D, plain loop
+        # 2D (two replicas of every table, touched-rows sync every 4 steps) under TorchRec's
+        # pipeline: the restart must land on the trained batch, not the read-ahead ones.
+        ["parallel.sparse.strategy=2d", "parallel.sparse.sharding_group_size=1", "trainer.pipeline=sparse_dist"],
+    ],
+    ids=["1d", "2d-sparse_dist"],
+)
+def test_sigkilled_rank_is_restarted_and_run_matches_uninterrupted(tmp_path, layout):
     """2 ranks via ``torchx run --max_restarts 1``; SIGKILL one worker after a checkpoint."""
     steps = 400
-    args = [f"trainer.max_steps={steps}", "checkpoint.every_n_steps=100", "checkpoint.keep=5", *COMMON]
+    args = [f"trainer.max_steps={steps}", "checkpoint.every_n_steps=100", "checkpoint.keep=5", *COMMON, *layout]
     ref = tmp_path / "ref"
     subprocess.run(
         [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "kunlun.launch.main", "--config", "tiny", f"run_dir={ref}", *args],
