@@ -889,7 +889,6 @@ def run_one(mix: str, strategy: str, run_dir: str, warmup: int, steps: int, extr
                     step_ids.append(int(sum(v.size for v in looked_up.values())))
                 t0 = time.perf_counter()
                 counter.active = measured
-                trainer._set_lr(step)
                 trainer.optimizer.zero_grad()
                 counter.phase = "fwd"
                 loss, _ = trainer.model(batch)
@@ -897,6 +896,7 @@ def run_one(mix: str, strategy: str, run_dir: str, warmup: int, steps: int, extr
                 loss.backward()
                 counter.phase = "opt"
                 trainer.optimizer.step()
+                trainer.lr_scheduler.step()
                 counter.phase = "sync"
                 if touched is None:
                     trainer.sharded.maybe_sync(step + 1)

@@ -23,8 +23,6 @@ from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
-from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
-from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from kunlun.data.batch import Batch
 from kunlun.data.loader import BackgroundIterator, ShardedBatches, make_loader
@@ -46,6 +44,7 @@ from kunlun.trainer.faults import (  # noqa: F401 - the names launch/main.py and
 )
 from kunlun.trainer.metrics import EvalAccumulator, summary
 from kunlun.trainer.monitor import Monitor, setup_logging
+from kunlun.trainer.optim import build_lr_scheduler, build_optimizer, current_lrs
 from kunlun.trainer.perf import TRAIN_FLOPS_FACTOR, average_sequence_lengths, format_flops, peak_tflops, resolve_precision
 from kunlun.trainer.pipeline import StepOptimizer, build_pipeline, check_pipeline, resolve_pipeline
 from kunlun.trainer.profiling import StepProfiler
@@ -145,7 +144,7 @@ class Trainer:
             self.peak["peak"],
             "datasheet" if self.info.device.type == "cuda" and self.peak["peak"] != self.peak["probe"] else "matmul probe",
         )
-        self.optimizer = self._build_optimizer()
+        self.optimizer = build_optimizer(self.model, cfg.optim)
         # Walked every step by the finiteness check: listed once (DMP's named_parameters()
         # walks every sharded module). Gradients of fused embedding tables are never set.
         self._named_params = list(self.model.named_parameters())
@@ -169,6 +168,7 @@ class Trainer:
         self._last_eval: Optional[tuple] = None  # (step, metrics) of the latest validation
         self.resumed_from: Optional[Path] = None
         self._maybe_resume()
+        self.lr_scheduler = build_lr_scheduler(self.optimizer, self.base_lrs(), cfg.optim, cfg.trainer.max_steps, self.step)
         profile = cfg.logging.profile
         self.profiler = StepProfiler(self.run_dir, rank, profile.start_step, profile.num_steps, self.info.device)
         # An evaluation starts the writer without purge_step: purging would hide the run's
@@ -213,38 +213,9 @@ class Trainer:
             raise bad(f"the mean over tasks reports {list(plain)} here")
         return metric
 
-    def _build_optimizer(self) -> CombinedOptimizer:
-        o = self.cfg.optim
-        dense_params = dict(in_backward_optimizer_filter(self.model.named_parameters()))
-
-        def make(params):
-            if o.dense == "adam":
-                return torch.optim.Adam(params, lr=o.dense_lr, weight_decay=o.weight_decay)
-            if o.dense == "adamw":
-                return torch.optim.AdamW(params, lr=o.dense_lr, weight_decay=o.weight_decay)
-            if o.dense == "adagrad":
-                return torch.optim.Adagrad(params, lr=o.dense_lr, weight_decay=o.weight_decay)
-            return torch.optim.SGD(params, lr=o.dense_lr, weight_decay=o.weight_decay)
-
-        return CombinedOptimizer([("sparse", self.model.fused_optimizer), ("dense", KeyedOptimizerWrapper(dense_params, make))])
-
-    def lr_factor(self, step: int) -> float:
-        """Multiplier of both base learning rates for the update made at ``step`` (0-based)."""
-        o, total = self.cfg.optim, self.cfg.trainer.max_steps
-        if o.warmup_steps and step < o.warmup_steps:
-            return (step + 1) / o.warmup_steps
-        if o.schedule == "constant":
-            return 1.0
-        frac = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
-        return 1.0 - frac if o.schedule == "linear" else 0.5 * (1 + math.cos(math.pi * frac))
-
-    def _set_lr(self, step: int) -> Dict[str, float]:
-        f = self.lr_factor(step)
-        lrs = {"sparse": self.cfg.optim.sparse_lr * self.sharded.sparse_lr_scale * f, "dense": self.cfg.optim.dense_lr * f}
-        for name, opt in self.optimizer.optimizers:
-            for g in opt.param_groups:
-                g["lr"] = lrs[name]
-        return lrs
+    def base_lrs(self) -> Dict[str, float]:
+        """Learning rates before the schedule: the sparse one times the 2D momentum scale."""
+        return {"sparse": self.cfg.optim.sparse_lr * self.sharded.sparse_lr_scale, "dense": self.cfg.optim.dense_lr}
 
     # -------------------------------------------------------------- checkpoint
     def _state(self) -> Dict:
@@ -388,7 +359,7 @@ class Trainer:
         (non-finite loss, SIGTERM requested). A non-finite loss returns a detached leaf zero
         instead: the runner's backward is then a no-op, so the fused embedding update inside
         it never sees the bad gradients."""
-        lrs = self._set_lr(self.step)
+        lrs = current_lrs(self.optimizer)  # step self.step's rates (the scheduler set them)
         loss, out = self.model(batch)
         flags = torch.stack([(~torch.isfinite(loss.detach())).to(torch.float32), torch.tensor(float(self._sigterm.requested), device=loss.device)])
         loss_nonfinite, sigterm = (bool(x) for x in all_max_flags(flags.to(self.comm_device)).tolist())  # the step's one host read
@@ -406,10 +377,11 @@ class Trainer:
             rec.bad_grads = nonfinite_dense_grads(self._named_params)
         if rec.loss_nonfinite or rec.bad_grads:
             self.optimizer.zero_grad()
-            return
-        with self.profiler.region("kunlun/optimizer"):
-            self.optimizer.step()
-            self.sharded.maybe_sync(self.step + 1)
+        else:
+            with self.profiler.region("kunlun/optimizer"):
+                self.optimizer.step()
+                self.sharded.maybe_sync(self.step + 1)
+        self.lr_scheduler.step()  # a skipped step still advances the schedule
 
     def train(self) -> Dict[str, float]:
         cfg = self.cfg

@@ -54,14 +54,14 @@ def _inject(fault: str, step: int, rank: int) -> None:
     from kunlun.trainer.trainer import Trainer
 
     if fault == "sigterm":
-        orig_set_lr = Trainer._set_lr
+        orig_forward = Trainer._train_forward
 
-        def set_lr(self, s):
-            if s == step:
+        def forward(self, batch):
+            if self.step == step:
                 os.kill(os.getpid(), signal.SIGTERM)  # a real signal, to this rank only
-            return orig_set_lr(self, s)
+            return orig_forward(self, batch)
 
-        Trainer._set_lr = set_lr
+        Trainer._train_forward = forward
     elif fault == "nan":
         orig_read = SyntheticSource.read
 
