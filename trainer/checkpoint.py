@@ -389,6 +389,11 @@ class Checkpointer:
             raise CheckpointError(box[1])
         return Path(box[0]) if box[0] else None
 
+    def has_state(self, path: Path, key: str) -> bool:
+        """Whether the DCP state of checkpoint ``path`` holds top-level key ``key``."""
+        stored = read_dcp_metadata(path / "dcp" / ".metadata").state_dict_metadata
+        return any(k == key or k.startswith(key + ".") for k in stored)
+
     def load(self, path: Path, state: Dict[str, Any], expected_shapes: Dict[str, List[int]]) -> Dict[str, Any]:
         """Load into ``state`` in place (resharding as needed); returns ``meta``."""
         meta = self.read_meta(path)

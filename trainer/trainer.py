@@ -23,6 +23,7 @@ from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.stateful import Stateful
 
 from kunlun.data.batch import Batch
 from kunlun.data.loader import BackgroundIterator, ShardedBatches, make_loader
@@ -50,6 +51,24 @@ from kunlun.trainer.pipeline import StepOptimizer, build_pipeline, check_pipelin
 from kunlun.trainer.profiling import StepProfiler
 
 log = logging.getLogger("kunlun")
+
+
+class TrainProgress(Stateful):
+    """The trainer's counters as DCP state (``Trainer._state()["progress"]``): ``step`` and
+    ``examples_consumed`` (the data position the loader restarts from), int64 tensors that
+    DCP stores once. ``meta.json`` repeats them for choosing a checkpoint without reading
+    DCP; a resume checks that both agree."""
+
+    def __init__(self, trainer: "Trainer") -> None:
+        self._trainer = trainer
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        t = self._trainer
+        return {"step": torch.tensor(t.step, dtype=torch.int64), "examples_consumed": torch.tensor(t.examples_consumed, dtype=torch.int64)}
+
+    def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+        self._trainer.step = int(state["step"])
+        self._trainer.examples_consumed = int(state["examples_consumed"])
 
 
 @dataclass
@@ -151,6 +170,7 @@ class Trainer:
 
         self.step = 0
         self.examples_consumed = 0
+        self.progress = TrainProgress(self)
         self.skipped_steps = 0
         self.train_seconds = 0.0  # wall time inside training steps of this process (no eval/saves)
         self.examples_this_attempt = 0
@@ -219,7 +239,7 @@ class Trainer:
 
     # -------------------------------------------------------------- checkpoint
     def _state(self) -> Dict:
-        return {"model": self.model.state_dict(), "optim": self.optimizer.state_dict()}
+        return {"model": self.model.state_dict(), "optim": self.optimizer.state_dict(), "progress": self.progress}
 
     def _meta(self) -> Dict:
         return {
@@ -265,11 +285,18 @@ class Trainer:
         # overwritten by the load.
         self.optimizer.init_state(set(self.model.sparse_grad_parameter_names()))
         state = self._state()
+        if not self.checkpointer.has_state(path, "progress"):  # saved before the counters were DCP state
+            del state["progress"]
         meta = self.checkpointer.load(path, state, global_shapes(state["model"]))
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optim"])
-        self.step = int(meta["step"])
-        self.examples_consumed = int(meta["examples_consumed"])
+        if "progress" not in state:
+            self.step, self.examples_consumed = int(meta["step"]), int(meta["examples_consumed"])
+        elif (self.step, self.examples_consumed) != (int(meta["step"]), int(meta["examples_consumed"])):
+            raise CheckpointError(
+                f"{path}: the DCP state says step {self.step}, {self.examples_consumed} examples consumed; meta.json says "
+                f"step {meta['step']}, {meta['examples_consumed']}: refusing a checkpoint that disagrees with itself"
+            )
         self.resumed_from = path
         if "early_stopping" in meta:
             self.best.load_state_dict(meta["early_stopping"])
