@@ -250,7 +250,7 @@ class ModelConfig:
     # Storage precision of the embedding tables (TBE weights): fp32 | fp16 | bf16. The
     # row-wise AdaGrad state stays fp32; lookups reach the tower in fp32.
     embedding_dtype: str = "fp32"
-    # GDPA kernels of every tower module: auto (Triton on CUDA, reference elsewhere) |
+    # GDPA and jagged softmax attention kernels of every tower module: auto (Triton on CUDA, reference elsewhere) |
     # reference | triton (CPU: only under TRITON_INTERPRET=1); see kunlun.model.ops.select.
     gdpa_impl: str = "auto"
     # torch.compile the dense tower (dynamic jagged totals; nn.Module.compile keeps parameter

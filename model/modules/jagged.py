@@ -1,4 +1,7 @@
-"""Small helpers for jagged sequences: ``values [T, ...]`` with ``offsets [B+1]`` (or ``lengths [B]``)."""
+"""Small helpers for jagged sequences: ``values [T, ...]`` with ``offsets [B+1]`` (or ``lengths [B]``).
+
+No padding helpers: the towers keep sequences jagged end to end, and an op that needs a
+padded layout pads inside itself (``kunlun.model.ops.pytorch``)."""
 
 from __future__ import annotations
 
@@ -19,24 +22,6 @@ def positions(offsets: torch.Tensor, total: int) -> torch.Tensor:
     """``[T]`` index of every row within its sample (0 = oldest)."""
     seg = segment_ids(offsets, total)
     return torch.arange(total, device=offsets.device) - offsets[:-1][seg]
-
-
-def to_padded(values: torch.Tensor, offsets: torch.Tensor, max_len: int) -> torch.Tensor:
-    """``[T, ...]`` → ``[B, max_len, ...]`` with zeros past each length."""
-    b = offsets.numel() - 1
-    out = values.new_zeros((b, max_len) + tuple(values.shape[1:]))
-    t = values.shape[0]
-    out[segment_ids(offsets, t), positions(offsets, t)] = values  # no branch on t: one traced graph (torch.export)
-    return out
-
-
-def from_padded(padded: torch.Tensor, offsets: torch.Tensor, total: int) -> torch.Tensor:
-    return padded[segment_ids(offsets, total), positions(offsets, total)]
-
-
-def padding_mask(offsets: torch.Tensor, max_len: int) -> torch.Tensor:
-    """``[B, max_len]`` bool, True on real rows."""
-    return torch.arange(max_len, device=offsets.device)[None, :] < lengths_of(offsets)[:, None]
 
 
 def jagged_pool(values: torch.Tensor, lengths: torch.Tensor, mean: bool = True) -> torch.Tensor:

@@ -20,9 +20,7 @@ import torch
 from torch import nn
 
 from kunlun.model.flops import LengthLike, LengthStats
-from kunlun.model.modules.attention import masked_softmax_attention
-from kunlun.model.modules.jagged import padding_mask, to_padded
-from kunlun.model.ops import gdpa_shared_q
+from kunlun.model.ops import gdpa_shared_q, jagged_attention_shared_q
 from kunlun.model.ops.select import UsesGDPA
 
 
@@ -46,8 +44,11 @@ class SumKronLinear(nn.Module):
 class SeedAttention(UsesGDPA, nn.Module):
     """Learned queries over a jagged sequence: ``seq [T, d]`` → ``[B, n_seeds, d]``.
 
-    ``attention``: ``softmax`` or a GDPA activation name (``silu``, ``gelu``, ...); GDPA
-    sums over keys without normalising, scaled by ``1 / max_len`` (a config constant).
+    ``attention``: ``softmax`` (scale ``1/√dh``; :func:`kunlun.model.ops.jagged_attention_shared_q`)
+    or a GDPA activation name (``silu``, ``gelu``, ...; :func:`kunlun.model.ops.gdpa_shared_q`),
+    which sums over keys without normalising, scaled by ``1 / max_len`` (a config constant).
+    Both ops run on the jagged sequence with the model-wide kernel choice ``gdpa_impl``.
+    A sample without events gets zeros before ``out`` (its bias only).
     """
 
     def __init__(self, dim: int, heads: int, n_seeds: int, max_len: int, attention: str = "softmax"):
@@ -64,19 +65,18 @@ class SeedAttention(UsesGDPA, nn.Module):
         self.out = nn.Linear(dim, dim)
 
     def forward(self, seq: torch.Tensor, offsets: torch.Tensor, max_len: int) -> torch.Tensor:
+        """``seq [T, d]`` jagged by ``offsets [B+1]`` → ``[B, n_seeds, d]``; ``max_len`` (events)
+        bounds every sample."""
         b = offsets.numel() - 1
-        q = self.q(self.norm_seeds(self.seeds)).view(self.n_seeds, self.heads, self.head_dim)
-        kv = self.kv(self.norm_seq(seq)).view(-1, 2, self.heads, self.head_dim)
+        k, v = self.kv(self.norm_seq(seq)).view(-1, 2, self.heads, self.head_dim).unbind(1)  # [T, H, dh] each
+        q = self.q(self.norm_seeds(self.seeds)).view(self.n_seeds, self.heads, self.head_dim).to(k.dtype)  # [n, H, dh]
         if self.attention == "softmax":
-            kp = to_padded(kv, offsets, max_len)  # [B, L, 2, H, dh]
-            k, v = kp[:, :, 0].transpose(1, 2), kp[:, :, 1].transpose(1, 2)  # [B, H, L, dh]
-            qb = q.transpose(0, 1).unsqueeze(0).expand(b, -1, -1, -1)  # [B, H, n_seeds, dh]
-            att = masked_softmax_attention(qb, k, v, padding_mask(offsets, max_len)).transpose(1, 2)
+            att = jagged_attention_shared_q(q, k, v, offsets, impl=self.gdpa_impl, max_kv_len=max_len)
         else:
             att = gdpa_shared_q(
-                q.to(kv.dtype),
-                kv[:, 0].contiguous(),
-                kv[:, 1].contiguous(),
+                q,
+                k.contiguous(),
+                v.contiguous(),
                 offsets,
                 activation=self.attention,
                 qk_scale=self.head_dim**-0.5,
@@ -84,7 +84,7 @@ class SeedAttention(UsesGDPA, nn.Module):
                 impl=self.gdpa_impl,
                 max_kv_len=max_len,
             )
-        return self.out(att.reshape(b, self.n_seeds, self.dim))
+        return self.out(att.reshape(b, self.n_seeds, self.dim))  # att: [B, n_seeds, H, dh]
 
     def flops_per_example(self, avg_len: LengthLike) -> float:
         """``kv`` projection per event and ``n_seeds`` queries × ``L`` keys: linear in ``E[L]``."""

@@ -4,6 +4,9 @@ Pre-LayerNorm, softmax attention with scale ``1/√dh`` restricted to ``|i − j
 (symmetric, non-causal; DEFAULT w = 64, docs §4.2), output projection, residual. User
 histories have a strong recency structure, so a window keeps most of the signal at
 ``O(L·w)`` instead of ``O(L²)`` work. ``window=None`` gives full attention (the ablation).
+
+The sequence stays jagged: the attention is :func:`kunlun.model.ops.jagged_attention`, whose
+kernel (``gdpa_impl``: reference / Triton) is the model-wide choice of :class:`UsesGDPA`.
 """
 
 from __future__ import annotations
@@ -14,11 +17,11 @@ import torch
 from torch import nn
 
 from kunlun.model.flops import LengthLike, LengthStats
-from kunlun.model.modules.attention import masked_softmax_attention
-from kunlun.model.modules.jagged import from_padded, padding_mask, to_padded
+from kunlun.model.ops import jagged_attention
+from kunlun.model.ops.select import UsesGDPA
 
 
-class WindowSelfAttention(nn.Module):
+class WindowSelfAttention(UsesGDPA, nn.Module):
     def __init__(self, dim: int, heads: int, window: Optional[int]):
         super().__init__()
         if dim % heads:
@@ -29,16 +32,12 @@ class WindowSelfAttention(nn.Module):
         self.out = nn.Linear(dim, dim)
 
     def forward(self, seq: torch.Tensor, offsets: torch.Tensor, max_len: int) -> torch.Tensor:
-        """``seq [T, d]`` → ``[T, d]``."""
+        """``seq [T, d]`` jagged by ``offsets [B+1]`` → ``[T, d]``; ``max_len`` (events) bounds
+        every sample (a config constant, so the op needs no host sync)."""
         t = seq.shape[0]
-        if t == 0:
-            return seq
-        qkv = to_padded(self.qkv(self.norm(seq)), offsets, max_len)  # [B, L, 3d]
-        b = qkv.shape[0]
-        q, k, v = qkv.view(b, max_len, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # [B, H, L, dh] each
-        att = masked_softmax_attention(q, k, v, padding_mask(offsets, max_len), self.window)
-        att = att.transpose(1, 2).reshape(b, max_len, self.dim)
-        return seq + self.out(from_padded(att, offsets, t))
+        q, k, v = self.qkv(self.norm(seq)).view(t, 3, self.heads, self.head_dim).unbind(1)  # [T, H, dh] each
+        att = jagged_attention(q, k, v, offsets, offsets, window=self.window, impl=self.gdpa_impl, max_q_len=max_len, max_kv_len=max_len)
+        return seq + self.out(att.reshape(t, self.dim))
 
     def flops_per_example(self, avg_len: LengthLike) -> float:
         """Forward FLOPs per example: ``qkv`` + ``out`` projections (``8·d²`` per event, over

@@ -16,11 +16,16 @@ keys) gives zeros, and finite (zero) gradients, never NaN.
 :func:`jagged_attention_shared_q` is the pooling shape: dense queries (seeds / PMA) shared
 by every sample against jagged keys, ``[n, H, Dh]`` → ``[B, n, H, Dv]``.
 
-``impl``: ``"reference"`` (PyTorch; a loop of per-sample dense softmaxes, or a banded
-``O(total·w)`` computation with a window), ``"triton"`` (fused FlashAttention-2 style
-kernels; on CPU only under ``TRITON_INTERPRET=1``), ``"auto"`` (Triton on CUDA, the
+``impl``: ``"reference"`` (PyTorch: pads inside the op to the longest lengths and runs one
+masked SDPA, banded ``O(B·L·w)`` for a narrow window), ``"triton"`` (fused FlashAttention-2
+style kernels, no padding; on CPU only under ``TRITON_INTERPRET=1``), ``"auto"`` (Triton on CUDA, the
 reference elsewhere), resolved by :func:`kunlun.model.ops.select.resolve_impl`.
 Every impl is differentiable in q, k and v.
+
+Tracing (``torch.export``, ``torch.compile``): with ``max_q_len`` / ``max_kv_len`` given, no
+impl reads a tensor value on the host, so one graph serves every total length; the bounds
+and the window's equal-lengths condition are then checked by device-side assertions
+(``torch._assert_async``, traced into the graph), as on CUDA.
 """
 
 from __future__ import annotations
@@ -56,8 +61,12 @@ def _check(q, k, v, q_offsets, kv_offsets, window, impl) -> None:
         raise ValueError(f"{_OP}: window must be an integer >= 0, got {window}")
 
 
-def _check_equal_lengths(q_len: torch.Tensor, kv_len: torch.Tensor) -> None:
-    """A window compares positions i and j inside a sample: only defined for self-attention."""
+def _check_equal_lengths(q_len: torch.Tensor, kv_len: torch.Tensor, on_host: bool) -> None:
+    """A window compares positions i and j inside a sample: only defined for self-attention.
+    ``on_host=False`` (CUDA, tracing): a device-side assertion instead of a host sync."""
+    if not on_host:
+        torch._assert_async((q_len == kv_len).all(), f"{_OP}: window needs equal query and key lengths per sample (self-attention)")
+        return
     diff = torch.nonzero(q_len != kv_len)
     if diff.numel():
         b = int(diff[0, 0])
@@ -66,27 +75,29 @@ def _check_equal_lengths(q_len: torch.Tensor, kv_len: torch.Tensor) -> None:
         )
 
 
-def _max_lens(q_len: torch.Tensor, kv_len: torch.Tensor, max_q_len: Optional[int], max_kv_len: Optional[int]) -> Tuple[int, int]:
+def _max_lens(q_len: torch.Tensor, kv_len: torch.Tensor, max_q_len: Optional[int], max_kv_len: Optional[int], on_host: bool) -> Tuple[int, int]:
     """The longest query and key samples: the given bounds, checked, or computed (one sync).
 
-    The Triton grid is sized from them, so a bound below the real maximum would leave rows
-    unwritten: it raises instead. On CUDA a given bound is checked without a host sync
+    Both impls size their work from them (Triton grid, reference padding), so a bound below
+    the real maximum would leave rows unwritten: it raises instead. With ``on_host=False``
+    (CUDA, or while tracing) a given bound is checked without a host sync
     (``torch._assert_async``: a device-side assertion fails the next synchronising call).
     """
     if q_len.numel() == 0:
         return int(max_q_len or 0), int(max_kv_len or 0)
-    actual = None
-    if max_q_len is None or max_kv_len is None or q_len.device.type != "cuda":
-        actual = torch.stack([q_len.max(), kv_len.max()]).tolist()
     got = [max_q_len, max_kv_len]
+    if not on_host and None not in got:
+        for i, name in enumerate(("max_q_len", "max_kv_len")):
+            torch._assert_async((q_len, kv_len)[i].max() <= got[i], f"{_OP}: {name}={got[i]} is below the longest sample")
+        return int(got[0]), int(got[1])
+    if torch.compiler.is_compiling():
+        raise ValueError(f"{_OP}: pass max_q_len and max_kv_len when tracing (torch.export / torch.compile): computing them reads tensor values")
+    actual = torch.stack([q_len.max(), kv_len.max()]).tolist()
     for i, name in enumerate(("max_q_len", "max_kv_len")):
         if got[i] is None:
             got[i] = int(actual[i])
-        elif actual is not None:
-            if actual[i] > got[i]:
-                raise ValueError(f"{_OP}: {name}={got[i]} but the longest sample has {actual[i]} rows")
-        else:
-            torch._assert_async((q_len, kv_len)[i].max() <= got[i], f"{_OP}: {name}={got[i]} is below the longest sample")
+        elif actual[i] > got[i]:
+            raise ValueError(f"{_OP}: {name}={got[i]} but the longest sample has {actual[i]} rows")
     return int(got[0]), int(got[1])
 
 
@@ -105,26 +116,30 @@ def jagged_attention(
 ) -> torch.Tensor:
     """Softmax attention within each sample (see the module docstring) → ``[total_q, H, Dv]``.
 
-    ``max_q_len`` / ``max_kv_len`` (optional): the longest query / key sample in rows; they
-    size the Triton grid and, when given, spare a host sync on CUDA. A value below the
-    real maximum raises ``ValueError`` (``RuntimeError`` from a device assertion on CUDA).
+    ``max_q_len`` / ``max_kv_len`` (optional; required when tracing): the longest query / key
+    sample in rows; they size the Triton grid and the reference's padding and, when given,
+    spare a host sync on CUDA. A value below the real maximum raises ``ValueError``
+    (``RuntimeError`` from a device assertion on CUDA or in a traced graph).
     """
     _check(q, k, v, q_offsets, kv_offsets, window, impl)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[2])
     q_len = q_offsets[1:] - q_offsets[:-1]
     kv_len = kv_offsets[1:] - kv_offsets[:-1]
+    on_host = q.device.type != "cuda" and not torch.compiler.is_compiling()  # checks may read values
     if window is not None:  # before any impl runs
-        _check_equal_lengths(q_len, kv_len)
+        # Self-attention modules pass one offsets tensor for both: nothing to compare.
+        if q_offsets is not kv_offsets:
+            _check_equal_lengths(q_len, kv_len, on_host)
         if q.shape[0] != k.shape[0]:  # equal lengths with offsets from 0: the same row count
             raise ValueError(f"{_OP}: window needs self-attention; got {q.shape[0]} query rows and {k.shape[0]} key rows")
     use_triton = resolve_impl(impl, q.device, _OP) == "triton"
-    lq, lk = _max_lens(q_len, kv_len, max_q_len, max_kv_len)  # same check for every impl
+    lq, lk = _max_lens(q_len, kv_len, max_q_len, max_kv_len, on_host)  # same check for every impl
     if use_triton:
         from kunlun.model.ops.triton.jagged_attention import jagged_attention_triton
 
         return jagged_attention_triton(q, k, v, q_offsets, kv_offsets, float(scale), window, lq, lk)
-    return jagged_attention_reference(q, k, v, q_offsets, kv_offsets, float(scale), window, lq)
+    return jagged_attention_reference(q, k, v, q_offsets, kv_offsets, float(scale), window, lq, lk)
 
 
 def jagged_attention_shared_q(seeds: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_offsets: torch.Tensor, **kwargs) -> torch.Tensor:

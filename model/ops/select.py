@@ -8,13 +8,14 @@
 * ``"auto"``: Triton on CUDA, the reference elsewhere, decided once per device type and cached
   (as generative-recommenders' kernel selection does), so the choice never varies per call.
 
-:func:`kunlun.model.ops.gdpa.gdpa` resolves every call through :func:`resolve_gdpa_impl`;
-Modules that call it inherit :class:`UsesGDPA` and read ``self.gdpa_impl``; the model
+:func:`kunlun.model.ops.gdpa.gdpa` resolves every call through :func:`resolve_gdpa_impl`,
+:func:`kunlun.model.ops.jagged_attention.jagged_attention` through :func:`resolve_impl` with
+its own name in the messages; the values and the per-device ``"auto"`` choice are shared.
+Modules that call either op inherit :class:`UsesGDPA` and pass ``self.gdpa_impl``; the model
 sets it once for all of them with :func:`set_gdpa_impl` (from ``model.gdpa_impl``), like
 generative-recommenders sets its kernel on every module of a model, instead of threading a
-string through every constructor. Other ops (:func:`kunlun.model.ops.jagged_attention.jagged_attention`)
-resolve through :func:`resolve_impl` with their own name in the messages; the values and the
-per-device ``"auto"`` choice are shared. Imports only torch.
+string through every constructor. One choice covers both ops (the name is historical: GDPA
+came first). Imports only torch.
 """
 
 from __future__ import annotations
@@ -64,14 +65,17 @@ def resolve_gdpa_impl(impl: str, device: torch.device) -> str:
 
 
 class UsesGDPA:
-    """Mixin of the modules that call :func:`kunlun.model.ops.gdpa.gdpa`: their kernel choice,
-    ``gdpa_impl`` (default ``"auto"``), set for a whole model by :func:`set_gdpa_impl`."""
+    """Mixin of the modules that call a jagged attention op (:func:`kunlun.model.ops.gdpa.gdpa`,
+    :func:`kunlun.model.ops.jagged_attention.jagged_attention` and their ``_shared_q`` /
+    ``_dense_kv`` forms): their kernel choice, ``gdpa_impl`` (default ``"auto"``), set for a
+    whole model by :func:`set_gdpa_impl`."""
 
     gdpa_impl: str = DEFAULT_IMPL
 
 
 def set_gdpa_impl(model: torch.nn.Module, impl: str) -> None:
-    """Use ``impl`` (``auto``, ``reference``, ``triton``) in every GDPA module of ``model``."""
+    """Use ``impl`` (``auto``, ``reference``, ``triton``) in every jagged-attention module of
+    ``model`` (GDPA and softmax alike)."""
     check_impl(impl)
     for module in model.modules():
         if isinstance(module, UsesGDPA):

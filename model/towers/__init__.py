@@ -34,5 +34,5 @@ def build_tower(schema, model_cfg, num_labels: int) -> DenseTower:
     else:
         body = TOWERS[model_cfg.tower](schema, model_cfg.embedding_dim, mt.tower_out, tower_cfg)
         tower = MultiTaskTower(body, num_labels, mt, num_domains=domain_count(schema, mt.domain_feature))
-    set_gdpa_impl(tower, model_cfg.gdpa_impl)  # the kernel choice, once for every GDPA module
+    set_gdpa_impl(tower, model_cfg.gdpa_impl)  # the kernel choice, once for every GDPA / jagged softmax module
     return tower

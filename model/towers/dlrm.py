@@ -29,14 +29,15 @@ class DLRMTower(DenseTower):
         top_in = self.num_pairs + (d if self.bottom is not None else 0)
         self.top = mlp([top_in, *cfg.top_mlp, num_labels], final_activation=False)
         rows, cols = torch.triu_indices(num_vectors, num_vectors, offset=1)
-        self.register_buffer("_rows", rows, persistent=False)
-        self.register_buffer("_cols", cols, persistent=False)
+        # Flat index of each pair (i < j) in the row-major [F, F] Gram matrix: one index_select.
+        self.register_buffer("_pairs", rows * num_vectors + cols, persistent=False)
         self.bottom_sizes = [schema.num_dense, *cfg.bottom_mlp, d]
         self.top_sizes = [top_in, *cfg.top_mlp, num_labels]
         self.num_vectors = num_vectors
 
     def forward(self, inputs: TowerInputs) -> torch.Tensor:
-        vectors = []
+        b, d = inputs.dense.shape[0], self.embedding_dim
+        vectors = []  # F tensors [B, D]: bottom output, context features, pooled event types
         bottom = None
         if self.bottom is not None:
             bottom = self.bottom(inputs.dense)
@@ -45,9 +46,9 @@ class DLRMTower(DenseTower):
         for e in self.schema.event_types:
             seq = inputs.events[e.name]
             vectors.append(jagged_pool(seq.item + seq.action, seq.lengths))
-        stacked = torch.stack(vectors, dim=1)  # [B, F, D]
-        gram = torch.bmm(stacked, stacked.transpose(1, 2))  # [B, F, F]
-        pairs = gram[:, self._rows, self._cols]  # [B, F(F-1)/2]
+        feats = torch.cat(vectors, dim=1).view(b, self.num_vectors, d)  # [B, F, D]: one copy
+        gram = torch.bmm(feats, feats.transpose(1, 2))  # [B, F, F]
+        pairs = gram.flatten(1).index_select(1, self._pairs)  # [B, F(F-1)/2], pairs i < j
         top_in = torch.cat([bottom, pairs], dim=1) if bottom is not None else pairs
         return self.top(top_in)
 

@@ -77,6 +77,8 @@ REF_CASES = [
     ([1, 1, 1], None, 1, 4, 2, 0, None),
     ([4, 3, 0], [0, 7, 5], 2, 8, 5, None, None),  # cross attention; a sample without keys
     ([0, 0], None, 2, 4, 4, None, None),  # everything empty
+    ([160, 3, 0, 97], None, 2, 4, 3, 2, None),  # long enough for the reference's banded path
+    ([160, 1, 45], None, 1, 4, 4, 0, 0.7),  # banded, w = 0
 ]
 
 
@@ -273,3 +275,62 @@ def test_kernel_selection(monkeypatch):
     x = torch.randn(2, 1, 16)
     with pytest.raises(RuntimeError, match="needs a CUDA tensor"):
         jagged_attention(x, x, x, torch.tensor([0, 2]), torch.tensor([0, 2]), impl="triton")
+
+
+class _Attend(torch.nn.Module):
+    """Self-attention over a jagged ``x [T, H, D]`` given ``lengths [B]``, as the towers call it."""
+
+    def __init__(self, window, max_len):
+        super().__init__()
+        self.window, self.max_len = window, max_len
+
+    def forward(self, x, lengths):
+        off = torch.nn.functional.pad(torch.cumsum(lengths, 0), (1, 0))
+        return jagged_attention(x, x * 0.5, x + 1.0, off, off, window=self.window, impl="reference", max_q_len=self.max_len, max_kv_len=self.max_len)
+
+
+@pytest.mark.parametrize(
+    "window, path",
+    [(None, "_full"), (2, "_banded"), (30, "_full"), (200, "_full")],
+    ids=["full", "banded", "band-mask", "window-covers-all"],
+)
+def test_reference_exports_with_dynamic_totals(window, path, monkeypatch):
+    """The reference path the towers use reads no tensor value on the host (no per-sample loop,
+    no ``.tolist()``): ``torch.export`` traces one graph for every total length, zero included,
+    and it equals the independent loop. Samples up to 160 rows; ``path`` is the one traced."""
+    from torch.export import Dim
+
+    import kunlun.model.ops.pytorch.jagged_attention as ref_impl
+
+    calls = []
+    traced = getattr(ref_impl, path)
+    monkeypatch.setattr(ref_impl, path, lambda *a: calls.append(path) or traced(*a))
+    m = _Attend(window, 160)
+    trace_len = torch.tensor([7, 160, 3])
+    x = torch.randn(int(trace_len.sum()), 2, 4)
+    dims = ({0: Dim("t", min=0, max=1 << 20)}, {0: Dim("b", min=1, max=1 << 20)})
+    program = torch.export.export(m, (x, trace_len), dynamic_shapes=dims, strict=False).module()
+    assert calls == [path]
+    for lengths in ([5, 0, 160, 1], [0, 0], [9], [133] * 6):
+        lengths = torch.tensor(lengths)
+        x = torch.randn(int(lengths.sum()), 2, 4, dtype=torch.float32)
+        o = offsets(lengths.tolist())
+        want = naive(x, x * 0.5, x + 1.0, o, o, window=window).float()
+        torch.testing.assert_close(program(x, lengths), want, atol=1e-5, rtol=1e-5)
+
+
+def test_reference_compiles_once_for_dynamic_totals():
+    """``torch.compile`` (dynamic totals, full graph) of the full and the banded path: new
+    total lengths and batch sizes reuse the compiled graph instead of recompiling."""
+    import torch._dynamo.testing
+
+    for window in (None, 2):
+        torch._dynamo.reset()
+        counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+        fn = torch.compile(_Attend(window, 160), backend=counter, dynamic=True, fullgraph=True)
+        for lengths in ([7, 160, 3], [5, 0, 160, 1], [9, 9], [2, 3, 4, 5, 6]):
+            lengths = torch.tensor(lengths)
+            x = torch.randn(int(lengths.sum()), 2, 4)
+            o = offsets(lengths.tolist())
+            torch.testing.assert_close(fn(x, lengths), naive(x, x * 0.5, x + 1.0, o, o, window=window).float(), atol=1e-5, rtol=1e-5)
+        assert counter.frame_count == 1, f"window={window}: compiled {counter.frame_count} times"

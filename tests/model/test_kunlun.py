@@ -223,8 +223,10 @@ def test_tower_gradients_reach_every_parameter():
 
 
 def test_the_gdpa_kernel_is_chosen_once_for_every_module():
-    """``model.gdpa_impl`` reaches every GDPA module of every sequence tower (no per-module strings)."""
+    """``model.gdpa_impl`` reaches every GDPA and jagged softmax attention module of every
+    sequence tower (no per-module strings)."""
     from kunlun.model.config import ModelConfig
+    from kunlun.model.modules.seed_pooling import SeedAttention
     from kunlun.model.ops.select import UsesGDPA
     from kunlun.model.towers import build_tower
 
@@ -232,5 +234,7 @@ def test_the_gdpa_kernel_is_chosen_once_for_every_module():
         built = build_tower(SCHEMA, ModelConfig(tower=tower, embedding_dim=EMB, gdpa_impl="triton"), num_labels=1)
         users = [m for m in built.modules() if isinstance(m, UsesGDPA)]
         assert users and all(m.gdpa_impl == "triton" for m in users), tower
+        softmax = [m for m in built.modules() if isinstance(m, (WindowSelfAttention, SeedAttention))]
+        assert softmax and all(isinstance(m, UsesGDPA) for m in softmax), tower
     with pytest.raises(ValueError, match="impl='fast'"):
         set_gdpa_impl(built, "fast")
