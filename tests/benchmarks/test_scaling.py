@@ -54,10 +54,26 @@ def test_every_default_ladder_spans_enough_decades():
         scaling.check_span([1.0, 2.0], "dlrm")
 
 
+MINI_STEPS = 3
+MINI_NOISE_SEEDS = (1,)  # the seed spread needs the base run and one other seed
+MINI_LAYERS = (1, 2, 4)  # the depth fit and its interval need 3 points
+
+
 @pytest.mark.slow
-def test_miniature_sweep_ablations_and_report(tmp_path):
-    """Real training runs (few steps): sweep two towers x 3 widths, ablations, report files."""
-    small = ["trainer.max_steps=6", "data.synthetic.train_examples=2000", "data.synthetic.eval_examples=512", "data.synthetic.test_examples=512"]
+def test_miniature_sweep_ablations_and_report(tmp_path, monkeypatch):
+    """Real training runs (few steps): sweep two towers x 3 widths, ablations, report files.
+    Each run is a process (start-up dominates), so the miniature trims the run lists that
+    only need to be long enough to compute their statistic: one noise seed (not
+    NOISE_SEEDS) and 3 layer counts (not LAYERS)."""
+    monkeypatch.setattr(scaling, "NOISE_SEEDS", MINI_NOISE_SEEDS)
+    real_layer_runs = scaling.layer_runs
+    monkeypatch.setattr(scaling, "layer_runs", lambda common=(): real_layer_runs(common, layers=MINI_LAYERS))
+    small = [
+        f"trainer.max_steps={MINI_STEPS}",
+        "data.synthetic.train_examples=2000",
+        "data.synthetic.eval_examples=512",
+        "data.synthetic.test_examples=512",
+    ]
     args = ["--out", str(tmp_path), "--towers", "kunlun,interformer", "--widths", "8,12,16", "--min-decades", "0.3", "--set", *small]
     scaling.main(["sweep", *args])
     scaling.main(["ablate", *args])
@@ -72,15 +88,15 @@ def test_miniature_sweep_ablations_and_report(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "scaling.csv")))
     assert sorted((r["tower"], int(r["width"])) for r in rows) == sorted((t, w) for t in ("kunlun", "interformer") for w in (8, 12, 16))
     for r in rows:
-        assert float(r["train_flops"]) == pytest.approx(3 * float(r["gflops_per_example_fwd"]) * 1e9 * 6 * 256, rel=1e-6)
+        assert float(r["train_flops"]) == pytest.approx(3 * float(r["gflops_per_example_fwd"]) * 1e9 * MINI_STEPS * 256, rel=1e-6)
         assert 0 < float(r["eval_ne"]) < 2 and float(r["examples_per_sec"]) > 0
     summary = json.loads((tmp_path / "scaling.json").read_text())
     assert set(summary["fits"]) == {"kunlun", "interformer"}
     assert all(math.isfinite(f["power_b_se"]) for f in summary["fits"].values())
     assert "efficiency_loglin_eta" in summary and 0 < summary["bayes_floor_eval_ne"] < 1
-    assert len(summary["seed_spread"]["eval_ne"]) == 1 + len(scaling.NOISE_SEEDS) and summary["seed_spread"]["std"] > 0
+    assert len(summary["seed_spread"]["eval_ne"]) == 1 + len(MINI_NOISE_SEEDS) and summary["seed_spread"]["std"] > 0
     depth = summary["layers"]
-    assert [r["layers"] for r in depth["rows"]] == list(scaling.LAYERS) and len(depth["ci95"]) == 2
+    assert [r["layers"] for r in depth["rows"]] == list(MINI_LAYERS) and len(depth["ci95"]) == 2
     assert depth["rows"][-1]["gflops_per_example_fwd"] > depth["rows"][0]["gflops_per_example_fwd"]
     png = tmp_path / "scaling.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size < 300_000

@@ -17,6 +17,8 @@ from kunlun.trainer.config import ConfigError, load_config, validate
 
 TWO_D = ["parallel.sparse.strategy=2d", "parallel.sparse.sharding_group_size=2"]
 QUIET = ["logging.progress_bar=false", "trainer.eval_every_n_steps=0"]
+# Final eval/test that only feed equality checks (or none): small splits do.
+SMALL_EVAL = ["data.synthetic.eval_examples=512", "data.synthetic.test_examples=512"]
 
 
 def test_layout_matches_dmpcollection_convention():
@@ -62,19 +64,37 @@ def _torchrun_script(nproc: int, script: str, args: list) -> subprocess.Complete
 
 def _replica_reports(nproc: int, run, overrides: list) -> list:
     """Run train_and_compare_replicas.py (see its docstring) and read every rank's report."""
-    _torchrun_script(nproc, "train_and_compare_replicas.py", ["tiny", f"run_dir={run}", "checkpoint.every_n_steps=0", *QUIET, *overrides])
+    _torchrun_script(nproc, "train_and_compare_replicas.py", ["tiny", f"run_dir={run}", "checkpoint.every_n_steps=0", *QUIET, *SMALL_EVAL, *overrides])
     return [json.loads((run / f"replicas_rank{r}.json").read_text()) for r in range(nproc)]
+
+
+REPLICA_STEPS = 7
+
+
+@pytest.fixture(scope="module")
+def two_d_replica_reports(tmp_path_factory):
+    """``sync -> reports`` of a 4-rank 2D run of REPLICA_STEPS steps with that sync period,
+    each run once per module and shared by the tests that read it."""
+    cache: dict = {}
+
+    def get(sync: int) -> list:
+        if sync not in cache:
+            run = tmp_path_factory.mktemp(f"replicas_sync{sync}")
+            cache[sync] = _replica_reports(4, run, [f"trainer.max_steps={REPLICA_STEPS}", *TWO_D, f"parallel.sparse.sync_every_n_steps={sync}"])
+        return cache[sync]
+
+    return get
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sync", [1, 3, 0])
-def test_replicas_start_identical_and_are_identical_exactly_at_sync_steps(tmp_path, sync):
+def test_replicas_start_identical_and_are_identical_exactly_at_sync_steps(two_d_replica_reports, sync):
     """Start-up broadcast: replicas that drew different initial tables (per-rank seeds) are
     bitwise identical once the model is built. Sync period: after step s replicas (weights
     and AdaGrad state) are bitwise identical iff s is a multiple of the period, and differ
     otherwise, so periods 1, 3 and never (0) give three different patterns over 7 steps."""
-    steps = 7
-    reports = _replica_reports(4, tmp_path / f"sync{sync}", [f"trainer.max_steps={steps}", *TWO_D, f"parallel.sparse.sync_every_n_steps={sync}"])
+    steps = REPLICA_STEPS
+    reports = two_d_replica_reports(sync)
     for r in reports:
         assert r["after_construction"]["identical"], f"rank {r['rank']}: replicas differ after construction: {r['after_construction']}"
         assert r["after_construction"]["replicas"] == 2 and r["after_construction"]["numel"] > 1000, r
@@ -88,13 +108,17 @@ def test_replicas_start_identical_and_are_identical_exactly_at_sync_steps(tmp_pa
 
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy,nproc,scale", [("2d", 4, math.sqrt(2)), ("1d", 2, 1.0)])
-def test_built_model_fused_adagrad_runs_with_lr_and_eps_times_sqrt_m(tmp_path, strategy, nproc, scale):
+def test_built_model_fused_adagrad_runs_with_lr_and_eps_times_sqrt_m(tmp_path, two_d_replica_reports, strategy, nproc, scale):
     """The fused row-wise AdaGrad of the model the Trainer builds (read from every FBGEMM
-    TBE module, at construction and after a training step) uses lr·√M and eps·√M in 2D
-    (M = 2 replica groups) and the configured lr and eps in 1D."""
+    TBE module, at construction and after training) uses lr·√M and eps·√M in 2D (M = 2
+    replica groups) and the configured lr and eps in 1D. The 2D case reads the reports of
+    the sync-every-step run above (trained REPLICA_STEPS steps) instead of a job of its own."""
     cfg = load_config("tiny")
-    extra = TWO_D if strategy == "2d" else ["parallel.sparse.strategy=1d"]
-    reports = _replica_reports(nproc, tmp_path / strategy, ["trainer.max_steps=1", *extra])
+    if strategy == "2d":
+        reports = two_d_replica_reports(1)
+    else:
+        reports = _replica_reports(nproc, tmp_path / strategy, ["trainer.max_steps=1", "parallel.sparse.strategy=1d"])
+    assert len(reports) == nproc
     want = [pytest.approx(cfg.optim.sparse_lr * scale, rel=1e-6), pytest.approx(cfg.optim.sparse_eps * scale, rel=1e-6)]
     for r in reports:
         assert r["sparse_lr_scale"] == pytest.approx(scale)
@@ -129,7 +153,7 @@ def test_fsdp_dense_with_2d_sparse_trains_checkpoints_and_reshards_to_1d_and_bac
     bitwise), its eval and test metrics on the loaded weights equal those of the job that
     saved, and it trains on."""
     run = tmp_path / "r"
-    common = [f"run_dir={run}", "checkpoint.every_n_steps=0", *QUIET]
+    common = [f"run_dir={run}", "checkpoint.every_n_steps=0", *QUIET, *SMALL_EVAL]
     proc = run_torchrun(4, [*common, "trainer.max_steps=10", *TWO_D, "parallel.dense.strategy=fsdp"])
     assert "2D sparse: 4 ranks = 2 replica groups x sharding groups of 2" in proc.stdout
     assert "dense: fsdp" in proc.stdout

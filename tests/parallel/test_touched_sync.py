@@ -4,6 +4,7 @@ placement (``parallel.sparse.replica_placement``), on 4 CPU ranks (gloo)."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 
 import pytest
@@ -15,6 +16,8 @@ from kunlun.trainer.config import ConfigError, load_config
 
 TWO_D = ["parallel.sparse.strategy=2d", "parallel.sparse.sharding_group_size=2"]
 QUIET = ["logging.progress_bar=false", "trainer.eval_every_n_steps=0"]
+# The final eval and test only feed equality checks here: small splits do.
+SMALL_EVAL = ["data.synthetic.eval_examples=512", "data.synthetic.test_examples=512"]
 
 
 def test_inter_node_placement_swaps_the_groups_and_the_layout_says_where_replicas_sit():
@@ -61,6 +64,7 @@ def _checked_run(run_dir, *extra):
         f"run_dir={run_dir}",
         "checkpoint.every_n_steps=0",
         *QUIET,
+        *SMALL_EVAL,
         *TWO_D,
         "parallel.sparse.sync=touched",
         *extra,
@@ -139,10 +143,19 @@ def _assert_equal_states(a, b, atol=0.0):
 
 @pytest.mark.slow
 def test_touched_sync_trains_resumes_and_reshards_like_full_sync(tmp_path):
-    """A whole run with the touched sync ends bitwise where the full-sync run ends; stopped
-    and resumed at step 4 it ends there too (to 1e-6); its checkpoint loads at 2 ranks in
-    1D and evaluates the same."""
-    common = ["trainer.max_steps=10", "checkpoint.every_n_steps=0", *QUIET, *TWO_D, "parallel.sparse.sync_every_n_steps=2"]
+    """A whole run with the touched sync ends bitwise where the full-sync run ends; resumed
+    in a new job from its step-4 checkpoint it ends there too (to 1e-6); its checkpoint loads
+    at 2 ranks in 1D and evaluates the same."""
+    common = [
+        "trainer.max_steps=10",
+        # checkpoints at steps 4 (a sync step: the resume point below), 8 and 10, all kept
+        "checkpoint.every_n_steps=4",
+        "checkpoint.keep=3",
+        *QUIET,
+        *SMALL_EVAL,
+        *TWO_D,
+        "parallel.sparse.sync_every_n_steps=2",
+    ]
     full, touched, resumed = tmp_path / "full", tmp_path / "touched", tmp_path / "resumed"
     run_torchrun(4, [f"run_dir={full}", *common, "parallel.sparse.sync=full"])
     run_torchrun(4, [f"run_dir={touched}", *common, "parallel.sparse.sync=touched"])
@@ -152,13 +165,19 @@ def test_touched_sync_trains_resumes_and_reshards_like_full_sync(tmp_path):
     assert 0 < final_metrics(touched)["parallel/sync_rows_fraction"] < 1 and final_metrics(touched)["parallel/sync_bytes_per_sync"] > 0
     assert "parallel/sync_rows_fraction" not in final_metrics(full)
 
-    run_torchrun(4, [f"run_dir={resumed}", *common, "trainer.max_steps=4", "parallel.sparse.sync=touched"])  # stops at a sync step
+    # Stopped at step 4 (a sync step): a new job given only the touched run's step-4
+    # checkpoint resumes from it and trains on to step 10. (One job fewer than stopping a
+    # separate run at max_steps=4: the checkpoint is the same state, written mid-run.)
+    step4 = touched / "checkpoints" / "step_00000004"
+    assert (step4 / "meta.json").exists(), sorted(p.name for p in (touched / "checkpoints").iterdir())
+    shutil.copytree(step4, resumed / "checkpoints" / step4.name)
     proc = run_torchrun(4, [f"run_dir={resumed}", *common, "parallel.sparse.sync=touched"])
-    assert "resumed from" in proc.stdout and "step_00000004" in proc.stdout
-    # (resuming is exact up to float summation order, ~1e-8 here, as in 1D: see test_trainer_dist)
+    assert f"resumed from {resumed / 'checkpoints' / step4.name}" in proc.stdout
+    assert latest_checkpoint(resumed).name == "step_00000010"
+    # (resuming is exact up to float summation order, ~1e-8 here)
     _assert_equal_states(_state(touched), _state(resumed), atol=1e-6)
 
-    proc = run_torchrun(2, [f"run_dir={touched}", "trainer.max_steps=10", "checkpoint.every_n_steps=0", *QUIET, "parallel.sparse.strategy=1d"])
+    proc = run_torchrun(2, [f"run_dir={touched}", "trainer.max_steps=10", "checkpoint.every_n_steps=0", *QUIET, *SMALL_EVAL, "parallel.sparse.strategy=1d"])
     assert "saved at 4 ranks, now 2" in proc.stdout
     m2, m4 = final_metrics(touched), final_metrics(full)
     for k in ("test/auc", "test/ne", "test/logloss"):
