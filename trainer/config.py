@@ -115,7 +115,7 @@ class TrainerConfig:
     prefetch_batches: int = -1
     # How a step runs (trainer/pipeline.py): none | sparse_dist | semi_sync | prefetch (TorchRec's
     # train pipelines, overlapping input distribution / lookups with the previous batch).
-    # auto: sparse_dist on GPU, none on CPU (no streams to overlap on; measured slower there).
+    # auto: sparse_dist on GPU, none on CPU (no streams to overlap on; no consistent gain measured).
     pipeline: str = "auto"
     # Dense tower compute precision: fp32 | bf16 (autocast; fp32 master weights, optimizer
     # state, loss and metrics) | auto (bf16 on GPU, fp32 on CPU). Embedding storage is

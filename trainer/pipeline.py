@@ -40,9 +40,10 @@ from kunlun.data.batch import Batch
 
 PIPELINES = ("auto", "none", "sparse_dist", "semi_sync", "prefetch")
 
-# trainer.pipeline=auto: TorchRec's pipeline where it has streams to overlap on; on CPU
-# nothing runs concurrently (no streams), and the pipeline's extra bookkeeping made the
-# MovieLens job slower there (BENCHMARKS.md, "Train pipelines").
+# trainer.pipeline=auto: TorchRec's pipeline where it has streams to overlap on. On CPU
+# nothing runs concurrently (no streams): two rounds of the 2-rank e2e benchmark gave no
+# consistent gain (dlrm 1.37x / 1.05x, kunlun 1.01x / 0.98x of the plain loop; BENCHMARKS.md
+# "Train pipelines"), so CPU keeps the plain loop, which re-reads nothing after evaluations.
 AUTO = {"cuda": "sparse_dist", "cpu": "none"}
 
 ModelFwd = Callable[[Batch], Tuple[torch.Tensor, object]]
