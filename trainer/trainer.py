@@ -381,15 +381,15 @@ class Trainer:
         self._stream = None
 
     def _train_forward(self, batch: Batch):
-        """The step's forward, called by the runner with the batch it trains: sets the
-        learning rates, runs the model, and agrees with every rank in one collective on
-        (non-finite loss, SIGTERM requested). A non-finite loss returns a detached leaf zero
+        """The step's forward, called by the runner with the batch it trains: runs the model
+        (at the rates the schedule set after the previous step) and agrees with every rank in
+        one collective on (non-finite loss, SIGTERM requested); the result is one host read. A non-finite loss returns a detached leaf zero
         instead: the runner's backward is then a no-op, so the fused embedding update inside
         it never sees the bad gradients."""
         lrs = current_lrs(self.optimizer)  # step self.step's rates (the scheduler set them)
         loss, out = self.model(batch)
         flags = torch.stack([(~torch.isfinite(loss.detach())).to(torch.float32), torch.tensor(float(self._sigterm.requested), device=loss.device)])
-        loss_nonfinite, sigterm = (bool(x) for x in all_max_flags(flags.to(self.comm_device)).tolist())  # the step's one host read
+        loss_nonfinite, sigterm = (bool(x) for x in all_max_flags(flags.to(self.comm_device)).tolist())
         self._rec = _StepRecord(batch, loss.detach(), out, lrs, loss_nonfinite, sigterm)
         if loss_nonfinite:
             return torch.zeros((), device=loss.device, requires_grad=True), out
@@ -398,7 +398,7 @@ class Trainer:
     def _optimizer_step(self) -> None:
         """After backward: skip the update when the loss or a dense gradient is non-finite
         (DDP/FSDP averaged the gradients, so every rank gives the same answer); else step and
-        run the 2D replica sync on the global step's schedule."""
+        run the 2D replica sync on the global step's schedule; then advance the LR schedule."""
         rec = self._rec
         if not rec.loss_nonfinite:
             rec.bad_grads = nonfinite_dense_grads(self._named_params)
