@@ -58,7 +58,8 @@ def resolve_pipeline(name: str, device: torch.device) -> str:
 
 class StepOptimizer:
     """What a pipeline calls ``zero_grad()`` / ``step()`` on: the trainer's step, which may skip
-    the update (non-finite dense gradients) and runs the 2D replica sync after it.
+    the update (non-finite dense gradients), runs the 2D replica sync after it and advances
+    the LR schedule.
     ``param_groups`` are the dense optimizer's (TorchRec's semi-sync pipeline checks that no
     pipelined embedding parameter is among them: their update is fused into backward)."""
 
