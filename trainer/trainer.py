@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -408,7 +409,11 @@ class Trainer:
             with self.profiler.region("kunlun/optimizer"):
                 self.optimizer.step()
                 self.sharded.maybe_sync(self.step + 1)
-        self.lr_scheduler.step()  # a skipped step still advances the schedule
+        with warnings.catch_warnings():
+            # A run whose first step is skipped advances the schedule before any
+            # optimizer.step(); torch warns about that order, which is intended here.
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+            self.lr_scheduler.step()  # a skipped step still advances the schedule
 
     def train(self) -> Dict[str, float]:
         cfg = self.cfg
