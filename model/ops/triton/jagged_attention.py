@@ -32,56 +32,9 @@ import torch
 import triton
 import triton.language as tl
 
+from kunlun.model.ops.triton.tiles import _load_tile, _loop_bounds, _segment, _split_pid, _store_tile, _valid
+
 _LOG2E = 1.4426950408889634
-
-
-@triton.jit
-def _segment(offsets, b):
-    """Start row and length of sample ``b`` in a jagged tensor with ``offsets [B+1]``."""
-    start = tl.load(offsets + b).to(tl.int64)
-    return start, tl.load(offsets + b + 1).to(tl.int64) - start
-
-
-@triton.jit
-def _rows(base, row0, offs, n_valid, stride_t, col0, offs_d, D: tl.constexpr):
-    """Tile ``[len(offs), len(offs_d)]`` of rows ``row0 + offs`` (zero past ``n_valid`` / ``D``)."""
-    return tl.load(
-        base + (row0 + offs)[:, None] * stride_t + col0 + offs_d[None, :],
-        mask=(offs < n_valid)[:, None] & (offs_d[None, :] < D),
-        other=0.0,
-    )
-
-
-@triton.jit
-def _store_rows(base, value, row0, offs, n_valid, stride_t, col0, offs_d, D: tl.constexpr):
-    tl.store(
-        base + (row0 + offs)[:, None] * stride_t + col0 + offs_d[None, :],
-        value.to(base.dtype.element_ty),
-        mask=(offs < n_valid)[:, None] & (offs_d[None, :] < D),
-    )
-
-
-@triton.jit
-def _band(start, BLOCK: tl.constexpr, window, length, OTHER: tl.constexpr, HAS_WINDOW: tl.constexpr):
-    """``[lo, hi)`` over the other axis (``lo`` aligned to ``OTHER``) that rows ``[start, start + BLOCK)``
-    can see: everything, or only ``[start − w, start + BLOCK − 1 + w]`` with a window."""
-    if HAS_WINDOW:
-        lo = (tl.maximum(start - window, 0) // OTHER) * OTHER
-        hi = tl.minimum(start + BLOCK + window, length)
-    else:
-        lo = 0
-        hi = length
-    return lo, hi
-
-
-@triton.jit
-def _visible(offs_m, offs_n, lq, lk, window, HAS_WINDOW: tl.constexpr):
-    """``[BM, BN]``: query row and key row both inside the sample (and within the window)."""
-    ok = (offs_m < lq)[:, None] & (offs_n < lk)[None, :]
-    if HAS_WINDOW:
-        diff = offs_m[:, None] - offs_n[None, :]
-        ok = ok & (diff <= window) & (diff >= -window)
-    return ok
 
 
 @triton.jit
@@ -110,9 +63,8 @@ def _fwd_kernel(
     HAS_WINDOW: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    b = pid // n_tiles
-    m0 = (pid - b * n_tiles) * BLOCK_M
+    b, tile = _split_pid(tl.program_id(0), n_tiles)
+    m0 = tile * BLOCK_M
     h = tl.program_id(1).to(tl.int64)
     q_start, lq = _segment(q_off, b)
     if m0 >= lq:
@@ -122,16 +74,16 @@ def _fwd_kernel(
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = _rows(Q, q_start, offs_m, lq, stride_qt, h * D, offs_d, D)
+    q = _load_tile(Q, q_start, offs_m, lq, stride_qt, h * D, offs_d, D)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    lo, hi = _band(m0, BLOCK_M, window, lk, BLOCK_N, HAS_WINDOW)
+    lo, hi = _loop_bounds(m0, BLOCK_M, window, lk, BLOCK_N, HAS_WINDOW)
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        k = _rows(K, kv_start, offs_n, lk, stride_kt, h * D, offs_d, D)
+        k = _load_tile(K, kv_start, offs_n, lk, stride_kt, h * D, offs_d, D)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
-        s = tl.where(_visible(offs_m, offs_n, lq, lk, window, HAS_WINDOW), s, float("-inf"))
+        s = tl.where(_valid(offs_m, offs_n, lq, lk, window, HAS_WINDOW), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row that has seen no visible key yet keeps m = -inf; shift by 0 instead so that
         # exp2(-inf - (-inf)) never produces NaN (its p and alpha are then exactly 0).
@@ -139,12 +91,12 @@ def _fwd_kernel(
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _rows(V, kv_start, offs_n, lk, stride_vt, h * DV, offs_dv, DV)
+        v = _load_tile(V, kv_start, offs_n, lk, stride_vt, h * DV, offs_dv, DV)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]  # rows with no visible key: acc = 0 → zeros
-    _store_rows(Out, out, q_start, offs_m, lq, stride_ot, h * DV, offs_dv, DV)
+    _store_tile(Out, out, q_start, offs_m, lq, stride_ot, h * DV, offs_dv, DV)
     lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("inf"))
     tl.store(LSE + (q_start + offs_m) * stride_lt + h, lse, mask=offs_m < lq)
 
@@ -153,7 +105,7 @@ def _fwd_kernel(
 def _probs(q, k, lse, offs_m, offs_n, lq, lk, scale_log2, window, HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr):
     """Recomputed softmax probabilities ``[BM, BN]`` (0 where not visible)."""
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
-    ok = _visible(offs_m, offs_n, lq, lk, window, HAS_WINDOW)
+    ok = _valid(offs_m, offs_n, lq, lk, window, HAS_WINDOW)
     return tl.where(ok, tl.exp2(tl.where(ok, s, 0.0) - lse[:, None]), 0.0)
 
 
@@ -187,9 +139,8 @@ def _bwd_dkv_kernel(
     HAS_WINDOW: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    b = pid // n_tiles
-    n0 = (pid - b * n_tiles) * BLOCK_N
+    b, tile = _split_pid(tl.program_id(0), n_tiles)
+    n0 = tile * BLOCK_N
     h = tl.program_id(1).to(tl.int64)
     kv_start, lk = _segment(kv_off, b)
     if n0 >= lk:
@@ -199,15 +150,15 @@ def _bwd_dkv_kernel(
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    k = _rows(K, kv_start, offs_n, lk, stride_kt, h * D, offs_d, D)
-    v = _rows(V, kv_start, offs_n, lk, stride_vt, h * DV, offs_dv, DV)
+    k = _load_tile(K, kv_start, offs_n, lk, stride_kt, h * D, offs_d, D)
+    v = _load_tile(V, kv_start, offs_n, lk, stride_vt, h * DV, offs_dv, DV)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
-    lo, hi = _band(n0, BLOCK_N, window, lq, BLOCK_M, HAS_WINDOW)
+    lo, hi = _loop_bounds(n0, BLOCK_N, window, lq, BLOCK_M, HAS_WINDOW)
     for m0 in range(lo, hi, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
-        q = _rows(Q, q_start, offs_m, lq, stride_qt, h * D, offs_d, D)
-        do = _rows(DO, q_start, offs_m, lq, stride_ot, h * DV, offs_dv, DV)
+        q = _load_tile(Q, q_start, offs_m, lq, stride_qt, h * D, offs_d, D)
+        do = _load_tile(DO, q_start, offs_m, lq, stride_ot, h * DV, offs_dv, DV)
         row_ok = offs_m < lq
         lse = tl.load(LSE + (q_start + offs_m) * stride_lt + h, mask=row_ok, other=0.0)
         delta = tl.load(DELTA + (q_start + offs_m) * stride_lt + h, mask=row_ok, other=0.0)
@@ -216,8 +167,8 @@ def _bwd_dkv_kernel(
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
-    _store_rows(DK, dk * scale, kv_start, offs_n, lk, stride_kt, h * D, offs_d, D)
-    _store_rows(DV_, dv, kv_start, offs_n, lk, stride_vt, h * DV, offs_dv, DV)
+    _store_tile(DK, dk * scale, kv_start, offs_n, lk, stride_kt, h * D, offs_d, D)
+    _store_tile(DV_, dv, kv_start, offs_n, lk, stride_vt, h * DV, offs_dv, DV)
 
 
 @triton.jit
@@ -249,9 +200,8 @@ def _bwd_dq_kernel(
     HAS_WINDOW: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    b = pid // n_tiles
-    m0 = (pid - b * n_tiles) * BLOCK_M
+    b, tile = _split_pid(tl.program_id(0), n_tiles)
+    m0 = tile * BLOCK_M
     h = tl.program_id(1).to(tl.int64)
     q_start, lq = _segment(q_off, b)
     if m0 >= lq:
@@ -262,21 +212,21 @@ def _bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = offs_m < lq
-    q = _rows(Q, q_start, offs_m, lq, stride_qt, h * D, offs_d, D)
-    do = _rows(DO, q_start, offs_m, lq, stride_ot, h * DV, offs_dv, DV)
+    q = _load_tile(Q, q_start, offs_m, lq, stride_qt, h * D, offs_d, D)
+    do = _load_tile(DO, q_start, offs_m, lq, stride_ot, h * DV, offs_dv, DV)
     lse = tl.load(LSE + (q_start + offs_m) * stride_lt + h, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + (q_start + offs_m) * stride_lt + h, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    lo, hi = _band(m0, BLOCK_M, window, lk, BLOCK_N, HAS_WINDOW)
+    lo, hi = _loop_bounds(m0, BLOCK_M, window, lk, BLOCK_N, HAS_WINDOW)
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        k = _rows(K, kv_start, offs_n, lk, stride_kt, h * D, offs_d, D)
-        v = _rows(V, kv_start, offs_n, lk, stride_vt, h * DV, offs_dv, DV)
+        k = _load_tile(K, kv_start, offs_n, lk, stride_kt, h * D, offs_d, D)
+        v = _load_tile(V, kv_start, offs_n, lk, stride_vt, h * DV, offs_dv, DV)
         p = _probs(q, k, lse, offs_m, offs_n, lq, lk, scale_log2, window, HAS_WINDOW, PRECISION)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-    _store_rows(DQ, dq * scale, q_start, offs_m, lq, stride_qt, h * D, offs_d, D)
+    _store_tile(DQ, dq * scale, q_start, offs_m, lq, stride_qt, h * D, offs_d, D)
 
 
 # --------------------------------------------------------------------------- launch
